@@ -1,0 +1,96 @@
+"""Model registry: architecture names, their weights tags, and create_model.
+
+An architecture name (``bit_m_r101x3``) has a default weights record; other weights of the same
+architecture are tags, written ``name.tag`` as in timm (``bit_m_r50x1.in21k_ft_cifar10``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Callable
+
+from .pretrained import Weights
+
+__all__ = [
+    "register_model",
+    "split_model_name",
+    "is_model",
+    "list_models",
+    "list_pretrained",
+    "model_entrypoint",
+    "get_weights",
+    "list_tags",
+]
+
+_model_entrypoints: dict[str, Callable] = {}
+_model_weights: dict[str, dict[str, Weights]] = {}
+_default_tags: dict[str, str] = {}
+
+
+def register_model(fn: Callable, *, weights: dict[str, Weights], default_tag: str) -> Callable:
+    """Register an entry point under its function name with its weights records (first = default)."""
+    name = fn.__name__
+    if name in _model_entrypoints:
+        raise ValueError(f"model {name!r} is registered twice")
+    if default_tag not in weights:
+        raise ValueError(f"default tag {default_tag!r} of {name!r} has no weights record")
+    _model_entrypoints[name] = fn
+    _model_weights[name] = dict(weights)
+    _default_tags[name] = default_tag
+    return fn
+
+
+def split_model_name(model_name: str) -> tuple[str, str | None]:
+    """'bit_m_r50x1.in21k' -> ('bit_m_r50x1', 'in21k'); no tag -> (name, None)."""
+    name, _, tag = model_name.partition(".")
+    return name, (tag or None)
+
+
+def _unknown(kind: str, value: str, choices: list[str]) -> ValueError:
+    close = difflib.get_close_matches(value, choices, n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return ValueError(f"unknown {kind} {value!r}.{hint} See bit_zoo.list_models() for every name.")
+
+
+def model_entrypoint(model_name: str) -> Callable:
+    name, _ = split_model_name(model_name)
+    if name not in _model_entrypoints:
+        raise _unknown("model", model_name, list(_model_entrypoints) + list_pretrained())
+    return _model_entrypoints[name]
+
+
+def is_model(model_name: str) -> bool:
+    name, tag = split_model_name(model_name)
+    return name in _model_entrypoints and (tag is None or tag in _model_weights[name])
+
+
+def list_tags(model_name: str) -> list[str]:
+    """Weights tags of one architecture, default first."""
+    model_entrypoint(model_name)
+    name, _ = split_model_name(model_name)
+    default = _default_tags[name]
+    return [default] + [t for t in _model_weights[name] if t != default]
+
+
+def get_weights(model_name: str) -> Weights:
+    """The weights record for 'name' (its default) or 'name.tag'."""
+    model_entrypoint(model_name)
+    name, tag = split_model_name(model_name)
+    tag = tag or _default_tags[name]
+    if tag not in _model_weights[name]:
+        raise _unknown(f"weights tag of {name}", f"{name}.{tag}", [f"{name}.{t}" for t in _model_weights[name]])
+    return _model_weights[name][tag]
+
+
+def list_pretrained(filter: str = "*") -> list[str]:
+    """Every 'name.tag' with weights, sorted, optionally filtered by a glob pattern."""
+    names = [f"{n}.{t}" for n in sorted(_model_weights) for t in list_tags(n)]
+    return [n for n in names if fnmatch.fnmatch(n, filter)]
+
+
+def list_models(filter: str = "*", *, pretrained: bool = False) -> list[str]:
+    """Architecture names; with pretrained=True, every 'name.tag' that has weights (timm's include_tags)."""
+    if pretrained:
+        return list_pretrained(filter)
+    return [n for n in sorted(_model_entrypoints) if fnmatch.fnmatch(n, filter)]

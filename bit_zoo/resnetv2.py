@@ -1,0 +1,534 @@
+"""BiT ResNet-v2 (arXiv 1912.11370): one parameterized model, its weight conversion, its weights.
+
+Reads top to bottom like timm's resnetv2.py: blocks, the model class, weight conversion (pure
+functions over name -> array mappings), the builder, the table of weights, and the thin
+registered entry points.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import initializer
+
+from .layers import GroupNormAct, StdConv2d, resolve_conv_impl
+from .pretrained import GOOGLE_BASE_URL, MINDCV_BASE_URL, Weights
+from .registry import get_weights, register_model, split_model_name
+
+__all__ = ["ResNetV2", "ARCHS", "NUM_PARAMS", "convert_npz", "convert_mindcv", "to_npz", "build_bit"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks
+
+
+class PreActBottleneck(nn.Cell):
+    """BiT's unit: p = relu(gn1(x)); shortcut = proj(p) or x; 1x1 -> 3x3 (stride here) -> 1x1; y + shortcut.
+
+    The projection reads the pre-activation p, not x, and there is no ReLU after the add.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, stride: int, conv_impl: str) -> None:
+        super().__init__()
+        mid = out_channels // 4
+        self.norm1 = GroupNormAct(in_channels)
+        self.has_proj = stride != 1 or in_channels != out_channels
+        if self.has_proj:
+            self.downsample = StdConv2d(in_channels, out_channels, 1, stride=stride, conv_impl=conv_impl)
+        self.conv1 = StdConv2d(in_channels, mid, 1, conv_impl=conv_impl)
+        self.norm2 = GroupNormAct(mid)
+        # Padding 1 on every side with the stride on the 3x3 (not TF SAME, not on the 1x1).
+        self.conv2 = StdConv2d(mid, mid, 3, stride=stride, padding=1, conv_impl=conv_impl)
+        self.norm3 = GroupNormAct(mid)
+        self.conv3 = StdConv2d(mid, out_channels, 1, conv_impl=conv_impl)
+
+    def construct(self, x: ms.Tensor) -> ms.Tensor:
+        p = self.norm1(x)
+        shortcut = x
+        if self.has_proj:
+            shortcut = self.downsample(p)
+        y = self.conv1(p)
+        y = self.conv2(self.norm2(y))
+        y = self.conv3(self.norm3(y))
+        return y + shortcut
+
+
+class ResNetStage(nn.Cell):
+    def __init__(self, in_channels: int, out_channels: int, depth: int, *, stride: int, conv_impl: str) -> None:
+        super().__init__()
+        blocks = [
+            PreActBottleneck(in_channels if i == 0 else out_channels, out_channels, stride=stride if i == 0 else 1, conv_impl=conv_impl)
+            for i in range(depth)
+        ]
+        self.blocks = nn.SequentialCell(blocks)
+
+    def construct(self, x: ms.Tensor) -> ms.Tensor:
+        return self.blocks(x)
+
+
+class Stem(nn.Cell):
+    """7x7/2 conv (pad 3) -> zero pad 1 -> 3x3/2 max pool without padding; no norm, no ReLU.
+
+    The explicit zero pad matters: a max pool with its own padding pads -inf, and the stem
+    output (no ReLU yet) can be negative, so the border values would differ.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, conv_impl: str) -> None:
+        super().__init__()
+        self.conv = StdConv2d(in_channels, out_channels, 7, stride=2, padding=3, conv_impl=conv_impl)
+        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="valid")
+
+    def construct(self, x: ms.Tensor) -> ms.Tensor:
+        x = self.conv(x)
+        x = ops.pad(x, (1, 1, 1, 1))
+        return self.pool(x)
+
+
+class ClassifierHead(nn.Cell):
+    """Global average pool -> linear. Equal to upstream's 1x1 conv head on the pooled map."""
+
+    def __init__(self, num_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        if num_classes > 0:
+            # BiT's zero head: fine-tuning starts from a classifier that outputs all zeros.
+            self.fc = nn.Dense(num_features, num_classes, weight_init="zeros", bias_init="zeros")
+        else:
+            self.fc = nn.Identity()
+
+    def construct(self, x: ms.Tensor, pre_logits: bool = False) -> ms.Tensor:
+        x = x.mean(axis=(2, 3))
+        if pre_logits:
+            return x
+        return self.fc(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+class ResNetV2(nn.Cell):
+    """Pre-activation ResNet-v2 with weight-standardized convs and GroupNorm, as released with BiT.
+
+    Args:
+        layers: units per stage, e.g. (3, 4, 6, 3) for R50.
+        width_factor: the W of RxxxW; stage widths are 256W, 512W, 1024W, 2048W.
+        num_classes: classifier outputs; 0 drops the classifier (forward returns pooled features).
+        in_channels: input channels.
+        conv_impl: "auto" (unfold on CPU, native elsewhere), "native" or "unfold"; see layers.py.
+        recompute: recompute each unit's activations in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        layers: tuple[int, int, int, int],
+        width_factor: int = 1,
+        *,
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        conv_impl: str = "auto",
+        recompute: bool = False,
+    ) -> None:
+        super().__init__()
+        conv_impl = resolve_conv_impl(conv_impl)
+        wf = width_factor
+        self.layers = tuple(layers)
+        self.width_factor = wf
+        self.in_channels = in_channels
+        self.conv_impl = conv_impl
+        self.stem = Stem(in_channels, 64 * wf, conv_impl=conv_impl)
+        widths = [256 * wf, 512 * wf, 1024 * wf, 2048 * wf]
+        stages = []
+        prev = 64 * wf
+        for i, (depth, width) in enumerate(zip(layers, widths)):
+            stages.append(ResNetStage(prev, width, depth, stride=1 if i == 0 else 2, conv_impl=conv_impl))
+            prev = width
+        self.stages = nn.SequentialCell(stages)
+        self.norm = GroupNormAct(prev)  # pre-head GroupNorm + ReLU
+        self.num_features = prev
+        self.num_classes = num_classes
+        self.head = ClassifierHead(prev, num_classes)
+        self.weights: Weights | None = None  # set by the builder to the record the model was made for
+        if recompute:
+            for stage in self.stages:
+                for block in stage.blocks:
+                    block.recompute()
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """timm-style dict view of the weights record (empty when built without one)."""
+        if self.weights is None:
+            return {}
+        w = self.weights
+        return {
+            "url": w.url,
+            "num_classes": w.num_classes,
+            "input_size": w.input_shape,
+            "interpolation": w.interpolation,
+            "mean": w.mean,
+            "std": w.std,
+            "crop_pct": w.crop_pct,
+            "first_conv": w.first_conv,
+            "classifier": w.classifier,
+        }
+
+    def forward_features(self, x: ms.Tensor) -> ms.Tensor:
+        x = self.stem(x)
+        x = self.stages(x)
+        return self.norm(x)
+
+    def forward_head(self, x: ms.Tensor, pre_logits: bool = False) -> ms.Tensor:
+        return self.head(x, pre_logits)
+
+    def construct(self, x: ms.Tensor) -> ms.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Cell:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a zero-initialised one (0 removes it)."""
+        self.head = ClassifierHead(self.num_features, num_classes)
+        self.num_classes = num_classes
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight conversion: pure functions, name -> array in, name -> array out, checked exhaustively.
+
+ARCHS: dict[str, tuple[tuple[int, int, int, int], int]] = {
+    "r50x1": ((3, 4, 6, 3), 1),
+    "r50x3": ((3, 4, 6, 3), 3),
+    "r101x1": ((3, 4, 23, 3), 1),
+    "r101x3": ((3, 4, 23, 3), 3),
+    "r152x2": ((3, 8, 36, 3), 2),
+    "r152x4": ((3, 8, 36, 3), 4),
+}
+
+# All parameters, head included (BIT_FACTS section 1); tests check every name against the model.
+NUM_PARAMS: dict[str, dict[int, int]] = {
+    "r50x1": {1000: 25_549_352, 21843: 68_256_659, 10: 23_520_842, 100: 23_705_252},
+    "r50x3": {1000: 217_319_080, 21843: 345_399_315, 10: 211_235_530, 100: 211_788_580},
+    "r101x1": {1000: 44_541_480, 21843: 87_248_787, 10: 42_512_970, 100: 42_697_380},
+    "r101x3": {1000: 387_934_888, 21843: 516_015_123, 10: 381_851_338, 100: 382_404_388},
+    "r152x2": {1000: 236_335_208, 21843: 321_728_979, 10: 232_279_178, 100: 232_647_908},
+    "r152x4": {1000: 936_533_224, 21843: 1_107_299_923, 10: 928_422_154, 100: 929_159_524},
+}
+
+_NPZ_UNIT = {"a": ("norm1", "conv1"), "b": ("norm2", "conv2"), "c": ("norm3", "conv3")}
+
+
+def _unit_names(layers: tuple[int, ...]):
+    """Yield (stage index, unit index, npz prefix, our prefix) for every unit."""
+    for s, depth in enumerate(layers):
+        for u in range(depth):
+            yield s, u, f"resnet/block{s + 1}/unit{u + 1:02d}/", f"stages.{s}.blocks.{u}."
+
+
+def npz_key_map(layers: tuple[int, ...]) -> dict[str, str]:
+    """Upstream .npz key -> bit_zoo parameter name, for every array of the architecture."""
+    m = {
+        "resnet/root_block/standardized_conv2d/kernel": "stem.conv.weight",
+        "resnet/group_norm/gamma": "norm.gamma",
+        "resnet/group_norm/beta": "norm.beta",
+        "resnet/head/conv2d/kernel": "head.fc.weight",
+        "resnet/head/conv2d/bias": "head.fc.bias",
+    }
+    for _, u, src, dst in _unit_names(layers):
+        for part, (norm, conv) in _NPZ_UNIT.items():
+            m[f"{src}{part}/group_norm/gamma"] = f"{dst}{norm}.gamma"
+            m[f"{src}{part}/group_norm/beta"] = f"{dst}{norm}.beta"
+            m[f"{src}{part}/standardized_conv2d/kernel"] = f"{dst}{conv}.weight"
+        if u == 0:
+            m[f"{src}a/proj/standardized_conv2d/kernel"] = f"{dst}downsample.weight"
+    return m
+
+
+def _check_keys(kind: str, source: Mapping, expected: Mapping) -> None:
+    missing = sorted(set(expected) - set(source))
+    extra = sorted(set(source) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{kind} does not match this architecture: {len(missing)} missing keys {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}, {len(extra)} unexpected keys {extra[:8]}"
+            f"{' ...' if len(extra) > 8 else ''}. Is it the file of another model (e.g. R50 vs R101)?"
+        )
+
+
+def convert_npz(arrays: Mapping[str, np.ndarray], layers: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Upstream BiT .npz arrays (TF names, HWIO kernels) -> bit_zoo parameters (OIHW).
+
+    Every array must be used and every parameter produced; otherwise ValueError names the keys.
+    """
+    key_map = npz_key_map(layers)
+    _check_keys("the .npz", arrays, key_map)
+    out = {}
+    for src, dst in key_map.items():
+        a = np.asarray(arrays[src], dtype=np.float32)
+        if dst == "head.fc.weight":  # [1, 1, C, K] -> [K, C]
+            a = a.reshape(a.shape[-2], a.shape[-1]).T
+        elif a.ndim == 4:  # HWIO -> OIHW
+            a = a.transpose(3, 2, 0, 1)
+        out[dst] = np.ascontiguousarray(a)
+    return out
+
+
+def to_npz(params: Mapping[str, np.ndarray], layers: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """bit_zoo parameters -> upstream .npz arrays; the inverse of convert_npz."""
+    key_map = npz_key_map(layers)
+    inverse = {dst: src for src, dst in key_map.items()}
+    _check_keys("the parameters", params, inverse)
+    out = {}
+    for dst, src in inverse.items():
+        a = np.asarray(params[dst], dtype=np.float32)
+        if dst == "head.fc.weight":
+            a = a.T.reshape(1, 1, a.shape[1], a.shape[0])
+        elif a.ndim == 4:
+            a = a.transpose(2, 3, 1, 0)
+        out[src] = np.ascontiguousarray(a)
+    return out
+
+
+_MINDCV_NAME = [
+    (re.compile(r"^conv1\.weight$"), "stem.conv.weight"),
+    (re.compile(r"^layer(\d)\.(\d+)\.gn(\d)\.(gamma|beta)$"), "stages.{s}.blocks.{1}.norm{2}.{3}"),
+    (re.compile(r"^layer(\d)\.(\d+)\.conv(\d)\.weight$"), "stages.{s}.blocks.{1}.conv{2}.weight"),
+    (re.compile(r"^layer(\d)\.(\d+)\.down_sample\.0\.weight$"), "stages.{s}.blocks.{1}.downsample.weight"),
+    (re.compile(r"^gn\.(gamma|beta)$"), "norm.{0}"),
+    (re.compile(r"^classifier\.(weight|bias)$"), "head.fc.{0}"),
+]
+# mindcv training checkpoints may also carry optimizer state; it is skipped knowingly.
+_MINDCV_SKIP = re.compile(r"^(moments|accum|adam_[mv]|global_step|learning_rate|momentum|scale_sense|current_iterator_step|last_overflow_iterator_step|epoch_num|step_num)")
+
+
+def mindcv_name(key: str) -> str | None:
+    """mindcv BiT parameter name -> bit_zoo name (None for a name of no mindcv BiT parameter)."""
+    for pattern, template in _MINDCV_NAME:
+        m = pattern.match(key)
+        if m:
+            groups = m.groups()
+            s = int(groups[0]) - 1 if template.startswith("stages") else None
+            return template.format(*groups, s=s)
+    return None
+
+
+def convert_mindcv(params: Mapping[str, np.ndarray], layers: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """mindcv BiT_resnet* checkpoint -> bit_zoo parameters (optimizer state skipped)."""
+    out = {}
+    unknown = []
+    for key, value in params.items():
+        if _MINDCV_SKIP.match(key):
+            continue
+        name = mindcv_name(key)
+        if name is None:
+            unknown.append(key)
+            continue
+        a = np.asarray(value, dtype=np.float32)
+        if name == "head.fc.weight" and a.ndim == 4:  # 1x1 conv classifier, OIHW -> [K, C]
+            a = a.reshape(a.shape[0], a.shape[1])
+        out[name] = a
+    if unknown:
+        raise ValueError(f"the mindcv checkpoint has keys that are not BiT parameters: {sorted(unknown)[:8]}")
+    _check_keys("the mindcv checkpoint", out, {v: None for v in npz_key_map(layers).values()})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Builder
+
+
+def build_bit(
+    variant: str,
+    *,
+    pretrained: bool = False,
+    num_classes: int | None = None,
+    in_channels: int = 3,
+    checkpoint_path: str | None = None,
+    weights_tag: str | None = None,
+    **kwargs,
+) -> ResNetV2:
+    """Build `variant` ('bit_m_r50x1'), optionally loading its weights.
+
+    num_classes defaults to the weights' classes. With pretrained=True (or a checkpoint_path)
+    and a different num_classes, only the head is left out and it stays zero; in_channels other
+    than 3 adapts the stem.
+    """
+    name = variant if weights_tag is None else f"{variant}.{weights_tag}"
+    weights = get_weights(name)
+    layers, wf = ARCHS[variant.split("_")[-1]]
+    if num_classes is None:
+        num_classes = weights.num_classes
+    model = ResNetV2(layers, wf, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    model.weights = weights
+    if checkpoint_path:
+        from .loading import load_checkpoint
+
+        load_checkpoint(model, checkpoint_path)
+    elif pretrained:
+        from .loading import load_pretrained
+
+        load_pretrained(model, weights)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Table of weights
+
+
+def _upstream(filename: str, *, classes: int, size: int, dataset: str, description: str, arch: str, top1=None) -> Weights:
+    return Weights(
+        filename=filename,
+        base_url=GOOGLE_BASE_URL,
+        file_format="npz",
+        num_classes=classes,
+        input_size=size,
+        num_params=NUM_PARAMS[arch][classes],
+        dataset=dataset,
+        description=description,
+        source="google-research/big_transfer",
+        top1=top1,
+    )
+
+
+def _mindcv(filename: str, sha_prefix: str, *, arch: str, top1: float) -> Weights:
+    return Weights(
+        filename=filename,
+        base_url=MINDCV_BASE_URL,
+        file_format="mindcv_ckpt",
+        num_classes=1000,
+        input_size=224,
+        num_params=NUM_PARAMS[arch][1000],
+        dataset="imagenet-1k",
+        description="mindcv, trained from scratch on ImageNet-1k",
+        source="mindspore-lab/mindcv",
+        top1=top1,
+        sha256_prefix=sha_prefix,
+        # mindcv's recipe normalises with ImageNet mean/std on [0, 1] pixels, not [-1, 1].
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        crop_pct=0.875,
+    )
+
+
+def _weights_table() -> dict[str, dict[str, Weights]]:
+    table: dict[str, dict[str, Weights]] = {}
+    for arch in ARCHS:
+        A = arch.upper()
+        ilsvrc_size = 480 if arch == "r152x4" else 448
+        table[f"bit_s_{arch}"] = {
+            "in1k": _upstream(f"BiT-S-{A}.npz", classes=1000, size=224, dataset="imagenet-1k", description="BiT-S: trained on ILSVRC-2012", arch=arch),
+        }
+        table[f"bit_m_{arch}"] = {
+            "in21k": _upstream(f"BiT-M-{A}.npz", classes=21843, size=224, dataset="imagenet-21k", description="BiT-M: trained on ImageNet-21k", arch=arch),
+            "in21k_ft_in1k": _upstream(
+                f"BiT-M-{A}-ILSVRC2012.npz",
+                classes=1000,
+                size=ilsvrc_size,
+                dataset="imagenet-1k",
+                description=f"BiT-M fine-tuned on ILSVRC-2012 at {ilsvrc_size} px (resize, no crop)",
+                arch=arch,
+                top1=84.94 if arch == "r152x4" else None,
+            ),
+        }
+    m50 = table["bit_m_r50x1"]
+    m50["in21k_ft_cifar10"] = _upstream(
+        "BiT-M-R50x1-CIFAR10.npz", classes=10, size=128, dataset="cifar10", description="BiT-M-R50x1 fine-tuned on CIFAR-10", arch="r50x1"
+    )
+    m50["distilled_in1k"] = _upstream(
+        "distill/R50x1_224.npz",
+        classes=1000,
+        size=224,
+        dataset="imagenet-1k",
+        description="R50x1 distilled from the BiT-M-R152x2 teacher",
+        arch="r50x1",
+        top1=82.8,
+    )
+    m152 = table["bit_m_r152x2"]
+    for size, tag in ((224, "teacher_in21k_ft_in1k"), (384, "teacher_in21k_ft_in1k_384")):
+        m152[tag] = _upstream(
+            f"distill/R152x2_T_{size}.npz",
+            classes=1000,
+            size=size,
+            dataset="imagenet-1k",
+            description=f"BiT-M-R152x2 distillation teacher at {size} px",
+            arch="r152x2",
+        )
+    table["bit_s_r50x1"]["mindcv_in1k"] = _mindcv("BiT_resnet50-1e4795a4.ckpt", "1e4795a4", arch="r50x1", top1=76.81)
+    table["bit_s_r50x3"]["mindcv_in1k"] = _mindcv("BiT_resnet50x3-a960f91f.ckpt", "a960f91f", arch="r50x3", top1=80.63)
+    table["bit_s_r101x1"]["mindcv_in1k"] = _mindcv("BiT_resnet101-2efa9106.ckpt", "2efa9106", arch="r101x1", top1=77.93)
+    return table
+
+
+WEIGHTS = _weights_table()
+DEFAULT_TAGS = {name: next(iter(tags)) for name, tags in WEIGHTS.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Registered entry points: two lines each over the one builder.
+
+
+def _register(fn):
+    return register_model(fn, weights=WEIGHTS[fn.__name__], default_tag=DEFAULT_TAGS[fn.__name__])
+
+
+@_register
+def bit_s_r50x1(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_s_r50x1", pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_s_r50x3(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_s_r50x3", pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_s_r101x1(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_s_r101x1", pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_s_r101x3(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_s_r101x3", pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_s_r152x2(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_s_r152x2", pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_s_r152x4(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_s_r152x4", pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_m_r50x1(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_m_r50x1", pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_m_r50x3(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_m_r50x3", pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_m_r101x1(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_m_r101x1", pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_m_r101x3(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_m_r101x3", pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_m_r152x2(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_m_r152x2", pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_m_r152x4(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_m_r152x4", pretrained=pretrained, **kwargs)

@@ -1,0 +1,46 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = {}
+for line in (here / "bit_zoo" / "__init__.py").read_text().splitlines():
+    if line.startswith("__version__"):
+        version["v"] = line.split("=")[1].strip().strip('"')
+
+setup(
+    name="bit_zoo",
+    version=version["v"],
+    description="Big Transfer (BiT) ResNet-v2 models for MindSpore: BiT-S and BiT-M, R50x1 to R152x4, with upstream weights",
+    long_description=(here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["bit_zoo", "bit_zoo.*"]),
+    python_requires=">=3.10,<3.13",
+    install_requires=[
+        "mindspore>=2.2,<3",
+        # mindspore 2.10's first eager op raises SystemError under numpy 2
+        "numpy>=1.21,<2",
+        "pyyaml>=5.4",
+        "tqdm>=4.60",
+        "mindcv>=0.3",
+        "safetensors>=0.4",
+        "pillow>=9",
+        "matplotlib>=3.5",
+        "scikit-learn>=1.0",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+        # the independent reference for the parity tests (torch + timm); see README
+        "parity": ["timm>=0.9"],
+    },
+    entry_points={"console_scripts": ["bit-zoo-convert=bit_zoo.convert:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
