@@ -1,0 +1,136 @@
+"""Shared fixtures: a temporary working dir and cache, weights files in the exact upstream formats,
+and a real HTTP server on 127.0.0.1 to download them from."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore.nn.utils import no_init_parameters
+
+import bit_zoo
+from bit_zoo.resnetv2 import mindcv_name, npz_key_map, to_npz
+
+
+@pytest.fixture(autouse=True)
+def _workdir(tmp_path, monkeypatch):
+    """Run every test in its own directory: graph-mode compiles write ./rank_0 and friends."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BIT_ZOO_HOME", str(tmp_path / "bit_zoo_home"))
+    monkeypatch.delenv("BIT_ZOO_BASE_URL", raising=False)
+    monkeypatch.delenv("BIT_ZOO_MINDCV_BASE_URL", raising=False)
+
+
+def random_params(model_name: str, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random bit_zoo parameters for an architecture, every one non-trivial (GN affine, head too)."""
+    with no_init_parameters():
+        skeleton = bit_zoo.create_model(model_name, num_classes=num_classes)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for p in skeleton.get_parameters():
+        shape = tuple(p.shape)
+        if p.name.endswith("gamma"):
+            a = 1.0 + 0.2 * rng.standard_normal(shape, dtype=np.float32)
+        elif p.name.endswith("beta") or p.name.endswith("bias"):
+            a = 0.2 * rng.standard_normal(shape, dtype=np.float32)
+        elif p.name == "head.fc.weight":
+            a = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[1])
+        else:
+            a = rng.standard_normal(shape, dtype=np.float32)
+        out[p.name] = a
+    return out
+
+
+def layers_of(model_name: str) -> tuple[int, ...]:
+    with no_init_parameters():
+        return bit_zoo.create_model(model_name).layers
+
+
+def write_upstream_npz(path: Path, model_name: str, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Write an .npz in the upstream layout (TF names, HWIO); return the bit_zoo params it holds."""
+    params = random_params(model_name, num_classes, seed)
+    arrays = to_npz(params, layers_of(model_name))
+    assert set(arrays) == set(npz_key_map(layers_of(model_name)))
+    np.savez(path, **arrays)
+    return params
+
+
+def write_mindcv_ckpt(path: Path, model_name: str, num_classes: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
+    """Write a MindSpore checkpoint with mindcv's BiT names (classifier as a 1x1 conv, OIHW) and optimizer state."""
+    params = random_params(model_name, num_classes, seed)
+    ours_to_mindcv = {}
+    for s, depth in enumerate(layers_of(model_name)):
+        for u in range(depth):
+            for i in (1, 2, 3):
+                ours_to_mindcv[f"stages.{s}.blocks.{u}.norm{i}.gamma"] = f"layer{s + 1}.{u}.gn{i}.gamma"
+                ours_to_mindcv[f"stages.{s}.blocks.{u}.norm{i}.beta"] = f"layer{s + 1}.{u}.gn{i}.beta"
+                ours_to_mindcv[f"stages.{s}.blocks.{u}.conv{i}.weight"] = f"layer{s + 1}.{u}.conv{i}.weight"
+            if u == 0:
+                ours_to_mindcv[f"stages.{s}.blocks.{u}.downsample.weight"] = f"layer{s + 1}.{u}.down_sample.0.weight"
+    ours_to_mindcv.update({"stem.conv.weight": "conv1.weight", "norm.gamma": "gn.gamma", "norm.beta": "gn.beta"})
+    ours_to_mindcv.update({"head.fc.weight": "classifier.weight", "head.fc.bias": "classifier.bias"})
+    entries = []
+    for ours, theirs in ours_to_mindcv.items():
+        a = params[ours]
+        if ours == "head.fc.weight":
+            a = a.reshape(*a.shape, 1, 1)
+        assert mindcv_name(theirs) == ours
+        entries.append({"name": theirs, "data": ms.Tensor(a)})
+        if theirs.endswith("weight"):
+            entries.append({"name": f"moments.{theirs}", "data": ms.Tensor(np.zeros_like(a))})
+    entries.append({"name": "global_step", "data": ms.Tensor(np.array([10], np.int32))})
+    ms.save_checkpoint(entries, str(path))
+    return params
+
+
+@pytest.fixture(scope="session")
+def npz_r50_1000(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
+    """BiT-S-R50x1.npz in the upstream layout (1000 classes), written once per session."""
+    path = tmp_path_factory.mktemp("upstream") / "BiT-S-R50x1.npz"
+    params = write_upstream_npz(path, "bit_s_r50x1", 1000, seed=1)
+    return path, params
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    routes: dict[str, tuple[str, bytes]] = {}  # path -> (mode, body); mode "ok" | "truncate"
+    hits: list[str] = []
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        self.hits.append(self.path)
+        mode, body = self.routes.get(self.path, ("404", b""))
+        if mode == "404":
+            self.send_error(404, "Not Found")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if mode == "truncate":  # announce the full length, send half, hang up
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def weights_server():
+    """A real HTTP server on 127.0.0.1. Put files in `server.routes[path] = (mode, bytes)`."""
+    _Handler.routes = {}
+    _Handler.hits = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    server.base_url = f"http://127.0.0.1:{server.server_address[1]}"
+    server.routes = _Handler.routes
+    server.hits = _Handler.hits
+    yield server
+    server.shutdown()
+    server.server_close()
