@@ -32,6 +32,8 @@ __all__ = [
     "read_arrays",
     "read_weights_file",
     "load_state",
+    "match_state",
+    "save_weights",
     "load_checkpoint",
     "load_pretrained",
     "model_state",
@@ -122,36 +124,52 @@ def model_state(model: ms.nn.Cell) -> dict[str, np.ndarray]:
     return {p.name: p.asnumpy() for p in model.get_parameters()}
 
 
-def load_state(model: ms.nn.Cell, state: Mapping[str, np.ndarray], *, source: str = "weights") -> None:
-    """Load converted parameters into model; only a differing classifier may be left out."""
-    params = {p.name: p for p in model.get_parameters()}
+def match_state(model: ms.nn.Cell, state: Mapping[str, np.ndarray], *, source: str = "weights") -> dict[str, np.ndarray]:
+    """Fit converted parameters to model's, or raise naming every key that does not fit.
+
+    Only the classifier may be left out, and only when the class count differs; a stem kernel
+    with another channel count is adapted. Needs parameter shapes only, so it also works on a
+    model built under mindspore.nn.utils.no_init_parameters().
+    """
+    shapes = {p.name: tuple(p.shape) for p in model.get_parameters()}
     state = dict(state)
-    head_keys = [k for k in state if k.startswith("head.fc.")]
     model_classes = getattr(model, "num_classes", None)
-    if head_keys and "head.fc.weight" in state and state["head.fc.weight"].shape[0] != model_classes:
+    if "head.fc.weight" in state and state["head.fc.weight"].shape[0] != model_classes:
         _logger.info("%s: %d classes, model has %s: classifier left out (zero head)", source, state["head.fc.weight"].shape[0], model_classes)
-        for k in head_keys:
-            del state[k]
+        state = {k: v for k, v in state.items() if not k.startswith("head.fc.")}
     stem = "stem.conv.weight"
-    if stem in state and stem in params and state[stem].shape[1] != params[stem].shape[1]:
-        state[stem] = adapt_input_conv(state[stem], params[stem].shape[1])
+    if stem in state and stem in shapes and state[stem].shape[1] != shapes[stem][1]:
+        state[stem] = adapt_input_conv(state[stem], shapes[stem][1])
     head_left_out = not any(k.startswith("head.fc.") for k in state)
-    missing = sorted(k for k in params if k not in state and not (head_left_out and k.startswith("head.fc.")))
-    unexpected = sorted(k for k in state if k not in params)
-    mismatched = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(params[k].shape)}" for k in state if k in params and tuple(state[k].shape) != tuple(params[k].shape)
-    )
+    missing = sorted(k for k in shapes if k not in state and not (head_left_out and k.startswith("head.fc.")))
+    unexpected = sorted(k for k in state if k not in shapes)
+    mismatched = sorted(f"{k}: file {tuple(state[k].shape)} vs model {shapes[k]}" for k in state if k in shapes and tuple(state[k].shape) != shapes[k])
     if missing or unexpected or mismatched:
         raise ValueError(
-            f"{source} does not fit the model: missing {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
-            f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}; "
-            f"shape mismatch {mismatched[:8]}{' ...' if len(mismatched) > 8 else ''}. "
-            "Check that the file belongs to this architecture."
+            f"{source} does not fit the model: missing {_head(missing)}; unexpected {_head(unexpected)}; "
+            f"shape mismatch {_head(mismatched)}. Check that the file belongs to this architecture."
         )
-    to_load = {k: ms.Parameter(ms.Tensor(np.asarray(v, dtype=np.float32)).astype(params[k].dtype), name=k) for k, v in state.items()}
+    return state
+
+
+def _head(keys: list[str], n: int = 8) -> str:
+    return f"{keys[:n]}{' ...' if len(keys) > n else ''}"
+
+
+def load_state(model: ms.nn.Cell, state: Mapping[str, np.ndarray], *, source: str = "weights") -> None:
+    """Load converted parameters into model; only a differing classifier may be left out."""
+    state = match_state(model, state, source=source)
+    dtypes = {p.name: p.dtype for p in model.get_parameters()}
+    to_load = {k: ms.Parameter(ms.Tensor(np.asarray(v, dtype=np.float32)).astype(dtypes[k]), name=k) for k, v in state.items()}
+    head_left_out = not any(k.startswith("head.fc.") for k in state)
+    if head_left_out:  # BiT's zero head for a new class count
+        for p in model.get_parameters():
+            if p.name.startswith("head.fc."):
+                p.set_data(ms.Tensor(np.zeros(p.shape, np.float32)).astype(p.dtype))
     not_loaded, _ = ms.load_param_into_net(model, to_load, strict_load=True)
+    not_loaded = [k for k in not_loaded if not (head_left_out and k.startswith("head.fc."))]
     if not_loaded:  # load_param_into_net reports instead of raising: look at it
-        raise RuntimeError(f"MindSpore did not load {sorted(not_loaded)[:8]} from {source}")
+        raise RuntimeError(f"MindSpore did not load {_head(sorted(not_loaded))} from {source}")
 
 
 def _layers_of(model) -> tuple[int, ...]:

@@ -416,7 +416,7 @@ def _mindcv(filename: str, sha_prefix: str, *, arch: str, top1: float) -> Weight
 def _weights_table() -> dict[str, dict[str, Weights]]:
     table: dict[str, dict[str, Weights]] = {}
     for arch in ARCHS:
-        A = arch.upper()
+        A = "R" + arch[1:]  # upstream spells R50x1 with a lower-case x
         ilsvrc_size = 480 if arch == "r152x4" else 448
         table[f"bit_s_{arch}"] = {
             "in1k": _upstream(f"BiT-S-{A}.npz", classes=1000, size=224, dataset="imagenet-1k", description="BiT-S: trained on ILSVRC-2012", arch=arch),

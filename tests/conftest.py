@@ -134,3 +134,15 @@ def weights_server():
     yield server
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def make_mindcv_ckpt():
+    """write_mindcv_ckpt, as a fixture (tests import nothing from conftest)."""
+    return write_mindcv_ckpt
+
+
+@pytest.fixture
+def make_upstream_npz():
+    """write_upstream_npz, as a fixture."""
+    return write_upstream_npz

@@ -1,0 +1,110 @@
+"""Loading local files of every format: upstream .npz, mindcv .ckpt, bit_zoo .ckpt / .safetensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bit_zoo
+from bit_zoo.loading import adapt_input_conv, detect_format, model_state, save_weights
+
+
+def assert_params_equal(model, params, skip_head=False):
+    state = model_state(model)
+    for k, v in params.items():
+        if skip_head and k.startswith("head."):
+            continue
+        np.testing.assert_array_equal(state[k], v, err_msg=k)
+
+
+def test_npz_loads_exactly(npz_r50_1000):
+    path, params = npz_r50_1000
+    assert detect_format(path) == "npz"
+    model = bit_zoo.create_model("bit_s_r50x1", checkpoint_path=str(path))
+    assert_params_equal(model, params)
+
+
+def test_other_num_classes_leaves_only_the_head_out_and_zero(npz_r50_1000):
+    path, params = npz_r50_1000
+    model = bit_zoo.create_model("bit_s_r50x1", checkpoint_path=str(path), num_classes=10)
+    assert_params_equal(model, params, skip_head=True)
+    state = model_state(model)
+    assert state["head.fc.weight"].shape == (10, 2048)
+    assert not state["head.fc.weight"].any() and not state["head.fc.bias"].any()
+
+
+def test_in_channels_adapts_the_stem(npz_r50_1000):
+    path, params = npz_r50_1000
+    grey = bit_zoo.create_model("bit_s_r50x1", checkpoint_path=str(path), in_channels=1)
+    np.testing.assert_allclose(model_state(grey)["stem.conv.weight"], params["stem.conv.weight"].sum(1, keepdims=True), rtol=1e-6)
+    five = adapt_input_conv(params["stem.conv.weight"], 5)
+    assert five.shape[1] == 5
+    np.testing.assert_allclose(five[:, 3], params["stem.conv.weight"][:, 0] * 3 / 5, rtol=1e-6)
+
+
+def test_wrong_architecture_is_an_error_naming_keys(npz_r50_1000):
+    path, _ = npz_r50_1000
+    with pytest.raises(ValueError, match=r"missing keys \['resnet/block3/unit07"):
+        bit_zoo.create_model("bit_s_r101x1", checkpoint_path=str(path))
+    with pytest.raises(ValueError, match=r"shape mismatch.*norm\.gamma: file \(2048,\) vs model \(6144,\)"):
+        bit_zoo.create_model("bit_s_r50x3", checkpoint_path=str(path))
+
+
+def test_npz_with_an_extra_or_missing_array_is_an_error(tmp_path, npz_r50_1000):
+    path, _ = npz_r50_1000
+    with np.load(path) as z:
+        arrays = dict(z)
+    np.savez(tmp_path / "extra.npz", **arrays, **{"resnet/block5/unit01/a/group_norm/gamma": np.ones(3, np.float32)})
+    with pytest.raises(ValueError, match=r"unexpected keys \['resnet/block5"):
+        bit_zoo.create_model("bit_s_r50x1", checkpoint_path=str(tmp_path / "extra.npz"))
+    del arrays["resnet/group_norm/beta"]
+    np.savez(tmp_path / "missing.npz", **arrays)
+    with pytest.raises(ValueError, match=r"missing keys \['resnet/group_norm/beta'\]"):
+        bit_zoo.create_model("bit_s_r50x1", checkpoint_path=str(tmp_path / "missing.npz"))
+
+
+def test_mindcv_checkpoint_loads(tmp_path, make_mindcv_ckpt):
+    path = tmp_path / "BiT_resnet50-1e4795a4.ckpt"
+    params = make_mindcv_ckpt(path, "bit_s_r50x1")
+    model = bit_zoo.create_model("bit_s_r50x1.mindcv_in1k", checkpoint_path=str(path))
+    assert_params_equal(model, params)
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_bit_zoo_formats_round_trip(tmp_path, npz_r50_1000, suffix):
+    _, params = npz_r50_1000
+    out = save_weights(params, tmp_path / f"r50{suffix}")
+    assert detect_format(out) == suffix.lstrip(".")
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary left behind
+    model = bit_zoo.create_model("bit_s_r50x1", checkpoint_path=str(out))
+    assert_params_equal(model, params)
+
+
+def test_training_checkpoint_ema_selection(tmp_path, npz_r50_1000):
+    _, params = npz_r50_1000
+    entries = dict(params)
+    entries.update({f"ema.{k}": v + 1 for k, v in params.items()})
+    entries["state.step"] = np.array([3], np.float32)
+    entries["optim.moments.norm.gamma"] = np.zeros(2048, np.float32)
+    path = save_weights(entries, tmp_path / "train.ckpt")
+    raw = bit_zoo.create_model("bit_s_r50x1")
+    bit_zoo.load_checkpoint(raw, path)
+    assert_params_equal(raw, params)
+    ema = bit_zoo.create_model("bit_s_r50x1")
+    bit_zoo.load_checkpoint(ema, path, ema=True)
+    np.testing.assert_array_equal(model_state(ema)["norm.gamma"], params["norm.gamma"] + 1)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04garbage"])
+def test_corrupt_files_are_clear_errors(tmp_path, content):
+    path = tmp_path / "bad.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="bad.ckpt"):
+        bit_zoo.create_model("bit_s_r50x1", checkpoint_path=str(path))
+
+
+def test_missing_file_and_both_sources_are_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        bit_zoo.create_model("bit_s_r50x1", checkpoint_path=str(tmp_path / "nope.npz"))
+    with pytest.raises(ValueError, match="either pretrained=True or checkpoint_path"):
+        bit_zoo.create_model("bit_s_r50x1", pretrained=True, checkpoint_path="x.npz")
