@@ -1,0 +1,202 @@
+"""`create_loader`: one call from a dataset name to a batched, sharded MindSpore pipeline."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import sources
+from .mixup import BatchMixup
+from .sampling import EpochSampler, few_shot_indices, shard_size, val_split_indices
+from .transforms import build_transforms
+
+logger = logging.getLogger(__name__)
+
+DATASETS = ("cifar10", "cifar100", "imagenet", "folder", "digits")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class DataInfo:
+    dataset: object  # mindspore.dataset.Dataset: "image" float32 NCHW, "label" int32 [N] or float32 [N, C]
+    num_images: int  # images of this split in this shard, before batching (padding included)
+    num_classes: int
+    batches_per_epoch: int
+    class_names: list[str] | None
+    indices: np.ndarray = field(default=None, repr=False)  # the split's records (all shards), in source order
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset '{name}'; choose one of {DATASETS}.")
+
+
+def dataset_num_classes(name: str, data_dir: str | None) -> int:
+    """Classes of a dataset without building a pipeline: 10 / 100 for CIFAR, 10 for digits, class folders otherwise."""
+    _check_name(name)
+    if name in ("cifar10", "digits"):
+        return 10
+    if name == "cifar100":
+        return 100
+    return len(sources.scan_class_folders(sources.resolve_folder_splits(name, data_dir)["train"])[0])
+
+
+def check_num_classes(model_classes: int, data_classes: int, *, name: str = "the dataset") -> None:
+    """Fail clearly when a classifier head and the data disagree on the class count."""
+    if model_classes != data_classes:
+        raise ValueError(
+            f"the model has {model_classes} output classes but {name} has {data_classes}; "
+            f"build the model with num_classes={data_classes} (the head is re-initialised for fine-tuning)."
+        )
+
+
+def _source(name: str, data_dir: str | None, usage: str) -> sources.Source:
+    """usage: 'train' or the official held-out split ('val' or 'test')."""
+    if name in ("cifar10", "cifar100"):
+        return sources.cifar_source(name, data_dir, "train" if usage == "train" else "test")
+    if name == "digits":
+        return sources.digits_source("train" if usage == "train" else "test")
+    splits = sources.resolve_folder_splits(name, data_dir)
+    train_classes = sources.scan_class_folders(splits["train"])[0]
+    if usage == "train":
+        return sources.folder_source(splits["train"], train_classes)
+    if usage not in splits:
+        raise FileNotFoundError(
+            f"{name} data_dir '{data_dir}' has no {usage}/ folder. Add {Path(data_dir) / usage}/<class>/..., "
+            "or pass val_split > 0 to hold out part of train as split 'val'."
+        )
+    return sources.folder_source(splits[usage], train_classes)
+
+
+def create_loader(
+    name: str,
+    data_dir: str | None,
+    split: str,
+    *,
+    batch_size: int,
+    image_size: int,
+    resize_size: int | None = None,
+    transform: str = "hyperrule",
+    interpolation: str | None = None,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+    randaugment: tuple[int, int] | None = None,
+    mixup_alpha: float = 0.0,
+    label_smoothing: float = 0.0,
+    few_shot: int | None = None,
+    val_split: float | int = 0,
+    num_samples: int | None = None,
+    shuffle: bool | None = None,
+    drop_remainder: bool | None = None,
+    num_shards: int = 1,
+    shard_id: int = 0,
+    seed: int = 0,
+    num_workers: int = 2,
+    start_step: int = 0,
+    hflip: bool = True,
+    num_classes: int | None = None,
+) -> DataInfo:
+    """Build the batched pipeline for one split of one dataset.
+
+    Splits: "train"; "val" is the held-out part of train when `val_split` > 0, else the official
+    eval split (CIFAR test_batch, <data_dir>/val, digits' fixed test partition); "test" is always
+    the official test split. `few_shot` draws k images per class from the train records left
+    after the validation hold-out, so the two never overlap; it applies to split "train" only.
+
+    `transform` applies to the train split ("eval" for the others, whatever is passed) unless it
+    is "eval". `interpolation` defaults to bilinear, bicubic for the seed recipe. `hflip=False`
+    turns off the random flip (e.g. for digits). `num_classes`, when given, must match the data.
+
+    Resume: `start_step` continues the epoch stream of a run that stopped after that many batches
+    (same seed, batch size and shards); mixup lambdas follow the step too. Image augmentations
+    draw from mindspore.dataset.config's seed, not from `seed`.
+    """
+    _check_name(name)
+    if split not in SPLITS:
+        raise ValueError(f"split='{split}' is not one of {SPLITS}.")
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id={shard_id} must lie in [0, num_shards={num_shards}).")
+    if batch_size < 1 or image_size < 1:
+        raise ValueError(f"batch_size={batch_size} and image_size={image_size} must be positive.")
+    is_train = split == "train"
+    shuffle = is_train if shuffle is None else shuffle
+    drop_remainder = is_train if drop_remainder is None else drop_remainder
+
+    held_out = split == "val" and val_split
+    source = _source(name, data_dir, "train" if is_train or held_out else split)
+    if num_classes is not None:
+        check_num_classes(num_classes, source.num_classes, name=source.description)
+
+    indices = np.arange(len(source.labels))
+    if val_split:
+        if is_train or held_out:
+            train_idx, val_idx = val_split_indices(len(indices), val_split, seed)
+            indices = train_idx if is_train else val_idx
+    if few_shot is not None:
+        if is_train:
+            indices = few_shot_indices(indices, source.labels, few_shot, seed, source.class_names)
+        else:
+            logger.debug("few_shot applies to the train split only; %s is used whole", split)
+    if num_samples is not None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples={num_samples} must be positive (or None for the whole split).")
+        indices = indices[:num_samples]
+
+    pad = drop_remainder and num_shards > 1
+    per_shard = shard_size(len(indices), num_shards, shard_id, pad)
+    if drop_remainder and per_shard < batch_size:
+        raise ValueError(
+            f"{split} split of {source.description}: {per_shard} images per shard is less than batch_size={batch_size} with "
+            "drop_remainder, so an epoch would be empty; lower batch_size or pass drop_remainder=False."
+        )
+    batches_per_epoch = per_shard // batch_size if drop_remainder else math.ceil(per_shard / batch_size)
+    sampler = EpochSampler(
+        indices,
+        shuffle=shuffle,
+        seed=seed,
+        num_shards=num_shards,
+        shard_id=shard_id,
+        pad=pad,
+        batch_size=batch_size,
+        drop_remainder=drop_remainder,
+        start_step=start_step,
+    )
+
+    import mindspore.dataset.transforms as T
+    from mindspore import dtype as mstype
+
+    ops = build_transforms(
+        transform if is_train else "eval",
+        image_size=image_size,
+        resize_size=resize_size,
+        interpolation=interpolation,
+        mean=mean,
+        std=std,
+        randaugment=randaugment,
+        hflip=hflip,
+    )
+    dataset = source.build(sampler, num_workers)
+    dataset = dataset.map(operations=ops, input_columns="image", num_parallel_workers=num_workers)
+    dataset = dataset.map(operations=T.TypeCast(mstype.int32), input_columns="label")
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    if mixup_alpha > 0 or label_smoothing > 0:
+        mix = BatchMixup(
+            source.num_classes, alpha=mixup_alpha, label_smoothing=label_smoothing, seed=seed, shard_id=shard_id, start_step=start_step
+        )
+        # One worker in this process: lambdas are drawn in step order, from `seed`.
+        dataset = dataset.map(operations=mix, input_columns=["image", "label"], num_parallel_workers=1, python_multiprocessing=False)
+    logger.info(
+        "%s %s: %d images (shard %d/%d), %d batches of %d per epoch",
+        name,
+        split,
+        per_shard,
+        shard_id,
+        num_shards,
+        batches_per_epoch,
+        batch_size,
+    )
+    return DataInfo(dataset, per_shard, source.num_classes, batches_per_epoch, source.class_names, indices)
