@@ -1,0 +1,316 @@
+"""bit_zoo.data: the official CIFAR binary layouts, class folders and digits through create_loader.
+
+The CIFAR files are full size (MindSpore's readers want every record) and written once per
+session; each record stamps its own index into its first three pixels so tests can check which
+records a loader yields, in which order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bit_zoo.data import (
+    BatchMixup,
+    EpochSampler,
+    check_num_classes,
+    create_loader,
+    dataset_num_classes,
+    few_shot_indices,
+    val_split_indices,
+)
+from bit_zoo.data.sources import CIFAR100_CLASSES, digits_partition
+
+CIFAR10_RECORD, CIFAR100_RECORD = 3073, 3074
+
+
+def _cifar_records(rng, count: int, record: int, labels: list[tuple[int, int]], first_index: int) -> np.ndarray:
+    """Random records; label bytes from `labels` [(offset, classes)], pixels 0..2 stamp the global index."""
+    out = rng.integers(0, 256, (count, record), dtype=np.uint8)
+    for offset, classes in labels:
+        out[:, offset] = rng.integers(0, classes, count)
+    index = np.arange(first_index, first_index + count)
+    pixels = record - 3072  # the image follows the label bytes, channel-major (R plane first)
+    out[:, pixels], out[:, pixels + 1], out[:, pixels + 2] = index // 65536, (index // 256) % 256, index % 256
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_cifar10_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "cifar-10-batches-bin"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        _cifar_records(rng, 10000, CIFAR10_RECORD, [(0, 10)], 10000 * i).tofile(root / f"data_batch_{i + 1}.bin")
+    _cifar_records(rng, 10000, CIFAR10_RECORD, [(0, 10)], 0).tofile(root / "test_batch.bin")
+    (root / "batches.meta.txt").write_text("\n".join(f"c{i}" for i in range(10)) + "\n\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_cifar100_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "cifar-100-binary"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    _cifar_records(rng, 50000, CIFAR100_RECORD, [(0, 20), (1, 100)], 0).tofile(root / "train.bin")
+    _cifar_records(rng, 10000, CIFAR100_RECORD, [(0, 20), (1, 100)], 0).tofile(root / "test.bin")
+    return root
+
+
+def _labels(path, record: int, offset: int) -> np.ndarray:
+    return np.fromfile(path, dtype=np.uint8).reshape(-1, record)[:, offset].astype(np.int64)
+
+
+def _write_images(root, counts: dict[str, int], rng) -> None:
+    for cls, count in counts.items():
+        (root / cls).mkdir(parents=True)
+        for i in range(count):
+            h, w = rng.integers(20, 48, 2)
+            image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            image.save(root / cls / (f"{i}.png" if i % 2 else f"{i}.JPEG"))
+
+
+@pytest.fixture(scope="session")
+def data_imagenet_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(2)
+    _write_images(root / "train", {"n01": 5, "n02": 4, "n03": 3}, rng)
+    _write_images(root / "val", {"n01": 2, "n02": 2, "n03": 1}, rng)
+    return root
+
+
+def _batches(info):
+    return list(info.dataset.create_tuple_iterator(num_epochs=1, output_numpy=True))
+
+
+def _stamps(images: np.ndarray) -> np.ndarray:
+    """Recover the stamped record index from eval-transformed (identity resize, [-1, 1]) CIFAR images."""
+    pixels = np.rint(images[:, 0, 0, :3] * 127.5 + 127.5).astype(np.int64)
+    return pixels[:, 0] * 65536 + pixels[:, 1] * 256 + pixels[:, 2]
+
+
+# ----------------------------------------------------------------------------------------- CIFAR
+
+
+@pytest.mark.parametrize("transform", ["hyperrule", "seed"])
+def test_cifar10_train_batches(data_cifar10_dir, transform):
+    info = create_loader(
+        "cifar10", str(data_cifar10_dir), "train", batch_size=8, image_size=48, resize_size=56, transform=transform, num_samples=32
+    )
+    assert (info.num_images, info.batches_per_epoch, info.num_classes) == (32, 4, 10)
+    assert info.class_names == [f"c{i}" for i in range(10)]  # read from batches.meta.txt
+    batches = _batches(info)
+    assert len(batches) == info.batches_per_epoch == info.dataset.get_dataset_size()
+    images, labels = batches[0]
+    assert images.shape == (8, 3, 48, 48) and images.dtype == np.float32
+    assert labels.shape == (8,) and labels.dtype == np.int32
+    assert images.min() >= -1.0 and images.max() <= 1.0 and images.min() < -0.9 and images.max() > 0.9
+
+
+def test_cifar10_yields_the_records_it_reports(data_cifar10_dir):
+    """Identity resize + eval transform keep the stamps: the shuffled epoch is info.indices, permuted."""
+    info = create_loader(
+        "cifar10", str(data_cifar10_dir), "train", batch_size=10, image_size=32, transform="eval", val_split=0.5, num_samples=40, seed=3
+    )
+    images, labels = map(np.concatenate, zip(*_batches(info)))
+    stamps = _stamps(images)
+    assert sorted(stamps) == sorted(info.indices) and list(stamps) != sorted(stamps)
+    train_labels = np.concatenate([_labels(data_cifar10_dir / f"data_batch_{i}.bin", CIFAR10_RECORD, 0) for i in range(1, 6)])
+    np.testing.assert_array_equal(labels, train_labels[stamps])
+
+
+def test_cifar10_splits(data_cifar10_dir):
+    test = create_loader("cifar10", str(data_cifar10_dir), "test", batch_size=64, image_size=32, num_samples=100)
+    assert test.dataset.get_dataset_size() == test.batches_per_epoch == 2
+    stamps = _stamps(np.concatenate([b[0] for b in _batches(test)]))
+    np.testing.assert_array_equal(stamps, np.arange(100))  # eval: file order, not shuffled
+    val = create_loader("cifar10", str(data_cifar10_dir), "val", batch_size=64, image_size=32)
+    assert val.num_images == 10000  # without val_split, "val" is the official test batch
+    held_out = create_loader("cifar10", str(data_cifar10_dir), "val", batch_size=64, image_size=32, val_split=1000)
+    assert held_out.num_images == 1000 and held_out.indices.max() >= 10000  # drawn from the 50k train records
+
+
+def test_cifar100(data_cifar100_dir):
+    info = create_loader("cifar100", str(data_cifar100_dir.parent), "test", batch_size=16, image_size=32, num_samples=20)
+    assert info.num_classes == 100 and info.class_names == CIFAR100_CLASSES and len(set(CIFAR100_CLASSES)) == 100
+    images, labels = map(np.concatenate, zip(*_batches(info)))
+    assert images.shape == (20, 3, 32, 32)
+    np.testing.assert_array_equal(labels, _labels(data_cifar100_dir / "test.bin", CIFAR100_RECORD, 1)[:20])  # fine labels
+    train = create_loader("cifar100", str(data_cifar100_dir), "train", batch_size=8, image_size=32, few_shot=1)
+    assert train.num_images == 100 and sorted(_labels(data_cifar100_dir / "train.bin", CIFAR100_RECORD, 1)[train.indices]) == list(
+        range(100)
+    )
+
+
+# ------------------------------------------------------------------------------------ folders, digits
+
+
+def test_imagenet_folders(data_imagenet_dir):
+    train = create_loader("imagenet", str(data_imagenet_dir), "train", batch_size=4, image_size=32, seed=1)
+    assert (train.num_images, train.batches_per_epoch, train.class_names) == (12, 3, ["n01", "n02", "n03"])
+    assert dataset_num_classes("imagenet", str(data_imagenet_dir)) == 3
+    images, labels = _batches(train)[0]
+    assert images.shape == (4, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    val = create_loader("imagenet", str(data_imagenet_dir), "val", batch_size=4, image_size=40)
+    labels = np.concatenate([b[1] for b in _batches(val)])
+    np.testing.assert_array_equal(labels, [0, 0, 1, 1, 2])  # eval keeps the last, partial batch
+
+
+def test_folder_without_split_dirs(tmp_path):
+    _write_images(tmp_path / "flowers", {"daisy": 4, "rose": 4}, np.random.default_rng(3))
+    root = str(tmp_path / "flowers")
+    train = create_loader("folder", root, "train", batch_size=2, image_size=24, val_split=2, seed=5)
+    val = create_loader("folder", root, "val", batch_size=2, image_size=24, val_split=2, seed=5)
+    assert (train.num_images, val.num_images) == (6, 2) and not set(train.indices) & set(val.indices)
+    assert sum(b[0].shape[0] for b in _batches(val)) == 2
+    with pytest.raises(FileNotFoundError, match="no test/ folder.*val_split"):
+        create_loader("folder", root, "test", batch_size=2, image_size=24)
+
+
+def test_digits():
+    train = create_loader("digits", None, "train", batch_size=32, image_size=32, hflip=False, mixup_alpha=0.2, label_smoothing=0.1)
+    test = create_loader("digits", None, "test", batch_size=100, image_size=32)
+    assert (train.num_images, test.num_images, train.num_classes) == (1438, 359, 10)
+    assert dataset_num_classes("digits", None) == 10
+    train_idx, test_idx = digits_partition(np.repeat(np.arange(10), 180))
+    assert not set(train_idx) & set(test_idx) and len(train_idx) + len(test_idx) == 1800
+    images, labels = _batches(test)[-1]
+    assert images.shape == (59, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    images, targets = _batches(train)[0]
+    assert images.shape == (32, 3, 32, 32) and targets.shape == (32, 10) and targets.dtype == np.float32
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
+    assert targets.min() > 0  # label smoothing leaves no exact zeros
+
+
+# -------------------------------------------------------------------------------- subsets and order
+
+
+def test_few_shot_reproducible_and_disjoint_from_val():
+    labels = np.repeat(np.arange(5), 20)
+    train, val = val_split_indices(len(labels), 0.2, seed=0)
+    shots = few_shot_indices(train, labels, 3, seed=0)
+    np.testing.assert_array_equal(shots, few_shot_indices(train, labels, 3, seed=0))
+    assert not np.array_equal(shots, few_shot_indices(train, labels, 3, seed=1))
+    assert np.bincount(labels[shots]).tolist() == [3] * 5 and len(set(shots)) == 15
+    assert not set(shots) & set(val)
+    train_b, val_b = val_split_indices(len(labels), 0.2, seed=1)
+    assert not np.array_equal(val, val_b)
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), np.arange(100))
+    assert len(val_split_indices(100, 7, seed=0)[1]) == 7
+
+
+def test_shards_disjoint_and_covering():
+    indices = np.arange(103)
+    kwargs = dict(shuffle=False, seed=0, num_shards=2, batch_size=10, drop_remainder=False)
+    shards = [list(EpochSampler(indices, shard_id=r, pad=False, **kwargs)) for r in (0, 1)]
+    assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == list(range(103))
+    # Training pads so both ranks run the same number of steps; each epoch covers every record.
+    train = [EpochSampler(indices, **{**kwargs, "shuffle": True, "drop_remainder": True}, shard_id=r, pad=True) for r in (0, 1)]
+    orders = [s.epoch_order(0) for s in train]
+    assert len(orders[0]) == len(orders[1]) == 50
+    full = [EpochSampler(indices, **{**kwargs, "shuffle": True}, shard_id=r, pad=True).epoch_order(0) for r in (0, 1)]
+    assert set(full[0]) | set(full[1]) == set(range(103)) and len(full[0]) == len(full[1]) == 52
+
+
+def test_loader_shards(data_imagenet_dir):
+    ranks = [
+        create_loader("imagenet", str(data_imagenet_dir), "val", batch_size=2, image_size=24, num_shards=2, shard_id=r) for r in (0, 1)
+    ]
+    assert [r.num_images for r in ranks] == [3, 2] and [r.batches_per_epoch for r in ranks] == [2, 1]
+    labels = [np.concatenate([b[1] for b in _batches(r)]) for r in ranks]
+    assert sorted(np.concatenate(labels).tolist()) == [0, 0, 1, 1, 2]
+
+
+def test_epochs_reshuffle_and_resume():
+    sampler = EpochSampler(np.arange(50), shuffle=True, seed=4, num_shards=1, shard_id=0, pad=False, batch_size=8, drop_remainder=True)
+    assert len(sampler) == 48
+    epochs = [list(sampler) for _ in range(4)]  # MindSpore calls __iter__ once per epoch
+    assert epochs[0] != epochs[1] and sorted(epochs[0]) != list(range(48))  # new order each epoch, remainder varies
+    stream = sum(epochs, [])
+    resumed = EpochSampler(
+        np.arange(50), shuffle=True, seed=4, num_shards=1, shard_id=0, pad=False, batch_size=8, drop_remainder=True, start_step=7
+    )
+    assert list(resumed) + list(resumed) == stream[7 * 8 : 7 * 8 + 96]
+    mix, mix_resumed = BatchMixup(10, alpha=0.5, seed=4), BatchMixup(10, alpha=0.5, seed=4, start_step=7)
+    assert [mix.lam(s) for s in range(7, 10)] == [mix_resumed.lam(s) for s in range(7, 10)]
+
+
+def test_same_seed_same_order(data_cifar10_dir):
+    def stamps(seed):
+        info = create_loader(
+            "cifar10", str(data_cifar10_dir), "train", batch_size=10, image_size=32, transform="eval", num_samples=30, seed=seed
+        )
+        return _stamps(np.concatenate([b[0] for b in _batches(info)])).tolist()
+
+    first = stamps(0)
+    assert first == stamps(0) and first != stamps(1)
+
+
+def test_mixup_targets():
+    images = np.stack([np.full((3, 2, 2), v, np.float32) for v in (0.0, 1.0)])
+    mix = BatchMixup(4, alpha=1.0, label_smoothing=0.1, seed=0)
+    lam = mix.lam(0)
+    mixed, targets = mix(images, np.array([1, 3], np.int32))
+    np.testing.assert_allclose(mixed[0], 1 - lam, rtol=1e-6)
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(targets[0], [0.025, 0.025 + 0.9 * lam, 0.025, 0.025 + 0.9 * (1 - lam)], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+def test_cifar_missing_or_malformed(tmp_path, data_cifar10_dir):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        create_loader("cifar10", str(tmp_path / "nowhere"), "train", batch_size=8, image_size=32)
+    (tmp_path / "pickles").mkdir()
+    (tmp_path / "pickles" / "data_batch_1").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=r"missing data_batch_1\.bin.*official binary release"):
+        create_loader("cifar10", str(tmp_path / "pickles"), "train", batch_size=8, image_size=32)
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "test_batch.bin").write_bytes((data_cifar10_dir / "test_batch.bin").read_bytes()[: 5000 * CIFAR10_RECORD])
+    with pytest.raises(ValueError, match=r"test_batch\.bin' has 15365000 bytes, expected 30730000"):
+        create_loader("cifar10", str(short), "test", batch_size=8, image_size=32)
+    with pytest.raises(ValueError, match="needs data_dir"):
+        create_loader("cifar100", None, "train", batch_size=8, image_size=32)
+
+
+def test_folder_errors(tmp_path, data_imagenet_dir):
+    _write_images(tmp_path / "inet" / "train", {"a": 2}, np.random.default_rng(4))
+    with pytest.raises(FileNotFoundError, match="no val/ folder"):
+        create_loader("imagenet", str(tmp_path / "inet"), "train", batch_size=1, image_size=24)
+    (tmp_path / "inet" / "val" / "a").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"class folder '.*val/a' holds no images"):
+        create_loader("imagenet", str(tmp_path / "inet"), "val", batch_size=1, image_size=24)
+    _write_images(tmp_path / "inet" / "val" / "b", {"x": 1}, np.random.default_rng(5))
+    (tmp_path / "inet" / "val" / "b" / "x" / "0.JPEG").rename(tmp_path / "inet" / "val" / "b" / "0.JPEG")
+    (tmp_path / "inet" / "val" / "a" / "0.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"do not match the training split's 1 classes.*unexpected: \['b'\]"):
+        create_loader("imagenet", str(tmp_path / "inet"), "val", batch_size=1, image_size=24)
+    (tmp_path / "inet" / "val" / "b" / "0.JPEG").unlink()
+    (tmp_path / "inet" / "val" / "b" / "x").rmdir()
+    (tmp_path / "inet" / "val" / "b").rmdir()
+    info = create_loader("imagenet", str(tmp_path / "inet"), "val", batch_size=1, image_size=24)
+    with pytest.raises(RuntimeError, match=r"cannot decode image '.*val/a/0\.png'"):
+        _batches(info)
+    with pytest.raises(ValueError, match="model has 1000 output classes but .* has 3; build the model with num_classes=3"):
+        create_loader("imagenet", str(data_imagenet_dir), "train", batch_size=2, image_size=24, num_classes=1000)
+    with pytest.raises(ValueError, match="model has 10 output classes but data has 3"):
+        check_num_classes(10, 3, name="data")
+
+
+def test_subset_errors(data_imagenet_dir):
+    root = str(data_imagenet_dir)
+    with pytest.raises(ValueError, match=r"few_shot=4 but class 2 \('n03'\) has only 3 training images; lower few_shot"):
+        create_loader("imagenet", root, "train", batch_size=2, image_size=24, few_shot=4)
+    with pytest.raises(ValueError, match="after the validation hold-out"):
+        create_loader("imagenet", root, "train", batch_size=2, image_size=24, few_shot=3, val_split=0.5)
+    with pytest.raises(ValueError, match="val_split=12 holds out 12 of 12"):
+        create_loader("imagenet", root, "val", batch_size=2, image_size=24, val_split=12)
+    with pytest.raises(ValueError, match="less than batch_size=64 with drop_remainder"):
+        create_loader("imagenet", root, "train", batch_size=64, image_size=24)
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        create_loader("mnist", None, "train", batch_size=2, image_size=24)
+    with pytest.raises(ValueError, match="random crop needs resize_size >= image_size"):
+        create_loader("digits", None, "train", batch_size=2, image_size=32, resize_size=16)
