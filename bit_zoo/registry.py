@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 from typing import Callable
 
 from .pretrained import Weights
@@ -39,6 +40,11 @@ def register_model(fn: Callable, *, weights: dict[str, Weights], default_tag: st
     _model_weights[name] = dict(weights)
     _default_tags[name] = default_tag
     return fn
+
+
+def _natural_key(name: str) -> list:
+    """Sort r50 before r101: numbers compare as numbers."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def split_model_name(model_name: str) -> tuple[str, str | None]:
@@ -84,8 +90,8 @@ def get_weights(model_name: str) -> Weights:
 
 
 def list_pretrained(filter: str = "*") -> list[str]:
-    """Every 'name.tag' with weights, sorted, optionally filtered by a glob pattern."""
-    names = [f"{n}.{t}" for n in sorted(_model_weights) for t in list_tags(n)]
+    """Every 'name.tag' with weights, in natural order (default tag first), optionally filtered by a glob pattern."""
+    names = [f"{n}.{t}" for n in sorted(_model_weights, key=_natural_key) for t in list_tags(n)]
     return [n for n in names if fnmatch.fnmatch(n, filter)]
 
 
@@ -93,4 +99,4 @@ def list_models(filter: str = "*", *, pretrained: bool = False) -> list[str]:
     """Architecture names; with pretrained=True, every 'name.tag' that has weights (timm's include_tags)."""
     if pretrained:
         return list_pretrained(filter)
-    return [n for n in sorted(_model_entrypoints) if fnmatch.fnmatch(n, filter)]
+    return [n for n in sorted(_model_entrypoints, key=_natural_key) if fnmatch.fnmatch(n, filter)]
