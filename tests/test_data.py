@@ -232,8 +232,21 @@ def test_epochs_reshuffle_and_resume():
         np.arange(50), shuffle=True, seed=4, num_shards=1, shard_id=0, pad=False, batch_size=8, drop_remainder=True, start_step=7
     )
     assert list(resumed) + list(resumed) == stream[7 * 8 : 7 * 8 + 96]
-    mix, mix_resumed = BatchMixup(10, alpha=0.5, seed=4), BatchMixup(10, alpha=0.5, seed=4, start_step=7)
-    assert [mix.lam(s) for s in range(7, 10)] == [mix_resumed.lam(s) for s in range(7, 10)]
+
+
+def test_loader_resume_with_mixup():
+    """A loader started at step 5 yields the batches (images and mixed targets) of the uninterrupted run."""
+    kwargs = dict(batch_size=100, image_size=8, transform="eval", mixup_alpha=0.4, label_smoothing=0.1, seed=2)
+    full = create_loader("digits", None, "train", **kwargs)
+    assert full.batches_per_epoch == 14
+    full.dataset.output_shapes()  # shape queries pull a batch through a copy: must not move the stream
+    stream = list(full.dataset.create_tuple_iterator(num_epochs=2, output_numpy=True))
+    resumed = create_loader("digits", None, "train", start_step=5, **kwargs)
+    tail = list(resumed.dataset.create_tuple_iterator(num_epochs=1, output_numpy=True))
+    assert len(tail) == 14
+    for (image, target), (image_r, target_r) in zip(stream[5:19], tail):
+        np.testing.assert_array_equal(image, image_r)
+        np.testing.assert_array_equal(target, target_r)
 
 
 def test_same_seed_same_order(data_cifar10_dir):
@@ -251,7 +264,8 @@ def test_mixup_targets():
     images = np.stack([np.full((3, 2, 2), v, np.float32) for v in (0.0, 1.0)])
     mix = BatchMixup(4, alpha=1.0, label_smoothing=0.1, seed=0)
     lam = mix.lam(0)
-    mixed, targets = mix(images, np.array([1, 3], np.int32))
+    assert 0 < lam < 1 and lam != mix.lam(1)
+    mixed, targets = mix.mix(images, np.array([1, 3], np.int32), step=0)
     np.testing.assert_allclose(mixed[0], 1 - lam, rtol=1e-6)
     np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(targets[0], [0.025, 0.025 + 0.9 * lam, 0.025, 0.025 + 0.9 * (1 - lam)], rtol=1e-5)

@@ -111,9 +111,16 @@ def create_loader(
     is "eval". `interpolation` defaults to bilinear, bicubic for the seed recipe. `hflip=False`
     turns off the random flip (e.g. for digits). `num_classes`, when given, must match the data.
 
-    Resume: `start_step` continues the epoch stream of a run that stopped after that many batches
-    (same seed, batch size and shards); mixup lambdas follow the step too. Image augmentations
-    draw from mindspore.dataset.config's seed, not from `seed`.
+    `num_samples` keeps the first records of the split (in file order, after the subsetting above).
+
+    Epochs: iterate with one iterator for all epochs (`dataset.create_tuple_iterator(num_epochs=E)`,
+    or `Model.train`); epoch e is shuffled with (seed, e). MindSpore gives every new iterator a
+    fresh copy of the sampler, so a second iterator starts again at the first epoch.
+
+    Resume: `start_step` continues the batch stream of a run that stopped after that many batches
+    (same seed, batch size and shards): the first epoch of the new iterator is steps start_step ..
+    start_step + batches_per_epoch - 1, and mixup lambdas follow the step too. Image
+    augmentations (crop, flip, RandAugment) draw from mindspore.dataset.config's seed, not `seed`.
     """
     _check_name(name)
     if split not in SPLITS:
@@ -122,6 +129,10 @@ def create_loader(
         raise ValueError(f"shard_id={shard_id} must lie in [0, num_shards={num_shards}).")
     if batch_size < 1 or image_size < 1:
         raise ValueError(f"batch_size={batch_size} and image_size={image_size} must be positive.")
+    if start_step < 0 or (start_step and drop_remainder is False):
+        raise ValueError(
+            f"start_step={start_step}: resuming needs start_step >= 0 and drop_remainder (whole batches form the step stream)."
+        )
     is_train = split == "train"
     shuffle = is_train if shuffle is None else shuffle
     drop_remainder = is_train if drop_remainder is None else drop_remainder
@@ -182,13 +193,19 @@ def create_loader(
     dataset = source.build(sampler, num_workers)
     dataset = dataset.map(operations=ops, input_columns="image", num_parallel_workers=num_workers)
     dataset = dataset.map(operations=T.TypeCast(mstype.int32), input_columns="label")
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     if mixup_alpha > 0 or label_smoothing > 0:
         mix = BatchMixup(
-            source.num_classes, alpha=mixup_alpha, label_smoothing=label_smoothing, seed=seed, shard_id=shard_id, start_step=start_step
+            source.num_classes,
+            alpha=mixup_alpha,
+            label_smoothing=label_smoothing,
+            seed=seed,
+            shard_id=shard_id,
+            start_step=start_step,
+            batches_per_epoch=batches_per_epoch,
         )
-        # One worker in this process: lambdas are drawn in step order, from `seed`.
-        dataset = dataset.map(operations=mix, input_columns=["image", "label"], num_parallel_workers=1, python_multiprocessing=False)
+        dataset = dataset.batch(batch_size, drop_remainder=drop_remainder, per_batch_map=mix, input_columns=["image", "label"])
+    else:
+        dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     logger.info(
         "%s %s: %d images (shard %d/%d), %d batches of %d per epoch",
         name,
