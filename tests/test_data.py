@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from mindspore.dataset.vision import Inter
 from PIL import Image
 
 from bit_zoo.data import (
@@ -21,6 +22,7 @@ from bit_zoo.data import (
     val_split_indices,
 )
 from bit_zoo.data.sources import CIFAR100_CLASSES, digits_partition
+from bit_zoo.data.transforms import rand_augment
 
 CIFAR10_RECORD, CIFAR100_RECORD = 3073, 3074
 
@@ -269,6 +271,15 @@ def test_mixup_targets():
     np.testing.assert_allclose(mixed[0], 1 - lam, rtol=1e-6)
     np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(targets[0], [0.025, 0.025 + 0.9 * lam, 0.025, 0.025 + 0.9 * (1 - lam)], rtol=1e-5)
+
+
+def test_rand_augment_from_mindcv():
+    augment = rand_augment(2, 20, Inter.BICUBIC)
+    assert augment.num_layers == 2 and {op.magnitude_std for op in augment.ops} == {0}
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    outputs = [augment(image) for _ in range(8)]
+    assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outputs)
+    assert sum(not np.array_equal(o, image) for o in outputs) >= 4  # two ops at p=0.5: most images change
 
 
 # ---------------------------------------------------------------------------------------- bad input

@@ -6,6 +6,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,6 +14,9 @@ from . import sources
 from .mixup import BatchMixup
 from .sampling import EpochSampler, few_shot_indices, shard_size, val_split_indices
 from .transforms import build_transforms
+
+if TYPE_CHECKING:
+    import mindspore.dataset
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +26,7 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class DataInfo:
-    dataset: object  # mindspore.dataset.Dataset: "image" float32 NCHW, "label" int32 [N] or float32 [N, C]
+    dataset: mindspore.dataset.Dataset  # batched: "image" float32 NCHW, "label" int32 [N] or float32 [N, C]
     num_images: int  # images of this split in this shard, before batching (padding included)
     num_classes: int
     batches_per_epoch: int
@@ -42,7 +46,7 @@ def dataset_num_classes(name: str, data_dir: str | None) -> int:
         return 10
     if name == "cifar100":
         return 100
-    return len(sources.scan_class_folders(sources.resolve_folder_splits(name, data_dir)["train"])[0])
+    return len(sources.class_folder_names(sources.resolve_folder_splits(name, data_dir)["train"]))
 
 
 def check_num_classes(model_classes: int, data_classes: int, *, name: str = "the dataset") -> None:

@@ -148,11 +148,17 @@ def cifar_source(name: str, data_dir: str | None, usage: str) -> Source:
 # ------------------------------------------------------------------------------------ class folders
 
 
-def scan_class_folders(root: Path) -> tuple[list[str], list[str], np.ndarray]:
-    """Class folders sorted by name, images sorted by path: (class_names, paths, labels)."""
+def class_folder_names(root: Path) -> list[str]:
+    """The class folders under `root`, sorted by name: label i is the i-th folder."""
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise ValueError(f"'{root}' has no class folders. Expected {root}/<class_name>/<image>.jpg (one folder per class).")
+    return classes
+
+
+def scan_class_folders(root: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """Class folders sorted by name, images sorted by path: (class_names, paths, labels)."""
+    classes = class_folder_names(root)
     paths, labels = [], []
     for index, cls in enumerate(classes):
         files = sorted(

@@ -38,17 +38,18 @@ def interpolation_mode(name: str) -> Inter:
 
 
 def rand_augment(num_ops: int, magnitude: int, interpolation: Inter, fill=(128, 128, 128)):
-    """mindcv's timm-style RandAugment (ops choose a fixed magnitude, 50% chance each).
+    """mindcv's timm-style RandAugment: each image gets `num_ops` ops, each applied with p=0.5.
 
     The magnitude scale tops out at 10 (timm's _LEVEL_DENOM): larger values, like the seed
-    recipe's 20, saturate at 10, as they do in timm-derived RandAugment ports. We pass mstd0 so the
-    magnitude is fixed (mindcv's rand_augment_transform otherwise adds N(0, 0.5) noise) and a
-    single resampling filter (mindcv otherwise picks one of four at random, AREA among them).
+    recipe's 20, saturate at 10, as in the timm-derived RandAugment ports. The magnitude is fixed:
+    mindcv's rand_augment_transform presets magnitude_std=0.5 before it parses the config string,
+    so an "mstd0" section there is silently ignored; we pass magnitude_std=0 in hparams instead.
+    One resampling filter (the resize's) is used; mindcv otherwise picks one of four per op.
     """
     from mindcv.data.auto_augment import rand_augment_transform
 
-    hparams = dict(img_mean=tuple(int(v) for v in fill), interpolation=interpolation)
-    return rand_augment_transform(f"randaug-n{int(num_ops)}-m{int(magnitude)}-mstd0", hparams)
+    hparams = dict(img_mean=tuple(int(v) for v in fill), interpolation=interpolation, magnitude_std=0)
+    return rand_augment_transform(f"randaug-n{int(num_ops)}-m{int(magnitude)}", hparams)
 
 
 def _normalize(mean, std) -> list:
