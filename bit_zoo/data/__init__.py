@@ -1,4 +1,15 @@
-"""Data for BiT fine-tuning: CIFAR, ImageNet-style folders and digits as batched MindSpore pipelines."""
+"""Data for BiT fine-tuning: CIFAR, ImageNet-style folders and digits as batched MindSpore pipelines.
+
+    from bit_zoo.data import create_loader
+
+    train = create_loader("cifar10", "data/cifar-10-batches-bin", "train", batch_size=128, image_size=128)
+    val = create_loader("cifar10", "data/cifar-10-batches-bin", "test", batch_size=256, image_size=128)
+    for images, labels in train.dataset.create_tuple_iterator(num_epochs=epochs):
+        ...
+
+Modules: `sources` (upstream file layouts), `sampling` (val hold-out, few-shot, shards, resume),
+`transforms` (HyperRule, seed recipe, eval), `mixup` (batch MixUp + label smoothing), `loader`.
+"""
 
 from .loader import DATASETS, DataInfo, check_num_classes, create_loader, dataset_num_classes
 from .mixup import BatchMixup

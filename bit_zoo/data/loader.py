@@ -13,7 +13,7 @@ import numpy as np
 from . import sources
 from .mixup import BatchMixup
 from .sampling import EpochSampler, few_shot_indices, shard_size, val_split_indices
-from .transforms import build_transforms
+from .transforms import TRANSFORMS, build_transforms
 
 if TYPE_CHECKING:
     import mindspore.dataset
@@ -65,7 +65,7 @@ def _source(name: str, data_dir: str | None, usage: str) -> sources.Source:
     if name == "digits":
         return sources.digits_source("train" if usage == "train" else "test")
     splits = sources.resolve_folder_splits(name, data_dir)
-    train_classes = sources.scan_class_folders(splits["train"])[0]
+    train_classes = sources.class_folder_names(splits["train"])
     if usage == "train":
         return sources.folder_source(splits["train"], train_classes)
     if usage not in splits:
@@ -111,9 +111,10 @@ def create_loader(
     the official test split. `few_shot` draws k images per class from the train records left
     after the validation hold-out, so the two never overlap; it applies to split "train" only.
 
-    `transform` applies to the train split ("eval" for the others, whatever is passed) unless it
-    is "eval". `interpolation` defaults to bilinear, bicubic for the seed recipe. `hflip=False`
-    turns off the random flip (e.g. for digits). `num_classes`, when given, must match the data.
+    `transform` is the train split's recipe; "val" and "test" always get the eval transform (resize
+    straight to `image_size`, or to `resize_size` then a center crop). `interpolation` defaults to
+    bilinear, bicubic for the seed recipe. `hflip=False` turns off the random flip (e.g. for
+    digits). `num_classes`, when given, must match the data (see `check_num_classes`).
 
     `num_samples` keeps the first records of the split (in file order, after the subsetting above).
 
@@ -129,6 +130,8 @@ def create_loader(
     _check_name(name)
     if split not in SPLITS:
         raise ValueError(f"split='{split}' is not one of {SPLITS}.")
+    if transform not in TRANSFORMS:
+        raise ValueError(f"transform='{transform}' is not one of {TRANSFORMS}.")
     if not 0 <= shard_id < num_shards:
         raise ValueError(f"shard_id={shard_id} must lie in [0, num_shards={num_shards}).")
     if batch_size < 1 or image_size < 1:
