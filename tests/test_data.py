@@ -133,6 +133,18 @@ def test_cifar10_splits(data_cifar10_dir):
     assert held_out.num_images == 1000 and held_out.indices.max() >= 10000  # drawn from the 50k train records
 
 
+def test_cifar10_few_shot_and_val_split(data_cifar10_dir):
+    def loader(split, seed):
+        return create_loader("cifar10", str(data_cifar10_dir), split, batch_size=8, image_size=32, few_shot=5, val_split=0.1, seed=seed)
+
+    train, val = loader("train", 0), loader("val", 0)
+    assert (train.num_images, val.num_images) == (50, 5000) and not set(train.indices) & set(val.indices)
+    np.testing.assert_array_equal(train.indices, loader("train", 0).indices)
+    assert not np.array_equal(train.indices, loader("train", 1).indices)
+    labels = np.concatenate([_labels(data_cifar10_dir / f"data_batch_{i}.bin", CIFAR10_RECORD, 0) for i in range(1, 6)])
+    assert np.bincount(labels[train.indices]).tolist() == [5] * 10
+
+
 def test_cifar100(data_cifar100_dir):
     info = create_loader("cifar100", str(data_cifar100_dir.parent), "test", batch_size=16, image_size=32, num_samples=20)
     assert info.num_classes == 100 and info.class_names == CIFAR100_CLASSES and len(set(CIFAR100_CLASSES)) == 100
