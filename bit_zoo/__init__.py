@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from . import resnetv2  # noqa: F401  (registers the models)
+from . import mindcv_compat  # noqa: F401  (registers the models, with mindcv's registry too)
 from .factory import create_model
 from .loading import load_checkpoint, load_pretrained
 from .pretrained import Weights, cache_dir
 from .registry import get_weights, is_model, list_models, list_pretrained, list_tags
 from .resnetv2 import ResNetV2
-from . import mindcv_compat  # noqa: F401,E402  (registers the models with mindcv too)
 
 __version__ = "0.1.0"
 

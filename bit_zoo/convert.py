@@ -129,7 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.output.endswith(".mindir"):
-            out = export_mindir(args.model, args.output, input_path=args.input, num_classes=args.num_classes, img_size=args.img_size, batch_size=args.batch_size)
+            out = export_mindir(
+                args.model,
+                args.output,
+                input_path=args.input,
+                num_classes=args.num_classes,
+                img_size=args.img_size,
+                batch_size=args.batch_size,
+            )
         else:
             out = convert_file(args.model, args.output, input_path=args.input, num_classes=args.num_classes)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -14,13 +14,12 @@ extra or of the wrong shape raises an error that names the keys.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import struct
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import mindspore as ms
 import numpy as np
@@ -135,7 +134,9 @@ def match_state(model: ms.nn.Cell, state: Mapping[str, np.ndarray], *, source: s
     state = dict(state)
     model_classes = getattr(model, "num_classes", None)
     if "head.fc.weight" in state and state["head.fc.weight"].shape[0] != model_classes:
-        _logger.info("%s: %d classes, model has %s: classifier left out (zero head)", source, state["head.fc.weight"].shape[0], model_classes)
+        _logger.info(
+            "%s: %d classes, model has %s: classifier left out (zero head)", source, state["head.fc.weight"].shape[0], model_classes
+        )
         state = {k: v for k, v in state.items() if not k.startswith("head.fc.")}
     stem = "stem.conv.weight"
     if stem in state and stem in shapes and state[stem].shape[1] != shapes[stem][1]:
@@ -143,7 +144,9 @@ def match_state(model: ms.nn.Cell, state: Mapping[str, np.ndarray], *, source: s
     head_left_out = not any(k.startswith("head.fc.") for k in state)
     missing = sorted(k for k in shapes if k not in state and not (head_left_out and k.startswith("head.fc.")))
     unexpected = sorted(k for k in state if k not in shapes)
-    mismatched = sorted(f"{k}: file {tuple(state[k].shape)} vs model {shapes[k]}" for k in state if k in shapes and tuple(state[k].shape) != shapes[k])
+    mismatched = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {shapes[k]}" for k in state if k in shapes and tuple(state[k].shape) != shapes[k]
+    )
     if missing or unexpected or mismatched:
         raise ValueError(
             f"{source} does not fit the model: missing {_head(missing)}; unexpected {_head(unexpected)}; "
@@ -225,11 +228,3 @@ def save_weights(params: Mapping[str, np.ndarray], path: str | os.PathLike, *, f
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def describe(path: str | os.PathLike) -> dict:
-    """Format and key count of a weights file (for the convert CLI's report)."""
-    fmt, arrays = read_arrays(path)
-    if fmt == "ckpt" and _is_mindcv(arrays):
-        fmt = "mindcv_ckpt"
-    return {"format": fmt, "arrays": len(arrays), "keys_sample": json.dumps(sorted(arrays)[:3])}

@@ -1,7 +1,7 @@
 """The README's model table, generated from the weights records (never typed by hand).
 
-    python -m bit_zoo.model_table            # print the table
-    python -m bit_zoo.model_table --write README.md   # replace the table between its markers
+python -m bit_zoo.model_table            # print the table
+python -m bit_zoo.model_table --write README.md   # replace the table between its markers
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ def write_table(path: str | os.PathLike) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bit_zoo.model_table", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bit_zoo.model_table", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--write", metavar="README", help="replace the table between the markers in this file")
     args = p.parse_args(argv)
     if args.write:

@@ -18,9 +18,9 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from tqdm import tqdm
 
@@ -123,15 +123,18 @@ def _fetch(url: str, dest: Path, *, timeout: float, progress: bool) -> None:
     with response:
         total = int(response.headers.get("Content-Length") or 0) or None
         got = 0
-        with open(dest, "wb") as f, tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=os.path.basename(dest.name.split(".part")[0]),
-            disable=not progress,
-            file=sys.stderr,
-        ) as bar:
+        with (
+            open(dest, "wb") as f,
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=os.path.basename(dest.name.split(".part")[0]),
+                disable=not progress,
+                file=sys.stderr,
+            ) as bar,
+        ):
             while block := response.read(1 << 20):
                 f.write(block)
                 got += len(block)

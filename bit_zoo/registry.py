@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from .pretrained import Weights
 

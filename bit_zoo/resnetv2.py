@@ -8,16 +8,15 @@ registered entry points.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import mindspore as ms
 import numpy as np
-from mindspore import Parameter, nn, ops
-from mindspore.common.initializer import initializer
+from mindspore import nn, ops
 
 from .layers import GroupNormAct, StdConv2d, resolve_conv_impl
 from .pretrained import GOOGLE_BASE_URL, MINDCV_BASE_URL, Weights
-from .registry import get_weights, register_model, split_model_name
+from .registry import get_weights, register_model
 
 __all__ = ["ResNetV2", "ARCHS", "NUM_PARAMS", "convert_npz", "convert_mindcv", "to_npz", "build_bit"]
 
@@ -301,7 +300,9 @@ _MINDCV_NAME = [
     (re.compile(r"^classifier\.(weight|bias)$"), "head.fc.{0}"),
 ]
 # mindcv training checkpoints may also carry optimizer state; it is skipped knowingly.
-_MINDCV_SKIP = re.compile(r"^(moments|accum|adam_[mv]|global_step|learning_rate|momentum|scale_sense|current_iterator_step|last_overflow_iterator_step|epoch_num|step_num)")
+_MINDCV_SKIP = re.compile(
+    r"^(moments|accum|adam_[mv]|global_step|learning_rate|momentum|scale_sense|current_iterator_step|last_overflow_iterator_step|epoch_num|step_num)"
+)
 
 
 def mindcv_name(key: str) -> str | None:
@@ -419,10 +420,14 @@ def _weights_table() -> dict[str, dict[str, Weights]]:
         A = "R" + arch[1:]  # upstream spells R50x1 with a lower-case x
         ilsvrc_size = 480 if arch == "r152x4" else 448
         table[f"bit_s_{arch}"] = {
-            "in1k": _upstream(f"BiT-S-{A}.npz", classes=1000, size=224, dataset="imagenet-1k", description="BiT-S: trained on ILSVRC-2012", arch=arch),
+            "in1k": _upstream(
+                f"BiT-S-{A}.npz", classes=1000, size=224, dataset="imagenet-1k", description="BiT-S: trained on ILSVRC-2012", arch=arch
+            ),
         }
         table[f"bit_m_{arch}"] = {
-            "in21k": _upstream(f"BiT-M-{A}.npz", classes=21843, size=224, dataset="imagenet-21k", description="BiT-M: trained on ImageNet-21k", arch=arch),
+            "in21k": _upstream(
+                f"BiT-M-{A}.npz", classes=21843, size=224, dataset="imagenet-21k", description="BiT-M: trained on ImageNet-21k", arch=arch
+            ),
             "in21k_ft_in1k": _upstream(
                 f"BiT-M-{A}-ILSVRC2012.npz",
                 classes=1000,
