@@ -7,12 +7,14 @@ registered entry points.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping
 
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
+from mindspore.nn.utils import no_init_parameters
 
 from .layers import GroupNormAct, StdConv2d, resolve_conv_impl
 from .pretrained import GOOGLE_BASE_URL, MINDCV_BASE_URL, Weights
@@ -362,7 +364,11 @@ def build_bit(
     layers, wf = ARCHS[variant.split("_")[-1]]
     if num_classes is None:
         num_classes = weights.num_classes
-    model = ResNetV2(layers, wf, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    # Weights about to be overwritten need no random init (seconds and GBs for R152x4); the
+    # loader sets every parameter or raises.
+    lazy = no_init_parameters() if (checkpoint_path or pretrained) else contextlib.nullcontext()
+    with lazy:
+        model = ResNetV2(layers, wf, num_classes=num_classes, in_channels=in_channels, **kwargs)
     model.weights = weights
     if checkpoint_path:
         from .loading import load_checkpoint
@@ -371,6 +377,18 @@ def build_bit(
     elif pretrained:
         from .loading import load_pretrained
 
+        load_pretrained(model, weights)
+    return model
+    from .loading import load_checkpoint, load_pretrained
+
+    # Weights that are about to be overwritten need no random init (seconds and GBs for R152x4);
+    # the loader sets every parameter or raises.
+    with no_init_parameters():
+        model = ResNetV2(layers, wf, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    model.weights = weights
+    if checkpoint_path:
+        load_checkpoint(model, checkpoint_path)
+    else:
         load_pretrained(model, weights)
     return model
 
