@@ -77,6 +77,7 @@ class StdConv2d(nn.Cell):
             initializer(HeNormal(mode="fan_out", nonlinearity="relu"), (out_channels, in_channels, kernel_size, kernel_size)),
             name="weight",
         )
+        self._standardize = _stats_norm_op(eps)
         # Which rewrite the unfold path needs; decided once here so construct has no host logic.
         self._unfold = self.conv_impl == "unfold" and kernel_size > 1
         self._subsample = self.conv_impl == "unfold" and kernel_size == 1 and stride > 1
@@ -84,10 +85,10 @@ class StdConv2d(nn.Cell):
             self.pool = nn.AvgPool2d(kernel_size=1, stride=stride)
 
     def standardized_weight(self, dtype: ms.Type) -> ms.Tensor:
-        w = self.weight
-        mean = w.mean(axis=(1, 2, 3), keep_dims=True)
-        var = ((w - mean) ** 2).mean(axis=(1, 2, 3), keep_dims=True)
-        w = (w - mean) / ops.sqrt(var + self.eps)
+        # One fused kernel instead of ~8 elementwise ops and reductions (the CPU ReduceMean is slow):
+        # each output channel is a "batch-norm channel" of a (1, O, I*k*k, 1) tensor.
+        o = self.out_channels
+        w = _batch_stats_norm(self._standardize, self.weight.reshape(1, o, -1, 1)).reshape(self.weight.shape)
         # Cast to the activation dtype so fp16 O2/O3 compiles in graph mode (conv wants equal dtypes).
         return w.astype(dtype)
 
@@ -122,16 +123,47 @@ class GroupNormAct(nn.Cell):
         self.gamma = Parameter(initializer("ones", (num_channels,)), name="gamma")
         self.beta = Parameter(initializer("zeros", (num_channels,)), name="beta")
         self.act = act
+        self._norm = _stats_norm_op(eps)
 
     def construct(self, x: ms.Tensor) -> ms.Tensor:
-        # Computed with reductions instead of nn.GroupNorm: the CPU GroupNorm kernel is slow
-        # (59 ms for 16x256x32x32) and this form also runs unchanged in fp16.
         n, c, h, w = x.shape
-        g = x.reshape(n, self.num_groups, -1)
-        mean = g.mean(axis=2, keep_dims=True)
-        var = ((g - mean) ** 2).mean(axis=2, keep_dims=True)
-        g = (g - mean) / ops.sqrt(var + self.eps)
-        y = g.reshape(n, c, h, w) * self.gamma.reshape(1, c, 1, 1).astype(x.dtype) + self.beta.reshape(1, c, 1, 1).astype(x.dtype)
+        dtype = x.dtype
+        if dtype != ms.float32:
+            x = x.astype(ms.float32)
+        # The statistics of group g of sample i are those of "batch-norm channel" i * G + g.
+        y = _batch_stats_norm(self._norm, x.reshape(1, n * self.num_groups, -1, w)).reshape(n, c, h, w)
+        y = _channel_affine(y, self.gamma, self.beta)
         if self.act:
             y = ops.relu(y)
-        return y
+        return y.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation with fused kernels. MindSpore's CPU ReduceMean, broadcast Mul and friends are
+# slow (a GroupNorm written with them costs 4x more), its GroupNorm kernel too; its BatchNorm is
+# one fused oneDNN kernel forward and backward. Both helpers are exact rewrites.
+
+
+def _stats_norm_op(eps: float) -> ops.BatchNorm:
+    # Training mode: normalise with the batch statistics. momentum=0 keeps the running statistics
+    # untouched (new = 1 * old + 0 * batch): they are placeholders (constant tensors).
+    return ops.BatchNorm(is_training=True, epsilon=eps, momentum=0.0)
+
+
+# Inference-mode batch norm as a per-channel affine: mean 0 and var 0.5 with eps 0.5 divide by
+# sqrt(1.0) = 1 exactly, leaving x * gamma + beta with a fused backward for x, gamma and beta.
+_BN_AFFINE = ops.BatchNorm(is_training=False, epsilon=0.5)
+
+
+def _batch_stats_norm(norm: ops.BatchNorm, x: ms.Tensor) -> ms.Tensor:
+    """(x - mean) / sqrt(biased var + eps) per channel of a 4-D (1, C, H, W) tensor, one kernel."""
+    c = x.shape[1]
+    one = ops.ones((c,), ms.float32)
+    zero = ops.zeros((c,), ms.float32)
+    return norm(x, one, zero, zero, one)[0]
+
+
+def _channel_affine(x: ms.Tensor, gamma: ms.Tensor, beta: ms.Tensor) -> ms.Tensor:
+    """x * gamma + beta over the channels of an NCHW tensor, one kernel."""
+    c = x.shape[1]
+    return _BN_AFFINE(x, gamma, beta, ops.zeros((c,), ms.float32), ops.fill(ms.float32, (c,), 0.5))[0]
