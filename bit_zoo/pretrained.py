@@ -170,7 +170,10 @@ def download_weights(
         _fetch(url, tmp, timeout=timeout, progress=progress)
         _check_hash(weights, tmp, url)
         if verify is not None:
-            verify(tmp)
+            try:
+                verify(tmp)
+            except ValueError as e:
+                raise ValueError(f"the file downloaded from {url} is not what {weights.filename} should be: {e}") from e
         os.replace(tmp, dest)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
