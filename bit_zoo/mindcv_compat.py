@@ -19,7 +19,10 @@ default_cfgs: dict[str, dict] = {}
 def _wrap(name: str):
     entry = model_entrypoint(name)
 
-    def create(pretrained: bool = False, num_classes: int = 1000, in_channels: int = 3, **kwargs):
+    def create(pretrained: bool = False, num_classes: int = 1000, in_channels: int = 3, drop_path_rate: float = 0.0, **kwargs):
+        # mindcv's train.py always passes drop_rate and drop_path_rate (0.0 by default).
+        if drop_path_rate:
+            raise ValueError(f"{name}: drop_path_rate={drop_path_rate} is not supported (BiT has no stochastic depth); set it to 0")
         return entry(pretrained=pretrained, num_classes=num_classes, in_channels=in_channels, **kwargs)
 
     create.__name__ = create.__qualname__ = name

@@ -90,11 +90,13 @@ class Stem(nn.Cell):
 
 
 class ClassifierHead(nn.Cell):
-    """Global average pool -> linear. Equal to upstream's 1x1 conv head on the pooled map."""
+    """Global average pool -> (dropout) -> linear. Equal to upstream's 1x1 conv head on the pooled map."""
 
-    def __init__(self, num_features: int, num_classes: int) -> None:
+    def __init__(self, num_features: int, num_classes: int, *, drop_rate: float = 0.0) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.dropout = nn.Dropout(p=drop_rate) if drop_rate > 0 else nn.Identity()
         if num_classes > 0:
             # BiT's zero head: fine-tuning starts from a classifier that outputs all zeros.
             self.fc = nn.Dense(num_features, num_classes, weight_init="zeros", bias_init="zeros")
@@ -105,7 +107,7 @@ class ClassifierHead(nn.Cell):
         x = x.mean(axis=(2, 3))
         if pre_logits:
             return x
-        return self.fc(x)
+        return self.fc(self.dropout(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,6 +124,7 @@ class ResNetV2(nn.Cell):
         in_channels: input channels.
         conv_impl: "auto" (unfold on CPU, native elsewhere), "native" or "unfold"; see layers.py.
         recompute: recompute each unit's activations in the backward pass to save memory.
+        drop_rate: dropout before the classifier (BiT uses none; offered as timm and mindcv do).
     """
 
     def __init__(
@@ -133,6 +136,7 @@ class ResNetV2(nn.Cell):
         in_channels: int = 3,
         conv_impl: str = "auto",
         recompute: bool = False,
+        drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
         conv_impl = resolve_conv_impl(conv_impl)
@@ -152,7 +156,8 @@ class ResNetV2(nn.Cell):
         self.norm = GroupNormAct(prev)  # pre-head GroupNorm + ReLU
         self.num_features = prev
         self.num_classes = num_classes
-        self.head = ClassifierHead(prev, num_classes)
+        self.drop_rate = drop_rate
+        self.head = ClassifierHead(prev, num_classes, drop_rate=drop_rate)
         self.weights: Weights | None = None  # set by the builder to the record the model was made for
         if recompute:
             for stage in self.stages:
@@ -193,7 +198,7 @@ class ResNetV2(nn.Cell):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a zero-initialised one (0 removes it)."""
-        self.head = ClassifierHead(self.num_features, num_classes)
+        self.head = ClassifierHead(self.num_features, num_classes, drop_rate=self.drop_rate)
         self.num_classes = num_classes
 
 

@@ -109,3 +109,9 @@ def test_mindcv_registry_accepts_bit_zoo_names():
         model = mindcv.create_model("bit_m_r101x3", num_classes=10)
     assert isinstance(model, bit_zoo.ResNetV2)
     assert count_params(model) == NUM_PARAMS["r101x3"][10]
+    # the keyword arguments mindcv's own train.py passes
+    with no_init_parameters():
+        model = mindcv.create_model("bit_s_r50x1", num_classes=10, pretrained=False, drop_rate=0.1, drop_path_rate=0.0, checkpoint_path="")
+    assert model.head.drop_rate == 0.1
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        mindcv.create_model("bit_s_r50x1", drop_path_rate=0.1)
