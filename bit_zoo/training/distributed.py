@@ -1,0 +1,109 @@
+"""Data-parallel setup: msrun, mpirun (native on Ascend/GPU, bridged on CPU), or one process.
+
+msrun sets MindSpore's dynamic-cluster variables (MS_ROLE, MS_WORKER_NUM, MS_SCHED_HOST/PORT,
+MS_NODE_ID) and starts the scheduler itself. ``mpirun -n N python train.py`` on Ascend/GPU
+initialises through OpenMPI. On CPU there is no MPI backend: init() fails with "Failed to
+initialize communication library on device side". :func:`bridge_mpirun_to_dynamic_cluster`
+therefore translates OpenMPI's rank variables into the dynamic-cluster ones (MS_NODE_ID from
+OMPI_COMM_WORLD_RANK, otherwise ranks come out swapped) and rank 0 starts the scheduler.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import mindspore as ms
+
+__all__ = ["DistInfo", "launched_by_mpirun", "bridge_mpirun_to_dynamic_cluster", "init_distributed"]
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_SCHED_PORT = 8118
+_SCHEDULER_CODE = "import mindspore as ms; from mindspore.communication import init; ms.set_device('CPU'); init()"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_mpirun() -> bool:
+    return "OMPI_COMM_WORLD_SIZE" in os.environ and "MS_ROLE" not in os.environ
+
+
+def launched_by_msrun() -> bool:
+    return os.environ.get("MS_ROLE") == "MS_WORKER"
+
+
+def bridge_mpirun_to_dynamic_cluster(env: dict | None = None) -> subprocess.Popen | None:
+    """Set the dynamic-cluster variables from OpenMPI's; on rank 0 start the scheduler process.
+
+    The scheduler address is MS_SCHED_HOST (default 127.0.0.1: one host) and MS_SCHED_PORT
+    (default 8118); set both, exported with ``mpirun -x``, for several hosts.
+    """
+    env = os.environ if env is None else env
+    rank = int(env["OMPI_COMM_WORLD_RANK"])
+    env["MS_WORKER_NUM"] = env["OMPI_COMM_WORLD_SIZE"]
+    env.setdefault("MS_SCHED_HOST", "127.0.0.1")
+    env.setdefault("MS_SCHED_PORT", str(DEFAULT_SCHED_PORT))
+    env["MS_NODE_ID"] = str(rank)
+    scheduler = None
+    if rank == 0:
+        sched_env = dict(env, MS_ROLE="MS_SCHED", MS_NODE_ID="sched")
+        for key in [k for k in sched_env if k.startswith(("OMPI_", "PMIX_"))]:
+            del sched_env[key]
+        scheduler = subprocess.Popen(
+            [sys.executable, "-c", _SCHEDULER_CODE], env=sched_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        atexit.register(_stop, scheduler)
+    env["MS_ROLE"] = "MS_WORKER"
+    return scheduler
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+
+
+def init_distributed(device_target: str, *, distribute: str = "auto") -> DistInfo:
+    """Initialise communication when launched by msrun/mpirun (or distribute == 'on').
+
+    Sets data-parallel mode with gradient averaging; returns (rank, world size).
+    """
+    if distribute not in ("auto", "on", "off"):
+        raise ValueError(f"distribute must be auto, on or off, got {distribute!r}")
+    launched = launched_by_msrun() or "OMPI_COMM_WORLD_SIZE" in os.environ or "RANK_TABLE_FILE" in os.environ
+    if distribute == "off" or (distribute == "auto" and not launched):
+        return DistInfo()
+    if distribute == "on" and not launched:
+        raise RuntimeError(
+            "distribute is on but the process was not started by a launcher: run it with "
+            "`msrun --worker_num N --local_worker_num N train.py ...` or `mpirun -n N python train.py ...`, "
+            "or set distribute: off"
+        )
+    if device_target == "CPU" and launched_by_mpirun():
+        bridge_mpirun_to_dynamic_cluster()
+    from mindspore.communication import get_group_size, get_rank, init
+
+    init()
+    rank, world = get_rank(), get_group_size()
+    ms.reset_auto_parallel_context()
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=world)
+    _logger.info("data parallel: rank %d of %d", rank, world)
+    return DistInfo(rank, world)

@@ -1,0 +1,124 @@
+"""Evaluate a checkpoint over every image of an eval split: top-1, top-5, loss, image count.
+
+    python validate.py -c configs/quickstart_digits.yaml --ckpt_path outputs/quickstart_digits/best.ckpt
+    python validate.py --model bit_m_r50x1 --dataset cifar10 --data_dir DIR --ckpt_path BiT-M-R50x1-CIFAR10.npz --image_size 128
+    python validate.py --model bit_s_r50x1 --dataset imagenet --data_dir DIR --ckpt_path BiT_resnet50-1e4795a4.ckpt
+
+--ckpt_path takes a bit_zoo training checkpoint (EMA weights by default when it has them;
+--ema false for the raw ones), an upstream .npz or a mindcv .ckpt (detected from the bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+
+import bit_zoo
+from bit_zoo.config import ConfigError, build_validate_parser, grouped, parse_with_config, train_only_keys
+from bit_zoo.data import create_loader, dataset_num_classes
+from bit_zoo.loading import EMA_PREFIX, read_arrays
+from bit_zoo.training.metrics import evaluate
+
+_logger = logging.getLogger("validate")
+
+
+def _has_ema(path: str) -> bool:
+    fmt, arrays = read_arrays(path)
+    return fmt == "ckpt" and any(k.startswith(EMA_PREFIX) for k in arrays)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_validate_parser()
+    args = parse_with_config(parser, argv, ignore_keys=train_only_keys())
+    cfg = grouped(parser, args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    device = ms.get_context("device_target") if cfg.system.device_target == "auto" else cfg.system.device_target
+    ms.set_context(mode=ms.GRAPH_MODE if cfg.system.mode == "graph" else ms.PYNATIVE_MODE)
+    ms.set_device(device)
+    m, d = cfg.model, cfg.data
+    if not m.ckpt_path and not m.pretrained:
+        raise ConfigError("nothing to evaluate: pass --ckpt_path FILE (training checkpoint, .npz or mindcv .ckpt) or --pretrained true")
+    if m.ckpt_path and m.pretrained:
+        raise ConfigError("ckpt_path and pretrained both set: keep one")
+    if d.dataset != "digits" and not d.data_dir:
+        raise ConfigError(f"dataset {d.dataset} needs --data_dir")
+    if m.ckpt_path and not Path(m.ckpt_path).is_file():
+        raise FileNotFoundError(f"--ckpt_path {m.ckpt_path}: no such file")
+
+    num_classes = dataset_num_classes(d.dataset, d.data_dir)
+    if m.num_classes is not None and m.num_classes != num_classes:
+        raise ConfigError(f"num_classes={m.num_classes} but {d.dataset} has {num_classes} classes: set num_classes: {num_classes} or null")
+    use_ema = False
+    if m.ckpt_path:
+        has_ema = _has_ema(m.ckpt_path)
+        use_ema = has_ema if m.ema is None else m.ema
+        if use_ema and not has_ema:
+            raise ConfigError(f"--ema true but {m.ckpt_path} holds no EMA weights: pass --ema false")
+
+    if m.model == "resnetv2":
+        model = bit_zoo.ResNetV2(tuple(m.layers), m.width_factor, num_classes=num_classes, conv_impl=m.conv_impl)
+    else:
+        model = bit_zoo.create_model(m.model, pretrained=m.pretrained, num_classes=num_classes, conv_impl=m.conv_impl)
+    if m.ckpt_path:
+        bit_zoo.load_checkpoint(model, m.ckpt_path, ema=use_ema)
+    w = getattr(model, "weights", None)
+    # Eval preprocessing: the config's, else the weights record's (BiT: [-1, 1], resize to the input size).
+    image_size = d.eval_size or d.image_size or (w.input_size if w else 128)
+    mean = tuple(d.mean or (w.mean if w else (0.5, 0.5, 0.5)))
+    std = tuple(d.std or (w.std if w else (0.5, 0.5, 0.5)))
+    info = create_loader(
+        d.dataset,
+        d.data_dir,
+        d.split,
+        batch_size=d.batch_size,
+        image_size=image_size,
+        resize_size=d.eval_resize_size,
+        transform="eval",
+        interpolation=d.interpolation or (w.interpolation if w else "bilinear"),
+        mean=mean,
+        std=std,
+        val_split=int(d.val_split) if float(d.val_split).is_integer() else d.val_split,
+        num_samples=d.eval_samples,
+        shuffle=False,
+        drop_remainder=False,
+        seed=cfg.system.seed,
+        num_workers=d.num_workers,
+        num_classes=num_classes,
+    )
+    net = ms.amp.auto_mixed_precision(model, m.amp_level) if m.amp_level != "O0" else model
+    result = evaluate(net, info.dataset, progress=cfg.system.progress, desc="validate")
+    result.update(
+        model=m.model,
+        checkpoint=m.ckpt_path or f"pretrained:{m.model}",
+        weights="ema" if use_ema else "raw",
+        dataset=d.dataset,
+        split=d.split,
+        image_size=image_size,
+    )
+    print(
+        f"{result['model']} {result['checkpoint']} ({result['weights']} weights) on {d.dataset} {d.split} at {image_size} px: "
+        f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  images {result['images']}"
+    )
+    print(json.dumps({k: (float(v) if isinstance(v, np.floating) else v) for k, v in result.items()}))
+    if cfg.system.output_json:
+        Path(cfg.system.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.system.output_json).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
+
+
+def cli(argv: list[str] | None = None) -> int:
+    try:
+        main(argv)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"validate.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
