@@ -250,7 +250,9 @@ def format_table(results: list[dict], args: argparse.Namespace) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bit_zoo.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bit_zoo.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="bit_s_r50x1", help="bit_zoo model name")
     g.add_argument("--img-size", type=int, default=128)

@@ -21,7 +21,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import HeNormal, initializer
 
-__all__ = ["CONV_IMPLS", "resolve_conv_impl", "StdConv2d", "GroupNormAct"]
+__all__ = ["CONV_IMPLS", "resolve_conv_impl", "StdConv2d", "GroupNormAct", "zero_pad2d"]
 
 CONV_IMPLS = ("native", "unfold")
 CONV_IMPL_ENV = "BIT_ZOO_CONV_IMPL"
@@ -39,10 +39,7 @@ def resolve_conv_impl(conv_impl: str | None = "auto") -> str:
     if choice == "auto":
         choice = "unfold" if ms.get_context("device_target") == "CPU" else "native"
     if choice not in CONV_IMPLS:
-        raise ValueError(
-            f"unknown conv_impl {choice!r} (from argument or ${CONV_IMPL_ENV}); "
-            f"choose one of {('auto',) + CONV_IMPLS}"
-        )
+        raise ValueError(f"unknown conv_impl {choice!r} (from argument or ${CONV_IMPL_ENV}); choose one of {('auto',) + CONV_IMPLS}")
     return choice
 
 
@@ -167,3 +164,16 @@ def _channel_affine(x: ms.Tensor, gamma: ms.Tensor, beta: ms.Tensor) -> ms.Tenso
     """x * gamma + beta over the channels of an NCHW tensor, one kernel."""
     c = x.shape[1]
     return _BN_AFFINE(x, gamma, beta, ops.zeros((c,), ms.float32), ops.fill(ms.float32, (c,), 0.5))[0]
+
+
+def zero_pad2d(x: ms.Tensor, pad: int) -> ms.Tensor:
+    """Zero-pad H and W of an NCHW tensor by ``pad`` on every side.
+
+    Written as two concatenations: MindSpore's CPU PadV3 (``ops.pad``) is ~8x slower forward and
+    backward (16x64x64x64 in the R50x1 stem at 128 px: ~350 ms vs ~45 ms for pad + max pool).
+    """
+    n, c, h, w = x.shape
+    rows = ops.zeros((n, c, pad, w), x.dtype)
+    x = ops.concat((rows, x, rows), 2)
+    cols = ops.zeros((n, c, h + 2 * pad, pad), x.dtype)
+    return ops.concat((cols, x, cols), 3)

@@ -16,7 +16,7 @@ import numpy as np
 from mindspore import nn, ops
 from mindspore.nn.utils import no_init_parameters
 
-from .layers import GroupNormAct, StdConv2d, resolve_conv_impl
+from .layers import GroupNormAct, StdConv2d, resolve_conv_impl, zero_pad2d
 from .pretrained import GOOGLE_BASE_URL, MINDCV_BASE_URL, Weights
 from .registry import get_weights, register_model
 
@@ -85,7 +85,7 @@ class Stem(nn.Cell):
 
     def construct(self, x: ms.Tensor) -> ms.Tensor:
         x = self.conv(x)
-        x = ops.pad(x, (1, 1, 1, 1))
+        x = zero_pad2d(x, 1)  # not ops.pad: its CPU kernel is ~8x slower (see layers.zero_pad2d)
         return self.pool(x)
 
 
