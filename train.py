@@ -27,6 +27,7 @@ import numpy as np
 import bit_zoo
 from bit_zoo.config import ConfigError, build_train_parser, grouped, parse_with_config, save_config
 from bit_zoo.data import create_loader, dataset_num_classes
+from bit_zoo.loading import model_state, save_weights
 from bit_zoo.training.checkpoint import CheckpointManager, TrainState, load_training_checkpoint
 from bit_zoo.training.distributed import DistInfo, init_distributed
 from bit_zoo.training.metrics import MetricsLog, Progress, evaluate, plot_curves
@@ -320,6 +321,8 @@ def main(argv: list[str] | None = None) -> dict:
         steps_per_epoch,
     )
     summary = train_loop(cfg, dist, trainer, model, info, eval_info, lr, state, total_steps, steps_per_epoch, manager, metrics)
+    if cfg.system.rank_weights:
+        save_weights(model_state(model), out / f"weights_rank{dist.rank}.ckpt")
     if dist.is_main:
         plot_curves(metrics.records(), out / "curves.png")
         summary["outputs"] = str(out)
@@ -341,12 +344,19 @@ def run_eval(cfg, trainer: Trainer, net, eval_info) -> dict:
     return result
 
 
+def _stream(dataset, num_epochs: int):
+    """One iterator over num_epochs epochs; a MindSpore iterator stops at each epoch's end."""
+    iterator = dataset.create_tuple_iterator(num_epochs=num_epochs)
+    for _ in range(num_epochs):
+        yield from iterator
+
+
 def train_loop(cfg, dist, trainer, model, info, eval_info, lr, state: TrainState, total_steps, steps_per_epoch, manager, metrics) -> dict:
     accum = cfg.step.accum_steps
     net = trainer.net
     remaining_micro = (total_steps - state.step) * accum
     num_epochs = max(1, math.ceil(remaining_micro / info.batches_per_epoch))
-    batches = info.dataset.create_tuple_iterator(num_epochs=num_epochs) if remaining_micro > 0 else iter(())
+    batches = _stream(info.dataset, num_epochs) if remaining_micro > 0 else iter(())
     ckpt = {"model": model, "optimizer": trainer.optimizer, "ema": trainer.ema, "scaler": trainer.scaler}
     start = time.perf_counter()
     last_eval: dict = {}

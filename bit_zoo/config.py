@@ -249,6 +249,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--distribute", default="auto", choices=("auto", "on", "off"), help="auto: on when started by msrun/mpirun")
     g.add_argument("--output_dir", default="outputs/run", help="checkpoints, metrics.jsonl, curves.png, config.yaml, summary.json")
     g.add_argument("--overwrite", type=str2bool, default=False, help="allow a fresh run in an output_dir that holds a previous run")
+    g.add_argument("--rank_weights", type=str2bool, default=False, help="every rank also writes its final weights to weights_rank<R>.ckpt")
 
     m = _model_group(parser)
     m.add_argument("--pretrained", type=str2bool, default=False, help="download and load the model's weights record")

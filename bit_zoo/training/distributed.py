@@ -10,7 +10,6 @@ OMPI_COMM_WORLD_RANK, otherwise ranks come out swapped) and rank 0 starts the sc
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import subprocess
@@ -46,7 +45,7 @@ def launched_by_mpirun() -> bool:
 
 
 def launched_by_msrun() -> bool:
-    return os.environ.get("MS_ROLE") == "MS_WORKER"
+    return os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED")
 
 
 def bridge_mpirun_to_dynamic_cluster(env: dict | None = None) -> subprocess.Popen | None:
@@ -66,19 +65,13 @@ def bridge_mpirun_to_dynamic_cluster(env: dict | None = None) -> subprocess.Pope
         sched_env = dict(env, MS_ROLE="MS_SCHED", MS_NODE_ID="sched")
         for key in [k for k in sched_env if k.startswith(("OMPI_", "PMIX_"))]:
             del sched_env[key]
+        # Not waited for: it exits by itself once every worker has unregistered at shutdown
+        # (waiting in an atexit hook would run before MindSpore's own finalize and stall it).
         scheduler = subprocess.Popen(
             [sys.executable, "-c", _SCHEDULER_CODE], env=sched_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        atexit.register(_stop, scheduler)
     env["MS_ROLE"] = "MS_WORKER"
     return scheduler
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
 
 
 def init_distributed(device_target: str, *, distribute: str = "auto") -> DistInfo:
@@ -102,6 +95,9 @@ def init_distributed(device_target: str, *, distribute: str = "auto") -> DistInf
     from mindspore.communication import get_group_size, get_rank, init
 
     init()
+    if os.environ.get("MS_ROLE") == "MS_SCHED":
+        # msrun runs the script once more as the scheduler: init() served the cluster; nothing else to do.
+        sys.exit(0)
     rank, world = get_rank(), get_group_size()
     ms.reset_auto_parallel_context()
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=world)

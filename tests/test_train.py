@@ -1,0 +1,224 @@
+"""train.py end to end on tiny settings: outputs, fp16 + loss scale + EMA + accumulation + clipping,
+resume after a kill, bad input, and (heavy) data parallel with msrun and mpirun.
+
+Runs go through train.main(argv) in-process where possible; a tiny ResNetV2 (one unit per stage)
+at 32 px keeps each compile + step in seconds on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+import train
+from bit_zoo.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "--model", "resnetv2", "--layers", "1,1,1,1", "--dataset", "digits", "--image_size", "32", "--eval_size", "32",
+    "--hflip", "false", "--opt", "sgd", "--lr", "0.01", "--scheduler", "constant", "--progress", "false",
+    "--eval_samples", "16", "--num_workers", "1",
+]  # fmt: skip
+# Deterministic input ("eval" transform: resize only, no random crop) so runs can be compared exactly.
+EXACT = TINY + ["--transform", "eval", "--batch_size", "8"]
+
+
+def params_of(path: Path, prefix: str = "") -> dict[str, np.ndarray]:
+    data = ms.load_checkpoint(str(path))
+    return {k: v.asnumpy() for k, v in data.items() if not k.startswith(("ema.", "optim.", "state.")) or prefix and k.startswith(prefix)}
+
+
+def assert_same_params(a: dict, b: dict, *, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=0, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """6 uninterrupted steps with a checkpoint after every step (used by several tests)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    cwd = os.getcwd()
+    os.chdir(out.parent)
+    try:
+        summary = train.main(EXACT + ["--steps", "6", "--save_interval", "1", "--keep_max", "2", "--output_dir", str(out)])
+    finally:
+        os.chdir(cwd)
+    return out, summary
+
+
+def test_outputs_of_a_run(reference_run):
+    out, summary = reference_run
+    for name in ("last.ckpt", "best.ckpt", "metrics.jsonl", "curves.png", "config.yaml", "summary.json"):
+        assert (out / name).is_file(), name
+    assert [p.name for p in sorted(out.glob("step_*.ckpt"))] == ["step_5.ckpt", "step_6.ckpt"]  # keep_max 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epoch = [r for r in records if r["kind"] == "epoch"][-1]
+    assert {"train_loss", "lr", "top1", "top5", "eval_loss", "img_per_s"} <= epoch.keys()
+    assert records[-1]["kind"] == "summary" and summary["steps"] == 6 and summary["final"]["images"] == 16
+    keys = ms.load_checkpoint(str(out / "last.ckpt")).keys()
+    assert "state.step" in keys and "optim.global_step" in keys and any(k.startswith("optim.moments.") for k in keys)
+    # the resolved config reproduces the run's settings
+    again = train.build_train_parser()
+    assert train.parse_with_config(again, ["-c", str(out / "config.yaml")]).steps == 6
+
+
+def test_resume_after_kill_mid_epoch(reference_run, tmp_path):
+    """Kill a run after its 2nd step (of 179 per epoch), resume it, and end where the uninterrupted run ends."""
+    ref_out, _ = reference_run
+    out = tmp_path / "run"
+    argv = EXACT + ["--steps", "6", "--save_interval", "1", "--keep_max", "2", "--output_dir", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *argv], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    while not (out / "step_2.ckpt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "step_2.ckpt").exists(), "the run died before its 2nd checkpoint"
+    state = ms.load_checkpoint(str(out / "last.ckpt"))
+    killed_at = int(state["state.step"].asnumpy())
+    assert killed_at < 6, "the run finished before it was killed"
+    summary = train.main(argv + ["--resume", "auto"])
+    assert summary["steps"] == 6
+    assert_same_params(params_of(out / "last.ckpt"), params_of(ref_out / "last.ckpt"), atol=1e-6)
+    opt_a = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(out / "last.ckpt")).items() if k.startswith("optim.")}
+    opt_b = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(ref_out / "last.ckpt")).items() if k.startswith("optim.")}
+    assert_same_params(opt_a, opt_b, atol=1e-6)
+
+
+def test_fp16_dynamic_loss_scale_ema_clip_accumulation(tmp_path):
+    """The seed recipe's step (RMSProp, conv-only decay, fp16 O2 + dynamic scale from 2^24, EMA, clip, mixup + smoothing), batch split 2."""
+    out = tmp_path / "run"
+    argv = TINY + [
+        "-c", str(ROOT / "configs" / "seed" / "bit_m_r101x3_cifar10.yaml"), "--dataset", "digits", "--data_dir", "null",
+        "--model", "resnetv2", "--pretrained", "false", "--image_size", "32", "--resize_size", "36", "--eval_size", "32",
+        "--randaugment", "2,20", "--batch_size", "8", "--accum_steps", "2", "--epochs", "null", "--steps", "3",
+        "--num_workers", "1", "--ema_decay", "0.9", "--lr", "0.02", "--output_dir", str(out),
+    ]  # fmt: skip
+    summary = train.main(argv)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epoch = [r for r in records if r["kind"] == "epoch"][-1]
+    assert epoch["loss_scale"] < 2.0**24, "fp16 at 2^24 overflows: the dynamic scale must have come down"
+    assert np.isfinite(epoch["train_loss"]) and summary["final"]["weights"] == "ema"
+    data = ms.load_checkpoint(str(out / "last.ckpt"))
+    ema = {k[4:]: v.asnumpy() for k, v in data.items() if k.startswith("ema.")}
+    raw = params_of(out / "last.ckpt")
+    assert ema.keys() == raw.keys()
+    assert any(not np.allclose(ema[k], raw[k]) for k in raw), "EMA weights equal the raw weights"
+    assert any(k.startswith("optim.mean_square.") for k in data) and float(data["state.loss_scale"].asnumpy()) == epoch["loss_scale"]
+
+
+def test_recompute_flag_trains(tmp_path):
+    summary = train.main(EXACT + ["--steps", "1", "--recompute", "true", "--mode", "pynative", "--output_dir", str(tmp_path / "run")])
+    assert summary["steps"] == 1 and np.isfinite(summary["final"]["loss"])
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def test_errors_before_anything_is_overwritten(reference_run, tmp_path):
+    ref_out, _ = reference_run
+    out = tmp_path / "prev"
+    shutil.copytree(ref_out, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    cases = [
+        (["--num_classes", "7"], "num_classes=7 in the config but digits"),
+        ([], "holds a previous run"),
+        (["--batch_size", "6", "--accum_steps", "4", "--overwrite", "true"], "does not split"),
+        (["--dataset", "cifar10", "--overwrite", "true"], "needs --data_dir"),
+        (["--dataset", "cifar10", "--data_dir", str(tmp_path / "missing"), "--overwrite", "true"], "not a directory"),
+        (["--model", "bit_s_r50x2", "--overwrite", "true"], "Did you mean"),
+        (["--resume", str(tmp_path / "nope.ckpt")], "no such file"),
+        (["--checkpoint_path", str(tmp_path / "nope.npz"), "--overwrite", "true"], "not found"),
+    ]
+    for extra, message in cases:
+        with pytest.raises((ConfigError, ValueError, FileNotFoundError), match=message):
+            train.main(EXACT + ["--steps", "2", "--output_dir", str(out)] + extra)
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes((ref_out / "last.ckpt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        train.main(EXACT + ["--steps", "2", "--output_dir", str(out), "--resume", str(corrupt)])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_cli_exit_code_and_message(tmp_path, capsys):
+    assert train.cli(EXACT + ["--learning_rate", "0.1"]) == 2
+    assert "Did you mean: --lr" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- data parallel
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DP = EXACT + ["--steps", "3", "--eval_interval", "0", "--rank_weights", "true"]
+
+
+def _check_data_parallel(out: Path, single: Path) -> None:
+    r0, r1 = (params_of(out / f"weights_rank{r}.ckpt") for r in (0, 1))
+    assert_same_params(r0, r1)  # bit-identical across ranks
+    # same global batch (8 = 2 x 4 vs 1 x 8) on one process: same result up to float summation order
+    assert_same_params(r0, params_of(single / "weights_rank0.ckpt"), atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    cwd = os.getcwd()
+    os.chdir(out.parent)
+    try:
+        train.main(DP + ["--output_dir", str(out)])
+    finally:
+        os.chdir(cwd)
+    return out
+
+
+@pytest.mark.heavy
+def test_msrun_two_workers_match_single_process(single_process_run, tmp_path):
+    out = tmp_path / "dp"
+    cmd = [
+        shutil.which("msrun") or "msrun", "--worker_num", "2", "--local_worker_num", "2", "--master_port", str(_free_port()),
+        "--log_dir", str(tmp_path / "logs"), "--join", "True", str(ROOT / "train.py"), *DP, "--output_dir", str(out),
+    ]  # fmt: skip
+    subprocess.run(cmd, cwd=tmp_path, check=True, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _check_data_parallel(out, single_process_run)
+
+
+@pytest.mark.heavy
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI not installed (apt-get install openmpi-bin)")
+def test_mpirun_two_processes_match_single_process(single_process_run, tmp_path):
+    out = tmp_path / "dp"
+    env = dict(os.environ, MS_SCHED_PORT=str(_free_port()), OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = [
+        "mpirun",
+        "-n",
+        "2",
+        "--oversubscribe",
+        "-x",
+        "MS_SCHED_PORT",
+        sys.executable,
+        str(ROOT / "train.py"),
+        *DP,
+        "--output_dir",
+        str(out),
+    ]
+    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _check_data_parallel(out, single_process_run)
