@@ -288,10 +288,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.model.split(".")[0].split("_")[-1] != "r50x1" and not args.no_mindcv:
         _logger.warning("mindcv's BiT_resnet50 is an R50x1: the ratios compare different architectures")
-    worker_argv = [a for a in argv if a not in ("--torch-reference", "--no-mindcv", "--no-bit-zoo")]
-    if "--json" in worker_argv:
-        i = worker_argv.index("--json")
-        del worker_argv[i : i + 2]
+    # The workers get the same settings, less the driver-only flags.
+    worker_argv, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--json":
+            skip = True
+        elif not (a.startswith("--json=") or a in ("--torch-reference", "--no-mindcv", "--no-bit-zoo")):
+            worker_argv.append(a)
     which = []
     if not args.no_bit_zoo:
         which.append("bit_zoo")
