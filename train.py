@@ -398,7 +398,7 @@ def train_loop(cfg, dist, trainer, model, info, eval_info, lr, state: TrainState
                 "lr": float(lr[state.step - 1]),
                 "img_per_s": epoch_images / epoch_time,
                 "loss_scale": trainer.loss_scale,
-                "grad_norm": grad_norm,
+                "grad_norm": grad_norm if math.isfinite(grad_norm) else None,  # JSON has no NaN
                 "overflow_steps": overflow_steps,
             }
             last_step = state.step == total_steps

@@ -225,3 +225,31 @@ def test_mpirun_two_processes_match_single_process(single_process_run, tmp_path)
     ]
     subprocess.run(cmd, cwd=tmp_path, env=env, check=True, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _check_data_parallel(out, single_process_run)
+
+
+# ------------------------------------------------------------------ recipes on CIFAR-format data
+
+
+@pytest.fixture(scope="module")
+def fake_cifar10(tmp_path_factory):
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("fake_cifar", ROOT / "scripts" / "fake_cifar.py")
+    fake = module_from_spec(spec)
+    spec.loader.exec_module(fake)
+    return fake.write(tmp_path_factory.mktemp("cifar"))
+
+
+SCALED_DOWN = ["--model", "bit_s_r50x1", "--pretrained", "false", "--image_size", "32", "--resize_size", "36", "--eval_size", "32",
+               "--steps", "2", "--batch_size", "8", "--eval_samples", "16", "--num_workers", "1", "--progress", "false"]  # fmt: skip
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("config", ["seed/bit_m_r101x3_cifar10.yaml", "hyperrule/bit_s_r50x1_cifar10.yaml"])
+def test_recipes_scaled_down_on_cifar_format_data(fake_cifar10, tmp_path, config):
+    """The seed recipe and the HyperRule, every other value as shipped, at 32 px for 2 steps of R50x1."""
+    extra = ["--epochs", "null", "--accum_steps", "2"] if config.startswith("seed") else ["--accum_steps", "1"]
+    summary = train.main(
+        ["-c", str(ROOT / "configs" / config), "--data_dir", str(fake_cifar10), *SCALED_DOWN, *extra, "--output_dir", str(tmp_path / "run")]
+    )
+    assert summary["steps"] == 2 and summary["final"]["images"] == 16
