@@ -81,6 +81,9 @@ class StdConv2d(nn.Cell):
             initializer(HeNormal(mode="fan_out", nonlinearity="relu"), (out_channels, in_channels, kernel_size, kernel_size)),
             name="weight",
         )
+        # The fused-kernel rewrites are for MindSpore's CPU kernels; elsewhere the plain form runs
+        # (cuDNN's batch norm refuses eps below 1e-5, and Ascend's has its own layouts).
+        self._fused = self.conv_impl == "unfold"
         self._standardize = _stats_norm_op(eps)
         # Which rewrite the unfold path needs; decided once here so construct has no host logic.
         self._unfold = self.conv_impl == "unfold" and kernel_size > 1
@@ -89,10 +92,15 @@ class StdConv2d(nn.Cell):
             self.pool = nn.AvgPool2d(kernel_size=1, stride=stride)
 
     def standardized_weight(self, dtype: ms.Type) -> ms.Tensor:
-        # One fused kernel instead of ~8 elementwise ops and reductions (the CPU ReduceMean is slow):
-        # each output channel is a "batch-norm channel" of a (1, O, I*k*k, 1) tensor.
-        o = self.out_channels
-        w = _batch_stats_norm(self._standardize, self.weight.reshape(1, o, -1, 1)).reshape(self.weight.shape)
+        w = self.weight
+        if self._fused:
+            # One fused kernel instead of ~8 elementwise ops and reductions (the CPU ReduceMean is
+            # slow): each output channel is a "batch-norm channel" of a (1, O, I*k*k, 1) tensor.
+            w = _batch_stats_norm(self._standardize, w.reshape(1, self.out_channels, -1, 1)).reshape(w.shape)
+        else:
+            mean = w.mean(axis=(1, 2, 3), keep_dims=True)
+            var = ((w - mean) ** 2).mean(axis=(1, 2, 3), keep_dims=True)
+            w = (w - mean) / ops.sqrt(var + self.eps)
         # Cast to the activation dtype so fp16 O2/O3 compiles in graph mode (conv wants equal dtypes).
         return w.astype(dtype)
 
@@ -120,8 +128,10 @@ class StdConv2d(nn.Cell):
 class GroupNormAct(nn.Cell):
     """GroupNorm (32 groups, eps 1e-5, affine) optionally followed by ReLU: BiT's pre-activation."""
 
-    def __init__(self, num_channels: int, *, num_groups: int = 32, eps: float = 1e-5, act: bool = True) -> None:
+    def __init__(self, num_channels: int, *, num_groups: int = 32, eps: float = 1e-5, act: bool = True, conv_impl: str = "auto") -> None:
         super().__init__()
+        # Same switch as StdConv2d: the fused-kernel rewrite on the CPU path, the plain form elsewhere.
+        self._fused = resolve_conv_impl(conv_impl) == "unfold"
         self.num_groups = num_groups
         self.eps = eps
         self.gamma = Parameter(initializer("ones", (num_channels,)), name="gamma")
@@ -134,9 +144,16 @@ class GroupNormAct(nn.Cell):
         dtype = x.dtype
         if dtype != ms.float32:
             x = x.astype(ms.float32)
-        # The statistics of group g of sample i are those of "batch-norm channel" i * G + g.
-        y = _batch_stats_norm(self._norm, x.reshape(1, n * self.num_groups, -1, w)).reshape(n, c, h, w)
-        y = _channel_affine(y, self.gamma, self.beta)
+        if self._fused:
+            # The statistics of group g of sample i are those of "batch-norm channel" i * G + g.
+            y = _batch_stats_norm(self._norm, x.reshape(1, n * self.num_groups, -1, w)).reshape(n, c, h, w)
+            y = _channel_affine(y, self.gamma, self.beta)
+        else:
+            g = x.reshape(n, self.num_groups, -1)
+            mean = g.mean(axis=2, keep_dims=True)
+            var = ((g - mean) ** 2).mean(axis=2, keep_dims=True)
+            y = ((g - mean) / ops.sqrt(var + self.eps)).reshape(n, c, h, w)
+            y = y * self.gamma.reshape(1, c, 1, 1) + self.beta.reshape(1, c, 1, 1)
         if self.act:
             y = ops.relu(y)
         return y.astype(dtype)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import mindspore as ms
 import numpy as np
-from mindspore import nn, ops
+from mindspore import nn
 from mindspore.nn.utils import no_init_parameters
 
 from .layers import GroupNormAct, StdConv2d, resolve_conv_impl, zero_pad2d
@@ -36,15 +36,15 @@ class PreActBottleneck(nn.Cell):
     def __init__(self, in_channels: int, out_channels: int, *, stride: int, conv_impl: str) -> None:
         super().__init__()
         mid = out_channels // 4
-        self.norm1 = GroupNormAct(in_channels)
+        self.norm1 = GroupNormAct(in_channels, conv_impl=conv_impl)
         self.has_proj = stride != 1 or in_channels != out_channels
         if self.has_proj:
             self.downsample = StdConv2d(in_channels, out_channels, 1, stride=stride, conv_impl=conv_impl)
         self.conv1 = StdConv2d(in_channels, mid, 1, conv_impl=conv_impl)
-        self.norm2 = GroupNormAct(mid)
+        self.norm2 = GroupNormAct(mid, conv_impl=conv_impl)
         # Padding 1 on every side with the stride on the 3x3 (not TF SAME, not on the 1x1).
         self.conv2 = StdConv2d(mid, mid, 3, stride=stride, padding=1, conv_impl=conv_impl)
-        self.norm3 = GroupNormAct(mid)
+        self.norm3 = GroupNormAct(mid, conv_impl=conv_impl)
         self.conv3 = StdConv2d(mid, out_channels, 1, conv_impl=conv_impl)
 
     def construct(self, x: ms.Tensor) -> ms.Tensor:
@@ -153,7 +153,7 @@ class ResNetV2(nn.Cell):
             stages.append(ResNetStage(prev, width, depth, stride=1 if i == 0 else 2, conv_impl=conv_impl))
             prev = width
         self.stages = nn.SequentialCell(stages)
-        self.norm = GroupNormAct(prev)  # pre-head GroupNorm + ReLU
+        self.norm = GroupNormAct(prev, conv_impl=conv_impl)  # pre-head GroupNorm + ReLU
         self.num_features = prev
         self.num_classes = num_classes
         self.drop_rate = drop_rate

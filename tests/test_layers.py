@@ -86,19 +86,21 @@ def test_unfold_matches_native(cin, cout, k, s, p, size, mode, tmp_path, monkeyp
     _close(gw1, gw0)
 
 
-def test_weight_standardization_is_upstreams():
+@pytest.mark.parametrize("impl", ["native", "unfold"])
+def test_weight_standardization_is_upstreams(impl):
     """Per output channel: (w - mean) / sqrt(biased var + 1e-10), then a plain convolution."""
     rng = np.random.default_rng(1)
-    conv = StdConv2d(4, 6, 3, padding=1, conv_impl="native")
+    conv = StdConv2d(4, 6, 3, padding=1, conv_impl=impl)
     w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32) * 0.1 + 0.05
     conv.weight.set_data(ms.Tensor(w))
     ref = (w - w.mean(axis=(1, 2, 3), keepdims=True)) / np.sqrt(w.var(axis=(1, 2, 3), keepdims=True) + 1e-10)
     _close(conv.standardized_weight(ms.float32).asnumpy(), ref, rtol=1e-5)
 
 
-def test_groupnormact_matches_nn_groupnorm():
+@pytest.mark.parametrize("impl", ["native", "unfold"])
+def test_groupnormact_matches_nn_groupnorm(impl):
     rng = np.random.default_rng(2)
-    gn = GroupNormAct(64)
+    gn = GroupNormAct(64, conv_impl=impl)
     gn.gamma.set_data(ms.Tensor(rng.standard_normal(64).astype(np.float32)))
     gn.beta.set_data(ms.Tensor(rng.standard_normal(64).astype(np.float32)))
 
@@ -123,12 +125,13 @@ def test_groupnormact_matches_nn_groupnorm():
     _close(gb1, gb0)
 
 
+@pytest.mark.parametrize("impl", ["native", "unfold"])
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
-def test_groupnormact_without_act_and_repeated_calls(mode, tmp_path, monkeypatch):
+def test_groupnormact_without_act_and_repeated_calls(mode, impl, tmp_path, monkeypatch):
     """No ReLU when act=False; repeated calls agree (the placeholder statistics stay put in graph mode too)."""
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(3)
-    gn = GroupNormAct(32, act=False)
+    gn = GroupNormAct(32, act=False, conv_impl=impl)
     x = rng.standard_normal((2, 32, 4, 4)).astype(np.float32)
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     try:
@@ -156,7 +159,7 @@ def test_fp16_input(impl):
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, 8, 9, 9)).astype(np.float32)
     conv = StdConv2d(8, 32, 3, stride=2, padding=1, conv_impl=impl)
-    gn = GroupNormAct(32)
+    gn = GroupNormAct(32, conv_impl=impl)
     y32 = gn(conv(ms.Tensor(x))).asnumpy()
     y16 = gn(conv(ms.Tensor(x, ms.float16)))
     assert y16.dtype == ms.float16
