@@ -29,7 +29,7 @@ from bit_zoo.config import ConfigError, build_train_parser, grouped, parse_with_
 from bit_zoo.data import create_loader, dataset_num_classes
 from bit_zoo.loading import model_state, save_weights
 from bit_zoo.training.checkpoint import CheckpointManager, TrainState, load_training_checkpoint
-from bit_zoo.training.distributed import DistInfo, init_distributed
+from bit_zoo.training.distributed import DistInfo, init_distributed, set_device
 from bit_zoo.training.metrics import MetricsLog, Progress, evaluate, plot_curves
 from bit_zoo.training.optim import OptimConfig, create_optimizer
 from bit_zoo.training.schedules import ScheduleConfig, build_lr_schedule, hyperrule
@@ -45,18 +45,6 @@ def setup_logging(is_main: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if is_main else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
     )
-
-
-def set_device(device_target: str, mode: str) -> str:
-    """Context for device_target ('auto': what this build runs on) and graph/pynative mode."""
-    if device_target == "auto":
-        device_target = ms.get_context("device_target")
-    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
-    try:
-        ms.set_device(device_target)
-    except (RuntimeError, ValueError) as e:
-        raise ConfigError(f"device_target {device_target} is not usable here ({e}): pass --device_target CPU or auto") from e
-    return device_target
 
 
 def check_combinations(cfg, dist: DistInfo) -> None:

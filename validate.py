@@ -22,6 +22,7 @@ import bit_zoo
 from bit_zoo.config import ConfigError, build_validate_parser, grouped, parse_with_config, train_only_keys
 from bit_zoo.data import create_loader, dataset_num_classes
 from bit_zoo.loading import EMA_PREFIX, read_arrays
+from bit_zoo.training.distributed import set_device
 from bit_zoo.training.metrics import evaluate
 
 _logger = logging.getLogger("validate")
@@ -37,9 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_with_config(parser, argv, ignore_keys=train_only_keys())
     cfg = grouped(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
-    device = ms.get_context("device_target") if cfg.system.device_target == "auto" else cfg.system.device_target
-    ms.set_context(mode=ms.GRAPH_MODE if cfg.system.mode == "graph" else ms.PYNATIVE_MODE)
-    ms.set_device(device)
+    set_device(cfg.system.device_target, cfg.system.mode)
     m, d = cfg.model, cfg.data
     if not m.ckpt_path and not m.pretrained:
         raise ConfigError("nothing to evaluate: pass --ckpt_path FILE (training checkpoint, .npz or mindcv .ckpt) or --pretrained true")

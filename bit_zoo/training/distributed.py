@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import mindspore as ms
 
+from ..config import ConfigError
+
 __all__ = ["DistInfo", "launched_by_mpirun", "bridge_mpirun_to_dynamic_cluster", "init_distributed"]
 
 _logger = logging.getLogger(__name__)
@@ -40,6 +42,24 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def set_device(device_target: str, mode: str) -> str:
+    """Context for device_target ('auto': what this build runs on) and graph/pynative mode.
+
+    The device is set only when it differs from the current one: MindSpore refuses to set it
+    again once its runtime is up (a second run in one process, e.g. tests or a notebook).
+    """
+    current = ms.get_context("device_target")
+    if device_target == "auto":
+        device_target = current
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    if device_target != current:
+        try:
+            ms.set_device(device_target)
+        except (RuntimeError, ValueError) as e:
+            raise ConfigError(f"device_target {device_target} is not usable here ({e}): pass --device_target CPU or auto") from e
+    return device_target
 
 
 def launched_by_mpirun() -> bool:
