@@ -253,3 +253,23 @@ def test_recipes_scaled_down_on_cifar_format_data(fake_cifar10, tmp_path, config
         ["-c", str(ROOT / "configs" / config), "--data_dir", str(fake_cifar10), *SCALED_DOWN, *extra, "--output_dir", str(tmp_path / "run")]
     )
     assert summary["steps"] == 2 and summary["final"]["images"] == 16
+
+
+def test_fine_tunes_from_an_upstream_npz(tmp_path, make_upstream_npz):
+    """The fine-tuning path: BiT weights in the upstream .npz layout, a new 10-class zero head, a few HyperRule steps."""
+    npz = tmp_path / "BiT-S-R50x1.npz"
+    upstream = make_upstream_npz(npz, "bit_s_r50x1", 1000, seed=3)
+    out = tmp_path / "run"
+    argv = [
+        "--model", "bit_s_r50x1", "--checkpoint_path", str(npz), "--dataset", "digits", "--image_size", "32",
+        "--eval_size", "32", "--hflip", "false", "--opt", "sgd", "--lr", "0.003", "--scheduler", "constant",
+        "--progress", "false", "--eval_samples", "16", "--num_workers", "1", "--transform", "eval",
+        "--batch_size", "8", "--steps", "2", "--output_dir", str(out),
+    ]  # fmt: skip
+    summary = train.main(argv)
+    assert summary["steps"] == 2
+    tuned = params_of(out / "last.ckpt")
+    assert tuned["head.fc.weight"].shape == (10, 2048) and tuned["head.fc.weight"].any()  # zero head, then trained
+    # the backbone started from the file: two small SGD steps move it only a little
+    for k in ("stem.conv.weight", "stages.3.blocks.2.conv3.weight", "norm.gamma"):
+        np.testing.assert_allclose(tuned[k], upstream[k], atol=0.05, err_msg=k)
