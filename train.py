@@ -25,6 +25,7 @@ import mindspore.dataset as ds
 import numpy as np
 
 import bit_zoo
+from bit_zoo.atomic import write_text_atomic
 from bit_zoo.config import ConfigError, build_train_parser, grouped, parse_with_config, save_config
 from bit_zoo.data import create_loader, dataset_num_classes
 from bit_zoo.loading import model_state, save_weights
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     if dist.is_main:
         plot_curves(metrics.records(), out / "curves.png")
         summary["outputs"] = str(out)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
         print_summary(summary)
     return summary
 

@@ -19,6 +19,7 @@ import mindspore as ms
 import numpy as np
 
 import bit_zoo
+from bit_zoo.atomic import write_text_atomic
 from bit_zoo.config import ConfigError, build_validate_parser, grouped, parse_with_config, train_only_keys
 from bit_zoo.data import create_loader, dataset_num_classes
 from bit_zoo.loading import EMA_PREFIX, read_arrays
@@ -105,8 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(json.dumps({k: (float(v) if isinstance(v, np.floating) else v) for k, v in result.items()}))
     if cfg.system.output_json:
-        Path(cfg.system.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.system.output_json).write_text(json.dumps(result, indent=2), encoding="utf-8")
+        write_text_atomic(cfg.system.output_json, json.dumps(result, indent=2))
     return result
 
 

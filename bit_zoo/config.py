@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from .atomic import write_text_atomic
+
 __all__ = ["ConfigError", "str2bool", "int_list", "float_list", "parse_with_config", "grouped", "save_config", "load_yaml"]
 
 
@@ -160,15 +162,9 @@ def _plain(value: Any) -> Any:
 
 def save_config(args: argparse.Namespace, path: str | Path) -> Path:
     """Write the resolved config as YAML (loadable again with -c), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {k: _plain(v) for k, v in sorted(vars(args).items()) if k != "config"}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(
-        f"# resolved config (from {args.config or 'defaults'} + command line)\n" + yaml.safe_dump(data, sort_keys=False), encoding="utf-8"
-    )
-    tmp.replace(path)
-    return path
+    header = f"# resolved config (from {args.config or 'defaults'} + command line)\n"
+    return write_text_atomic(path, header + yaml.safe_dump(data, sort_keys=False))
 
 
 # ----------------------------------------------------------------------------------------------

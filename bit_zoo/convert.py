@@ -25,6 +25,7 @@ import mindspore as ms
 import numpy as np
 from mindspore.nn.utils import no_init_parameters
 
+from .atomic import atomic_path
 from .loading import match_state, read_weights_file, save_weights
 from .pretrained import download_weights
 from .registry import get_weights, model_entrypoint
@@ -54,13 +55,8 @@ def _source(model_name: str, input_path: str | None) -> Path:
 
 
 def _write_npz(arrays: dict[str, np.ndarray], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    try:
+    with atomic_path(path, suffix=".npz") as tmp:  # np.savez appends .npz to other names
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def convert_file(model_name: str, output: str | os.PathLike, *, input_path: str | None = None, num_classes: int | None = None) -> Path:

@@ -13,12 +13,13 @@ Files in the output dir: ``last.ckpt`` (every save), ``best.ckpt`` (best eval to
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import mindspore as ms
 import numpy as np
+
+from ..atomic import atomic_path
 
 __all__ = ["TrainState", "save_training_checkpoint", "load_training_checkpoint", "CheckpointManager"]
 
@@ -52,13 +53,8 @@ def _optimizer_state(optimizer, model_names: set[str]) -> dict[str, ms.Parameter
 
 
 def _atomic_save(entries: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.ckpt")
-    try:
+    with atomic_path(path, suffix=".ckpt") as tmp:  # save_checkpoint appends .ckpt to other names
         ms.save_checkpoint(entries, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_training_checkpoint(path: str | Path, *, model, optimizer, ema, scaler, state: TrainState) -> Path:
@@ -165,9 +161,5 @@ class CheckpointManager:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.stem}.tmp{os.getpid()}.ckpt")
-    try:
+    with atomic_path(dst) as tmp:
         tmp.write_bytes(src.read_bytes())
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -13,6 +13,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
+from ..atomic import atomic_path
+
 __all__ = ["evaluate", "Progress", "MetricsLog", "plot_curves", "topk_correct"]
 
 _logger = logging.getLogger(__name__)
@@ -144,9 +146,7 @@ def plot_curves(records: list[dict], path: str | Path) -> Path | None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return Path(path)
