@@ -97,14 +97,8 @@ def export_mindir(
     model.set_train(False)
     size = img_size or model.weights.input_size
     x = ms.Tensor(np.zeros((batch_size, model.in_channels, size, size), np.float32))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp_base = output.with_name(f".{output.stem}.tmp{os.getpid()}")
-    tmp = Path(str(tmp_base) + ".mindir")
-    try:
-        ms.export(model, x, file_name=str(tmp_base), file_format="MINDIR")
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(output, suffix=".mindir") as tmp:
+        ms.export(model, x, file_name=str(tmp.with_suffix("")), file_format="MINDIR")  # export appends .mindir
     _logger.info("exported %s (%dx%d, batch %d) to %s", model_name, size, size, batch_size, output)
     return output
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 
+from .atomic import atomic_path
 from .pretrained import Weights, download_weights
 
 __all__ = [
@@ -212,19 +213,12 @@ def save_weights(params: Mapping[str, np.ndarray], path: str | os.PathLike, *, f
     fmt = fmt or path.suffix.lstrip(".")
     if fmt not in ("ckpt", "safetensors"):
         raise ValueError(f"unsupported output format {fmt!r} for {path}: use a .ckpt or .safetensors name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    # save_checkpoint appends .ckpt to names that lack it: the temporary name keeps the format's suffix
+    with atomic_path(path, suffix=f".{fmt}") as tmp:
         if fmt == "safetensors":
             from safetensors.numpy import save_file
 
             save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()}, str(tmp), metadata={"format": "bit_zoo"})
         else:
             ms.save_checkpoint([{"name": k, "data": ms.Tensor(np.asarray(v, dtype=np.float32))} for k, v in params.items()], str(tmp))
-            # save_checkpoint appends .ckpt to names that lack it
-            if not tmp.exists() and Path(str(tmp) + ".ckpt").exists():
-                os.replace(str(tmp) + ".ckpt", tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
