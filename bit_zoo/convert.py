@@ -26,8 +26,7 @@ import numpy as np
 from mindspore.nn.utils import no_init_parameters
 
 from .atomic import atomic_path
-from .loading import match_state, read_weights_file, save_weights
-from .pretrained import download_weights
+from .loading import fetch_pretrained, match_state, read_weights_file, save_weights
 from .registry import get_weights, model_entrypoint
 from .resnetv2 import ResNetV2, to_npz
 
@@ -47,11 +46,7 @@ def _skeleton(model_name: str, num_classes: int | None) -> ResNetV2:
 def _source(model_name: str, input_path: str | None) -> Path:
     if input_path:
         return Path(input_path)
-    from .loading import verify_structure
-
-    weights = get_weights(model_name)
-    layers = _skeleton(model_name, None).layers
-    return download_weights(weights, verify=lambda p: verify_structure(p, weights, layers))
+    return fetch_pretrained(get_weights(model_name), _skeleton(model_name, None).layers)
 
 
 def _write_npz(arrays: dict[str, np.ndarray], path: Path) -> None:

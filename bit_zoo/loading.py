@@ -197,14 +197,17 @@ def verify_structure(path: Path, weights: Weights, layers: tuple[int, ...]) -> N
         raise ValueError(f"{path.name}: head has {classes} classes, the weights record says {weights.num_classes}")
 
 
+def fetch_pretrained(weights: Weights, layers: tuple[int, ...]) -> Path:
+    """The cached file of `weights`, downloaded first if needed and checked against the architecture."""
+    return download_weights(weights, verify=lambda p: verify_structure(p, weights, layers))
+
+
 def load_pretrained(model: ms.nn.Cell, weights: Weights | None = None) -> None:
     """Download (or take from the cache), verify and load the model's weights record."""
     weights = weights or getattr(model, "weights", None)
     if weights is None:
         raise ValueError("pretrained=True but the model has no weights record; pass checkpoint_path= instead")
-    layers = _layers_of(model)
-    path = download_weights(weights, verify=lambda p: verify_structure(p, weights, layers))
-    load_checkpoint(model, path)
+    load_checkpoint(model, fetch_pretrained(weights, _layers_of(model)))
 
 
 def save_weights(params: Mapping[str, np.ndarray], path: str | os.PathLike, *, fmt: str | None = None) -> Path:
