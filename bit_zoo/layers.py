@@ -13,10 +13,12 @@ Both are exact rewrites of the same convolution (same sums, different order), so
 agree with the native path to float rounding. The native path stays the default on Ascend/GPU.
 
 Once the convolutions are fast, the time goes to MindSpore's CPU elementwise and reduction kernels
-(ReduceMean ~5 ms per call, broadcast Mul, PadV3 ~140 ms for 16x64x64x64). So, on every device
-(the rewrites are exact): GroupNorm and the weight standardization run on the fused BatchNorm
-kernel (a GroupNorm is a batch norm of the (1, N*G, ...) reshaped tensor), the per-channel affine
-is an inference-mode BatchNorm, and the stem's zero pad is two concatenations (``zero_pad2d``).
+(ReduceMean ~5 ms per call, broadcast Mul, PadV3 ~140 ms for 16x64x64x64). So, on the unfold
+path (the rewrites are exact): GroupNorm and the weight standardization run on the fused BatchNorm
+kernel (a GroupNorm is a batch norm of the (1, N*G, ...) reshaped tensor) and the per-channel
+affine is an inference-mode BatchNorm; the native path keeps the plain reduction form, since
+cuDNN's batch norm refuses eps below 1e-5. On every device the stem's zero pad is two
+concatenations (``zero_pad2d``).
 docs/speed.md has the measurements.
 """
 
