@@ -26,7 +26,7 @@ import numpy as np
 
 import bit_zoo
 from bit_zoo.atomic import write_text_atomic
-from bit_zoo.config import ConfigError, build_train_parser, grouped, parse_with_config, save_config
+from bit_zoo.config import ConfigError, build_train_parser, grouped, parse_with_config, run_cli, save_config
 from bit_zoo.data import create_loader, dataset_num_classes
 from bit_zoo.loading import model_state, save_weights
 from bit_zoo.training.checkpoint import CheckpointManager, TrainState, load_training_checkpoint
@@ -453,12 +453,7 @@ def print_summary(summary: dict) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    try:
-        main(argv)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv, prog="train.py")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 
 import bit_zoo
 from bit_zoo.atomic import write_text_atomic
-from bit_zoo.config import ConfigError, build_validate_parser, grouped, parse_with_config, train_only_keys
+from bit_zoo.config import ConfigError, build_validate_parser, grouped, parse_with_config, run_cli, train_only_keys
 from bit_zoo.data import create_loader, dataset_num_classes
 from bit_zoo.loading import EMA_PREFIX, read_arrays
 from bit_zoo.training.distributed import set_device
@@ -111,12 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    try:
-        main(argv)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"validate.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv, prog="validate.py")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -330,3 +330,13 @@ def build_validate_parser() -> argparse.ArgumentParser:
 
 def train_only_keys() -> set[str]:
     return set(_options(build_train_parser())) - set(_options(build_validate_parser()))
+
+
+def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None, *, prog: str) -> int:
+    """Run a script's main(argv): bad input prints one clear line and exits 2, not a traceback."""
+    try:
+        main(argv)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
