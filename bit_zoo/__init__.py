@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from . import mindcv_compat  # noqa: F401  (registers the models, with mindcv's registry too)
+from . import (
+    _ms_compat,  # noqa: F401  (MindSpore 2.10 checkpoint-size check, see the module)
+    mindcv_compat,  # noqa: F401  (registers the models, with mindcv's registry too)
+)
 from .factory import create_model
 from .loading import load_checkpoint, load_pretrained
 from .pretrained import Weights, cache_dir
