@@ -130,8 +130,11 @@ def _ms_worker(args: argparse.Namespace, which: str) -> dict:
 
 def _torch_worker(args: argparse.Namespace) -> dict:
     # Lazy: torch and timm are only needed for this reference measurement.
-    import timm
     import torch
+
+    from ._timm import import_timm
+
+    timm = import_timm()
 
     torch.manual_seed(0)
     name = "resnetv2_50x1_bit"
