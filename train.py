@@ -60,6 +60,11 @@ def check_combinations(cfg, dist: DistInfo) -> None:
         )
     if cfg.model.pretrained and cfg.model.checkpoint_path:
         raise ConfigError("pretrained and checkpoint_path both set: keep one (checkpoint_path loads a local file)")
+    if cfg.model.checkpoint_path and not Path(cfg.model.checkpoint_path).is_file():
+        raise ConfigError(
+            f"checkpoint_path {cfg.model.checkpoint_path}: no such file. Point it at a weights file (.npz, mindcv .ckpt, "
+            "bit_zoo .ckpt or .safetensors), or run the training that writes it first (the config's header names it)"
+        )
     if cfg.model.model == "resnetv2" and cfg.model.pretrained:
         raise ConfigError(
             "--model resnetv2 (a custom --layers network) has no pretrained weights: use a registered name or pretrained false"
@@ -137,6 +142,7 @@ def build_train_loader(cfg, dist: DistInfo, prep: dict, num_classes: int, *, sta
             start_step=start_step,
             hflip=d.hflip,
             num_classes=num_classes,
+            classes=d.classes,
         )
 
     if d.mixup_alpha is not None:
@@ -170,6 +176,7 @@ def build_eval_loader(cfg, prep: dict, num_classes: int, *, batch_size: int, spl
         seed=cfg.system.seed,
         num_workers=d.num_workers,
         num_classes=num_classes,
+        classes=d.classes,
     )
 
 
@@ -228,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     ds.config.set_seed(cfg.system.seed)
 
     # ---- everything below up to the first write can fail on bad input; nothing is written yet
-    num_classes = dataset_num_classes(cfg.data.dataset, cfg.data.data_dir)
+    num_classes = dataset_num_classes(cfg.data.dataset, cfg.data.data_dir, cfg.data.classes)
     if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
         raise ConfigError(
             f"num_classes={cfg.model.num_classes} in the config but {cfg.data.dataset} at {cfg.data.data_dir} has {num_classes} classes: "
@@ -423,6 +430,7 @@ def train_loop(cfg, dist, trainer, model, info, eval_info, lr, state: TrainState
         "kind": "summary",
         "model": cfg.model.model,
         "dataset": cfg.data.dataset,
+        "num_classes": model.num_classes,
         "steps": state.step,
         "epochs": state.epoch,
         "global_batch": cfg.data.batch_size,

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     if m.ckpt_path and not Path(m.ckpt_path).is_file():
         raise FileNotFoundError(f"--ckpt_path {m.ckpt_path}: no such file")
 
-    num_classes = dataset_num_classes(d.dataset, d.data_dir)
+    num_classes = dataset_num_classes(d.dataset, d.data_dir, d.classes)
     if m.num_classes is not None and m.num_classes != num_classes:
         raise ConfigError(f"num_classes={m.num_classes} but {d.dataset} has {num_classes} classes: set num_classes: {num_classes} or null")
     use_ema = False
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         seed=cfg.system.seed,
         num_workers=d.num_workers,
         num_classes=num_classes,
+        classes=d.classes,
     )
     net = ms.amp.auto_mixed_precision(model, m.amp_level) if m.amp_level != "O0" else model
     result = evaluate(net, info.dataset, progress=cfg.system.progress, desc="validate")

@@ -213,6 +213,7 @@ def _data_group(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10", choices=DATASETS)
     g.add_argument("--data_dir", type=_optional(str), default=None, help="not needed for digits")
+    g.add_argument("--classes", type=_optional(int_list), default=None, help="keep only these label ids, relabelled 0..n-1 in this order")
     g.add_argument(
         "--image_size", type=_optional(int), default=None, help="train crop; default: HyperRule's (128 below 96x96 px, else 480)"
     )

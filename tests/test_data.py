@@ -145,6 +145,36 @@ def test_cifar10_few_shot_and_val_split(data_cifar10_dir):
     assert np.bincount(labels[train.indices]).tolist() == [5] * 10
 
 
+def test_cifar10_class_subset(data_cifar10_dir):
+    """classes=[3, 1]: only those records, relabelled 0 and 1 in that order, in train (with few-shot and a
+    held-out val) and in the official test split; the yielded records are the ones reported."""
+    root = str(data_cifar10_dir)
+    kw = dict(batch_size=4, image_size=32, transform="eval", classes=[3, 1], seed=2)
+    train = create_loader("cifar10", root, "train", few_shot=6, val_split=0.1, **kw)
+    val = create_loader("cifar10", root, "val", val_split=0.1, **kw)
+    test = create_loader("cifar10", root, "test", num_samples=30, **kw)
+    assert (train.num_classes, train.class_names, train.num_images) == (2, ["c3", "c1"], 12)
+    assert dataset_num_classes("cifar10", root, [3, 1]) == 2
+    originals = np.concatenate([_labels(data_cifar10_dir / f"data_batch_{i}.bin", CIFAR10_RECORD, 0) for i in range(1, 6)])
+    test_originals = _labels(data_cifar10_dir / "test_batch.bin", CIFAR10_RECORD, 0)
+    assert np.bincount(originals[train.indices], minlength=10)[[3, 1]].tolist() == [6, 6]
+    assert set(originals[val.indices]) == {1, 3} and not set(train.indices) & set(val.indices)
+    assert len(val.indices) == round(0.1 * np.isin(originals, [3, 1]).sum())  # the hold-out is 10% of the subset
+    for info, source_labels in ((train, originals), (test, test_originals)):
+        images, labels = map(np.concatenate, zip(*_batches(info)))
+        stamps = _stamps(images)
+        assert sorted(stamps) == sorted(info.indices)
+        np.testing.assert_array_equal(labels, np.where(source_labels[stamps] == 3, 0, 1))
+    mixed = create_loader("cifar10", root, "train", num_samples=8, mixup_alpha=0.2, **kw)
+    assert _batches(mixed)[0][1].shape == (4, 2)  # soft targets over the subset's classes
+    with pytest.raises(ValueError, match=r"classes \[10\] are out of range.*labels 0..9"):
+        create_loader("cifar10", root, "test", batch_size=4, image_size=32, classes=[1, 10])
+    with pytest.raises(ValueError, match="lists a label twice"):
+        dataset_num_classes("digits", None, [1, 1])
+    with pytest.raises(ValueError, match="model has 10 output classes but .* has 2"):
+        create_loader("cifar10", root, "test", batch_size=4, image_size=32, classes=[3, 1], num_classes=10)
+
+
 def test_cifar100(data_cifar100_dir):
     info = create_loader("cifar100", str(data_cifar100_dir.parent), "test", batch_size=16, image_size=32, num_samples=20)
     assert info.num_classes == 100 and info.class_names == CIFAR100_CLASSES and len(set(CIFAR100_CLASSES)) == 100

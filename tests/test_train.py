@@ -273,3 +273,35 @@ def test_fine_tunes_from_an_upstream_npz(tmp_path, make_upstream_npz):
     # the backbone started from the file: two small SGD steps move it only a little
     for k in ("stem.conv.weight", "stages.3.blocks.2.conv3.weight", "norm.gamma"):
         np.testing.assert_allclose(tuned[k], upstream[k], atol=0.05, err_msg=k)
+
+
+def _run_quickstart(tmp_path, step1_extra: list[str], step2_extra: list[str]) -> tuple[dict, dict, Path]:
+    """The README's two quickstart commands, run from tmp_path (the configs use relative output paths)."""
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        common = ["--progress", "false", "--num_workers", "1"]
+        pre = train.main(["-c", str(ROOT / "configs" / "quickstart_digits_pretrain.yaml"), *common, *step1_extra])
+        fine = train.main(["-c", str(ROOT / "configs" / "quickstart_digits.yaml"), *common, *step2_extra])
+    finally:
+        os.chdir(cwd)
+    return pre, fine, tmp_path / "outputs"
+
+
+def test_quickstart_fine_tunes_the_pretrained_checkpoint(tmp_path):
+    """Scaled down: step 1 on digits 0-5 writes best.ckpt, step 2 loads all of it but the 6-class head."""
+    pre, fine, out = _run_quickstart(tmp_path, ["--epochs", "null", "--steps", "4"], ["--steps", "2", "--eval_samples", "16"])
+    assert pre["num_classes"] == 6 and fine["num_classes"] == 4 and fine["final"]["images"] == 16
+    source = params_of(out / "quickstart_digits_pretrain" / "best.ckpt")
+    tuned = params_of(out / "quickstart_digits" / "last.ckpt")
+    assert source["head.fc.weight"].shape[0] == 6 and tuned["head.fc.weight"].shape[0] == 4
+    for k in ("stem.conv.weight", "stages.3.blocks.0.conv2.weight", "norm.gamma"):  # the backbone came from step 1
+        np.testing.assert_allclose(tuned[k], source[k], atol=0.02, err_msg=k)
+
+
+@pytest.mark.heavy
+def test_quickstart_as_in_the_readme(tmp_path):
+    """The full quickstart (about 1 minute of training per step on 2 cores) reaches the README's accuracy."""
+    pre, fine, _ = _run_quickstart(tmp_path, [], [])
+    assert pre["final"]["top1"] >= 98.0 and pre["final"]["images"] == 216
+    assert fine["final"]["top1"] >= 90.0 and fine["final"]["images"] == 143

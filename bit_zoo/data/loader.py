@@ -39,14 +39,19 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown dataset '{name}'; choose one of {DATASETS}.")
 
 
-def dataset_num_classes(name: str, data_dir: str | None) -> int:
-    """Classes of a dataset without building a pipeline: 10 / 100 for CIFAR, 10 for digits, class folders otherwise."""
+def dataset_num_classes(name: str, data_dir: str | None, classes=None) -> int:
+    """Classes of a dataset without building a pipeline: 10 / 100 for CIFAR, 10 for digits, class folders otherwise.
+
+    With `classes` (a subset of label ids, see `create_loader`) the subset's size, after checking it.
+    """
     _check_name(name)
     if name in ("cifar10", "digits"):
-        return 10
-    if name == "cifar100":
-        return 100
-    return len(sources.class_folder_names(sources.resolve_folder_splits(name, data_dir)["train"]))
+        total = 10
+    elif name == "cifar100":
+        total = 100
+    else:
+        total = len(sources.class_folder_names(sources.resolve_folder_splits(name, data_dir)["train"]))
+    return total if classes is None else len(sources.check_classes(classes, total, name))
 
 
 def check_num_classes(model_classes: int, data_classes: int, *, name: str = "the dataset") -> None:
@@ -103,6 +108,7 @@ def create_loader(
     start_step: int = 0,
     hflip: bool = True,
     num_classes: int | None = None,
+    classes: list[int] | None = None,
 ) -> DataInfo:
     """Build the batched pipeline for one split of one dataset.
 
@@ -115,6 +121,9 @@ def create_loader(
     straight to `image_size`, or to `resize_size` then a center crop). `interpolation` defaults to
     bilinear, bicubic for the seed recipe. `hflip=False` turns off the random flip (e.g. for
     digits). `num_classes`, when given, must match the data (see `check_num_classes`).
+
+    `classes` keeps only those label ids (train and eval splits alike) and relabels them
+    0..len(classes)-1 in the order given: a class subset becomes a dataset of its own.
 
     `num_samples` keeps the first records of the split (in file order, after the subsetting above).
 
@@ -146,14 +155,16 @@ def create_loader(
 
     held_out = split == "val" and val_split
     source = _source(name, data_dir, "train" if is_train or held_out else split)
+    if classes is not None:
+        source = sources.select_classes(source, classes)
     if num_classes is not None:
         check_num_classes(num_classes, source.num_classes, name=source.description)
 
-    indices = np.arange(len(source.labels))
+    indices = np.flatnonzero(source.labels >= 0)  # all records, or those of the selected classes
     if val_split:
         if is_train or held_out:
-            train_idx, val_idx = val_split_indices(len(indices), val_split, seed)
-            indices = train_idx if is_train else val_idx
+            train_pos, val_pos = val_split_indices(len(indices), val_split, seed)
+            indices = indices[train_pos if is_train else val_pos]
     if few_shot is not None:
         if is_train:
             indices = few_shot_indices(indices, source.labels, few_shot, seed, source.class_names)

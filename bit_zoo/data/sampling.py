@@ -43,7 +43,7 @@ def few_shot_indices(indices: np.ndarray, labels: np.ndarray, k: int, seed: int,
     rng = np.random.default_rng([seed, _FEW_SHOT_STREAM])
     picked = []
     subset_labels = labels[indices]
-    for cls in np.unique(labels):
+    for cls in np.unique(labels[labels >= 0]):  # label -1: a record outside the selected classes
         members = indices[subset_labels == cls]
         if len(members) < k:
             name = class_names[cls] if class_names else str(cls)

@@ -278,3 +278,41 @@ def digits_source(usage: str) -> Source:
         )
 
     return Source(labels, 10, [str(i) for i in range(10)], build, f"scikit-learn digits {usage} partition")
+
+
+# ------------------------------------------------------------------------------------ class subsets
+
+
+def check_classes(classes, num_classes: int, description: str) -> list[int]:
+    """A class subset as a list of distinct label ids of a `num_classes`-class dataset, or a clear error."""
+    classes = [int(c) for c in classes]
+    if not classes:
+        raise ValueError(f"classes=[] selects nothing from {description}; list label ids, or leave classes unset for all.")
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"classes {bad} are out of range for {description}, which has labels 0..{num_classes - 1}.")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"classes={classes} lists a label twice; list each label id once.")
+    return classes
+
+
+def select_classes(source: Source, classes) -> Source:
+    """The records of `classes` only, relabelled 0..len(classes)-1 in the order given.
+
+    Records of other classes get label -1 and are never sampled (`create_loader` starts from the
+    records with a label >= 0). The labels are remapped in the pipeline too, so a model sees
+    exactly len(classes) classes: the subset is a dataset of its own, as for BiT's transfer tasks.
+    """
+    classes = check_classes(classes, source.num_classes, source.description)
+    lut = np.full(source.num_classes, -1, dtype=np.int64)
+    lut[classes] = np.arange(len(classes))
+    inner = source.build
+
+    def build(sampler, num_workers: int):
+        def remap(label):
+            return np.asarray(lut[label], dtype=label.dtype)
+
+        return inner(sampler, num_workers).map(operations=remap, input_columns="label")
+
+    names = [source.class_names[c] for c in classes] if source.class_names else None
+    return Source(lut[source.labels], len(classes), names, build, f"{source.description}, classes {classes}")
