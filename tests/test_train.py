@@ -146,7 +146,7 @@ def test_errors_before_anything_is_overwritten(reference_run, tmp_path):
         (["--dataset", "cifar10", "--data_dir", str(tmp_path / "missing"), "--overwrite", "true"], "not a directory"),
         (["--model", "bit_s_r50x2", "--overwrite", "true"], "Did you mean"),
         (["--resume", str(tmp_path / "nope.ckpt")], "no such file"),
-        (["--checkpoint_path", str(tmp_path / "nope.npz"), "--overwrite", "true"], "not found"),
+        (["--checkpoint_path", str(tmp_path / "nope.npz"), "--overwrite", "true"], "nope.npz: no such file"),
     ]
     for extra, message in cases:
         with pytest.raises((ConfigError, ValueError, FileNotFoundError), match=message):
