@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
     num_classes = dataset_num_classes(cfg.data.dataset, cfg.data.data_dir, cfg.data.classes)
     if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
         raise ConfigError(
-            f"num_classes={cfg.model.num_classes} in the config but {cfg.data.dataset} at {cfg.data.data_dir} has {num_classes} classes: "
+            f"num_classes={cfg.model.num_classes} in the config but {cfg.data.dataset} at {cfg.data.data_dir} has {num_classes} classes"
+            f"{f' (classes: {cfg.data.classes})' if cfg.data.classes is not None else ''}: "
             f"set num_classes: {num_classes} (or null to take it from the data)"
         )
     resume_path = resolve_resume(cfg)
