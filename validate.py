@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
     num_classes = dataset_num_classes(d.dataset, d.data_dir, d.classes)
     if m.num_classes is not None and m.num_classes != num_classes:
         subset = f" (classes: {d.classes})" if d.classes is not None else ""
-        raise ConfigError(f"num_classes={m.num_classes} but {d.dataset} has {num_classes} classes{subset}: set num_classes: {num_classes} or null")
+        raise ConfigError(
+            f"num_classes={m.num_classes} but {d.dataset} has {num_classes} classes{subset}: set num_classes: {num_classes} or null"
+        )
     use_ema = False
     if m.ckpt_path:
         has_ema = _has_ema(m.ckpt_path)
