@@ -28,6 +28,7 @@ import bit_zoo
 from bit_zoo.atomic import write_text_atomic
 from bit_zoo.config import ConfigError, build_train_parser, grouped, parse_with_config, run_cli, save_config
 from bit_zoo.data import create_loader, dataset_num_classes
+from bit_zoo.data.from_config import build_eval_loader, mean_std, val_split_arg
 from bit_zoo.loading import model_state, save_weights
 from bit_zoo.training.checkpoint import CheckpointManager, TrainState, load_training_checkpoint
 from bit_zoo.training.distributed import DistInfo, init_distributed, set_device
@@ -102,13 +103,13 @@ def build_model(cfg, num_classes: int):
 
 def preprocessing(cfg, model) -> dict:
     """Resolution and normalisation: the config's, else the weights record's, else BiT's [-1, 1]."""
-    w = getattr(model, "weights", None)
     image_size = cfg.data.image_size or (128 if cfg.data.dataset in _SMALL_IMAGE_DATASETS else 480)
+    mean, std = mean_std(cfg.data, getattr(model, "weights", None))
     return {
         "image_size": image_size,
         "eval_size": cfg.data.eval_size or image_size,
-        "mean": tuple(cfg.data.mean or (w.mean if w else (0.5, 0.5, 0.5))),
-        "std": tuple(cfg.data.std or (w.std if w else (0.5, 0.5, 0.5))),
+        "mean": mean,
+        "std": std,
         "interpolation": cfg.data.interpolation,
     }
 
@@ -133,7 +134,7 @@ def build_train_loader(cfg, dist: DistInfo, prep: dict, num_classes: int, *, sta
             mixup_alpha=mixup_alpha,
             label_smoothing=d.label_smoothing,
             few_shot=d.few_shot,
-            val_split=_val_split(d.val_split),
+            val_split=val_split_arg(d.val_split),
             num_samples=d.num_samples,
             num_shards=dist.world_size,
             shard_id=dist.rank,
@@ -150,34 +151,6 @@ def build_train_loader(cfg, dist: DistInfo, prep: dict, num_classes: int, *, sta
     info = make(0.0)
     alpha = hyperrule(len(info.indices)).mixup_alpha if cfg.schedule.scheduler == "hyperrule" else 0.0
     return (make(alpha) if alpha else info), alpha
-
-
-def _val_split(v: float):
-    return int(v) if float(v).is_integer() else float(v)
-
-
-def build_eval_loader(cfg, prep: dict, num_classes: int, *, batch_size: int, split: str = "val"):
-    d = cfg.data
-    return create_loader(
-        d.dataset,
-        d.data_dir,
-        split,
-        batch_size=batch_size,
-        image_size=prep["eval_size"],
-        resize_size=d.eval_resize_size,
-        transform="eval",
-        interpolation=prep["interpolation"],
-        mean=prep["mean"],
-        std=prep["std"],
-        val_split=_val_split(d.val_split),
-        num_samples=d.eval_samples,
-        shuffle=False,
-        drop_remainder=False,
-        seed=cfg.system.seed,
-        num_workers=d.num_workers,
-        num_classes=num_classes,
-        classes=d.classes,
-    )
 
 
 def schedule_for(cfg, *, num_images: int, steps_per_epoch: int) -> tuple[np.ndarray, int]:
@@ -254,7 +227,17 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError(f"{probe.batches_per_epoch} micro-batches per epoch < accum_steps={accum}: lower batch_size or accum_steps")
     steps_per_epoch = probe.batches_per_epoch // accum
     lr, total_steps = schedule_for(cfg, num_images=len(probe.indices), steps_per_epoch=steps_per_epoch)
-    eval_info = build_eval_loader(cfg, prep, num_classes, batch_size=max(1, cfg.data.batch_size // (dist.world_size * accum)))
+    eval_info = build_eval_loader(
+        cfg.data,
+        split="val",
+        batch_size=max(1, cfg.data.batch_size // (dist.world_size * accum)),
+        image_size=prep["eval_size"],
+        interpolation=prep["interpolation"],
+        mean=prep["mean"],
+        std=prep["std"],
+        seed=cfg.system.seed,
+        num_classes=num_classes,
+    )
 
     net = ms.amp.auto_mixed_precision(model, cfg.model.amp_level) if cfg.model.amp_level != "O0" else model
     o = cfg.optim

@@ -21,7 +21,8 @@ import numpy as np
 import bit_zoo
 from bit_zoo.atomic import write_text_atomic
 from bit_zoo.config import ConfigError, build_validate_parser, grouped, parse_with_config, run_cli, train_only_keys
-from bit_zoo.data import create_loader, dataset_num_classes
+from bit_zoo.data import dataset_num_classes
+from bit_zoo.data.from_config import build_eval_loader, mean_std
 from bit_zoo.loading import EMA_PREFIX, read_arrays
 from bit_zoo.training.distributed import set_device
 from bit_zoo.training.metrics import evaluate
@@ -72,27 +73,17 @@ def main(argv: list[str] | None = None) -> dict:
     w = getattr(model, "weights", None)
     # Eval preprocessing: the config's, else the weights record's (BiT: [-1, 1], resize to the input size).
     image_size = d.eval_size or d.image_size or (w.input_size if w else 128)
-    mean = tuple(d.mean or (w.mean if w else (0.5, 0.5, 0.5)))
-    std = tuple(d.std or (w.std if w else (0.5, 0.5, 0.5)))
-    info = create_loader(
-        d.dataset,
-        d.data_dir,
-        d.split,
+    mean, std = mean_std(d, w)
+    info = build_eval_loader(
+        d,
+        split=d.split,
         batch_size=d.batch_size,
         image_size=image_size,
-        resize_size=d.eval_resize_size,
-        transform="eval",
         interpolation=d.interpolation or (w.interpolation if w else "bilinear"),
         mean=mean,
         std=std,
-        val_split=int(d.val_split) if float(d.val_split).is_integer() else d.val_split,
-        num_samples=d.eval_samples,
-        shuffle=False,
-        drop_remainder=False,
         seed=cfg.system.seed,
-        num_workers=d.num_workers,
         num_classes=num_classes,
-        classes=d.classes,
     )
     net = ms.amp.auto_mixed_precision(model, m.amp_level) if m.amp_level != "O0" else model
     result = evaluate(net, info.dataset, progress=cfg.system.progress, desc="validate")
