@@ -188,12 +188,13 @@ def _optional(kind):
     return parse
 
 
-def _system_group(parser: argparse.ArgumentParser) -> None:
+def _system_group(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g = parser.add_argument_group("system")
     g.add_argument("--device_target", default="auto", choices=DEVICE_TARGETS, help="auto: what this MindSpore build runs on")
     g.add_argument("--mode", default="graph", choices=MODES, help="graph (compiled) or pynative (eager)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--progress", type=str2bool, default=True, help="tqdm bars on a terminal (plain lines otherwise)")
+    return g
 
 
 def _model_group(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -241,8 +242,7 @@ def build_train_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("-c", "--config", default=None, help="YAML config (configs/)")
-    _system_group(parser)
-    g = parser._action_groups[-1]
+    g = _system_group(parser)
     g.add_argument("--distribute", default="auto", choices=("auto", "on", "off"), help="auto: on when started by msrun/mpirun")
     g.add_argument("--output_dir", default="outputs/run", help="checkpoints, metrics.jsonl, curves.png, config.yaml, summary.json")
     g.add_argument("--overwrite", type=str2bool, default=False, help="allow a fresh run in an output_dir that holds a previous run")
@@ -314,8 +314,7 @@ def build_validate_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("-c", "--config", default=None, help="a training YAML config (its training-only keys are ignored)")
-    _system_group(parser)
-    g = parser._action_groups[-1]
+    g = _system_group(parser)
     g.add_argument("--output_json", type=_optional(str), default=None, help="also write the results here")
     m = _model_group(parser)
     m.add_argument("--ckpt_path", type=_optional(str), default=None, help="training checkpoint, upstream .npz or mindcv .ckpt")
