@@ -26,9 +26,8 @@ CONV_SHAPES = [
 
 
 @pytest.fixture
-def graph_mode(tmp_path, monkeypatch):
-    """Graph mode inside tmp_path (failed compiles write ./rank_0); PyNative again afterwards."""
-    monkeypatch.chdir(tmp_path)
+def graph_mode():
+    """Graph mode (inside the test's own directory, see conftest: failed compiles write ./rank_0); PyNative again afterwards."""
     ms.set_context(mode=ms.GRAPH_MODE)
     yield
     ms.set_context(mode=ms.PYNATIVE_MODE)
@@ -67,8 +66,7 @@ def _conv_pair(cin, cout, k, s, p):
 
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
 @pytest.mark.parametrize("cin,cout,k,s,p,size", CONV_SHAPES)
-def test_unfold_matches_native(cin, cout, k, s, p, size, mode, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_unfold_matches_native(cin, cout, k, s, p, size, mode):
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     try:
         rng = np.random.default_rng(0)
@@ -127,9 +125,8 @@ def test_groupnormact_matches_nn_groupnorm(impl):
 
 @pytest.mark.parametrize("impl", ["native", "unfold"])
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
-def test_groupnormact_without_act_and_repeated_calls(mode, impl, tmp_path, monkeypatch):
+def test_groupnormact_without_act_and_repeated_calls(mode, impl):
     """No ReLU when act=False; repeated calls agree (the placeholder statistics stay put in graph mode too)."""
-    monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(3)
     gn = GroupNormAct(32, act=False, conv_impl=impl)
     x = rng.standard_normal((2, 32, 4, 4)).astype(np.float32)

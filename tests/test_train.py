@@ -50,12 +50,9 @@ def assert_same_params(a: dict, b: dict, *, atol: float = 0.0) -> None:
 def reference_run(tmp_path_factory):
     """6 uninterrupted steps with a checkpoint after every step (used by several tests)."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    cwd = os.getcwd()
-    os.chdir(out.parent)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(out.parent)
         summary = train.main(EXACT + ["--steps", "6", "--save_interval", "1", "--keep_max", "2", "--output_dir", str(out)])
-    finally:
-        os.chdir(cwd)
     return out, summary
 
 
@@ -185,12 +182,9 @@ def _check_data_parallel(out: Path, single: Path) -> None:
 @pytest.fixture(scope="module")
 def single_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "run"
-    cwd = os.getcwd()
-    os.chdir(out.parent)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(out.parent)
         train.main(DP + ["--output_dir", str(out)])
-    finally:
-        os.chdir(cwd)
     return out
 
 
@@ -276,15 +270,11 @@ def test_fine_tunes_from_an_upstream_npz(tmp_path, make_upstream_npz):
 
 
 def _run_quickstart(tmp_path, step1_extra: list[str], step2_extra: list[str]) -> tuple[dict, dict, Path]:
-    """The README's two quickstart commands, run from tmp_path (the configs use relative output paths)."""
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        common = ["--progress", "false", "--num_workers", "1"]
-        pre = train.main(["-c", str(ROOT / "configs" / "quickstart_digits_pretrain.yaml"), *common, *step1_extra])
-        fine = train.main(["-c", str(ROOT / "configs" / "quickstart_digits.yaml"), *common, *step2_extra])
-    finally:
-        os.chdir(cwd)
+    """The README's two quickstart commands, run from tmp_path (conftest's working directory; the configs
+    use relative output paths)."""
+    common = ["--progress", "false", "--num_workers", "1"]
+    pre = train.main(["-c", str(ROOT / "configs" / "quickstart_digits_pretrain.yaml"), *common, *step1_extra])
+    fine = train.main(["-c", str(ROOT / "configs" / "quickstart_digits.yaml"), *common, *step2_extra])
     return pre, fine, tmp_path / "outputs"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -24,15 +23,12 @@ TINY = [
 def trained(tmp_path_factory):
     """A 2-step training run with EMA: its last.ckpt holds raw and ema.* weights."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    cwd = os.getcwd()
-    os.chdir(out.parent)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(out.parent)
         train.main(
             TINY + ["--eval_size", "32", "--hflip", "false", "--batch_size", "8", "--opt", "sgd", "--lr", "0.01", "--scheduler", "constant",
                     "--steps", "2", "--ema_decay", "0.5", "--eval_samples", "16", "--output_dir", str(out)]
         )  # fmt: skip
-    finally:
-        os.chdir(cwd)
     return out
 
 
