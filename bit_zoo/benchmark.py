@@ -41,6 +41,42 @@ def _peak_rss_mib() -> float:
 # Workers (run inside the subprocess)
 
 
+def _time_calls(call, *, warmup: int, steps: int, sync=lambda result: result):
+    """The protocol every framework gets: one first call (compile included), warmup - 1 more, `steps` timed.
+
+    `sync` waits for an asynchronous result; it runs after every untimed call and once after the
+    timed loop. Returns (first call s, mean s per timed call, the last result after sync).
+    """
+    t0 = time.perf_counter()
+    sync(call())
+    first = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+        sync(call())
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = call()
+    out = sync(out)
+    return first, (time.perf_counter() - t0) / steps, out
+
+
+def _record(name: str, framework: str, conv_impl: str, args: argparse.Namespace, train, infer, rss_train: float, warmup: int, steps: int):
+    """One result row from the (first s, s per call, last result) timings of training and inference."""
+    return {
+        "name": name,
+        "framework": framework,
+        "conv_impl": conv_impl,
+        "train_img_s": args.batch_size / train[1],
+        "infer_img_s": args.batch_size / infer[1],
+        "first_step_s": train[0],
+        "first_infer_s": infer[0],
+        "peak_rss_train_mib": rss_train,
+        "peak_rss_mib": _peak_rss_mib(),
+        "steps": steps,
+        "warmup": warmup,
+        "loss": train[2],
+    }
+
+
 def _ms_worker(args: argparse.Namespace, which: str) -> dict:
     import mindspore as ms
     import numpy as np
@@ -90,42 +126,11 @@ def _ms_worker(args: argparse.Namespace, which: str) -> dict:
     warmup, steps = (args.warmup, args.steps) if which == "bit_zoo" else (args.mindcv_warmup, args.mindcv_steps)
 
     net.set_train(True)
-    t0 = time.perf_counter()
-    loss = float(train_step(x, y).asnumpy())
-    first_step = time.perf_counter() - t0
-    for _ in range(max(warmup - 1, 0)):
-        train_step(x, y).asnumpy()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = float(train_step(x, y).asnumpy())
-    train_s = (time.perf_counter() - t0) / steps
+    train = _time_calls(lambda: float(train_step(x, y).asnumpy()), warmup=warmup, steps=steps)
     rss_train = _peak_rss_mib()
-
     net.set_train(False)
-    t0 = time.perf_counter()
-    infer(x).asnumpy()
-    first_infer = time.perf_counter() - t0
-    for _ in range(max(warmup - 1, 0)):
-        infer(x).asnumpy()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        out = infer(x)
-    out.asnumpy()
-    infer_s = (time.perf_counter() - t0) / steps
-    return {
-        "name": name,
-        "framework": f"mindspore {ms.__version__}",
-        "conv_impl": impl,
-        "train_img_s": args.batch_size / train_s,
-        "infer_img_s": args.batch_size / infer_s,
-        "first_step_s": first_step,
-        "first_infer_s": first_infer,
-        "peak_rss_train_mib": rss_train,
-        "peak_rss_mib": _peak_rss_mib(),
-        "steps": steps,
-        "warmup": warmup,
-        "loss": loss,
-    }
+    inference = _time_calls(lambda: infer(x), warmup=warmup, steps=steps, sync=lambda out: out.asnumpy())
+    return _record(name, f"mindspore {ms.__version__}", impl, args, train, inference, rss_train, warmup, steps)
 
 
 def _torch_worker(args: argparse.Namespace) -> dict:
@@ -154,42 +159,13 @@ def _torch_worker(args: argparse.Namespace) -> dict:
         return loss.item()
 
     net.train()
-    t0 = time.perf_counter()
-    loss = train_step()
-    first_step = time.perf_counter() - t0
-    for _ in range(max(args.warmup - 1, 0)):
-        train_step()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = train_step()
-    train_s = (time.perf_counter() - t0) / args.steps
+    train = _time_calls(train_step, warmup=args.warmup, steps=args.steps)
     rss_train = _peak_rss_mib()
-
     net.eval()
     with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=args.precision == "fp16"):
-        t0 = time.perf_counter()
-        net(x)
-        first_infer = time.perf_counter() - t0
-        for _ in range(max(args.warmup - 1, 0)):
-            net(x)
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            net(x)
-        infer_s = (time.perf_counter() - t0) / args.steps
-    return {
-        "name": f"timm {name}",
-        "framework": f"torch {torch.__version__} (eager, {torch.get_num_threads()} threads)",
-        "conv_impl": "torch",
-        "train_img_s": args.batch_size / train_s,
-        "infer_img_s": args.batch_size / infer_s,
-        "first_step_s": first_step,
-        "first_infer_s": first_infer,
-        "peak_rss_train_mib": rss_train,
-        "peak_rss_mib": _peak_rss_mib(),
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "loss": loss,
-    }
+        inference = _time_calls(lambda: net(x), warmup=args.warmup, steps=args.steps)
+    framework = f"torch {torch.__version__} (eager, {torch.get_num_threads()} threads)"
+    return _record(f"timm {name}", framework, "torch", args, train, inference, rss_train, args.warmup, args.steps)
 
 
 # ----------------------------------------------------------------------------------------------
