@@ -182,6 +182,12 @@ class Trainer:
             self.scaler.adjust(finite)
         return bool(finite.asnumpy()), float(norm.asnumpy())
 
+    def step(self, micro_batches) -> tuple[float, bool, float]:
+        """One optimizer step over accum_steps (images, labels) micro-batches: (mean loss, finite, grad norm)."""
+        losses = [self.micro_step(x, y) for x, y in micro_batches]
+        finite, norm = self.apply()
+        return float(np.mean([loss.asnumpy() for loss in losses])), finite, norm
+
     @property
     def loss_scale(self) -> float:
         return float(self.scaler.scale_value.asnumpy())
