@@ -43,7 +43,7 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 EMA_PREFIX = "ema."
-TRAIN_STATE_PREFIXES = ("optim.", "state.")
+TRAIN_STATE_PREFIXES = ("optim.", "state.", "meta.")  # meta.json: see meta.py
 
 
 def detect_format(path: str | os.PathLike) -> str:

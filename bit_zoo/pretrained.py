@@ -63,6 +63,7 @@ class Weights:
     crop_pct: float = 1.0
     sha256: str | None = None  # full hash, where published
     sha256_prefix: str | None = None  # mindcv names files <name>-<first 8 hex of sha256>.ckpt
+    hf_hub_id: str | None = None  # timm's copy on the Hugging Face hub ('timm/resnetv2_50x1_bit.goog_in21k'), where published
     first_conv: str = "stem.conv"
     classifier: str = "head.fc"
     extra: dict = field(default_factory=dict, compare=False, hash=False)
