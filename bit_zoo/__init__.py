@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from . import (
     _ms_compat,  # noqa: F401  (MindSpore 2.10 checkpoint-size check, see the module)
-    mindcv_compat,  # noqa: F401  (registers the models, with mindcv's registry too)
+    mindcv_compat,  # noqa: F401  (mirrors the registered models into mindcv's registry)
+    zoo,  # noqa: F401  (registers the models and their weights)
 )
 from .factory import create_model
 from .loading import load_checkpoint, load_pretrained

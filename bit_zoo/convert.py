@@ -26,9 +26,11 @@ import numpy as np
 from mindspore.nn.utils import no_init_parameters
 
 from .atomic import atomic_path
+from .factory import create_model
+from .formats import to_npz
 from .loading import fetch_pretrained, match_state, read_weights_file, save_weights
-from .registry import get_weights, model_entrypoint
-from .resnetv2 import ResNetV2, to_npz
+from .registry import get_weights
+from .resnetv2 import ResNetV2
 
 __all__ = ["convert_file", "export_mindir", "main"]
 
@@ -40,13 +42,13 @@ OUTPUT_FORMATS = (".ckpt", ".safetensors", ".npz", ".mindir")
 def _skeleton(model_name: str, num_classes: int | None) -> ResNetV2:
     """The model's structure without allocating its weights (only names and shapes are needed)."""
     with no_init_parameters():
-        return model_entrypoint(model_name)(num_classes=num_classes, weights_tag=model_name.partition(".")[2] or None)
+        return create_model(model_name, num_classes=num_classes)
 
 
 def _source(model_name: str, input_path: str | None) -> Path:
     if input_path:
         return Path(input_path)
-    return fetch_pretrained(get_weights(model_name), _skeleton(model_name, None).layers)
+    return fetch_pretrained(get_weights(model_name))
 
 
 def _write_npz(arrays: dict[str, np.ndarray], path: Path) -> None:
@@ -82,8 +84,6 @@ def export_mindir(
     batch_size: int = 1,
 ) -> Path:
     """Export the model with its weights to MINDIR (graph of the native conv path, for any device)."""
-    from .factory import create_model
-
     output = Path(output)
     if output.suffix != ".mindir":
         raise ValueError(f"MINDIR output {output} must end in .mindir")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import zoo  # noqa: F401  (registers every name before the registry is asked)
 from .registry import model_entrypoint, split_model_name
 from .resnetv2 import ResNetV2
 

@@ -25,6 +25,7 @@ import mindspore as ms
 import numpy as np
 
 from .atomic import atomic_path
+from .formats import convert_mindcv, convert_npz
 from .pretrained import Weights, download_weights
 
 __all__ = [
@@ -90,8 +91,6 @@ def _is_mindcv(keys) -> bool:
 
 def read_weights_file(path: str | os.PathLike, layers: tuple[int, ...], *, ema: bool = False) -> dict[str, np.ndarray]:
     """Any supported file -> bit_zoo parameter arrays for the architecture with `layers`."""
-    from .resnetv2 import convert_mindcv, convert_npz
-
     fmt, arrays = read_arrays(path)
     if fmt == "npz":
         return convert_npz(arrays, layers)
@@ -189,17 +188,17 @@ def load_checkpoint(model: ms.nn.Cell, path: str | os.PathLike, *, ema: bool = F
     load_state(model, state, source=str(path))
 
 
-def verify_structure(path: Path, weights: Weights, layers: tuple[int, ...]) -> None:
-    """Raise unless `path` converts to a complete parameter set with the record's class count."""
-    state = read_weights_file(path, layers)
+def verify_structure(path: Path, weights: Weights) -> None:
+    """Raise unless `path` converts to a complete parameter set of the record's architecture and classes."""
+    state = read_weights_file(path, weights.layers)
     classes = state["head.fc.bias"].shape[0]
     if classes != weights.num_classes:
         raise ValueError(f"{path.name}: head has {classes} classes, the weights record says {weights.num_classes}")
 
 
-def fetch_pretrained(weights: Weights, layers: tuple[int, ...]) -> Path:
-    """The cached file of `weights`, downloaded first if needed and checked against the architecture."""
-    return download_weights(weights, verify=lambda p: verify_structure(p, weights, layers))
+def fetch_pretrained(weights: Weights) -> Path:
+    """The cached file of `weights`, downloaded first if needed and checked against its architecture."""
+    return download_weights(weights, verify=lambda p: verify_structure(p, weights))
 
 
 def load_pretrained(model: ms.nn.Cell, weights: Weights | None = None) -> None:
@@ -207,7 +206,7 @@ def load_pretrained(model: ms.nn.Cell, weights: Weights | None = None) -> None:
     weights = weights or getattr(model, "weights", None)
     if weights is None:
         raise ValueError("pretrained=True but the model has no weights record; pass checkpoint_path= instead")
-    load_checkpoint(model, fetch_pretrained(weights, _layers_of(model)))
+    load_checkpoint(model, fetch_pretrained(weights))
 
 
 def save_weights(params: Mapping[str, np.ndarray], path: str | os.PathLike, *, fmt: str | None = None) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from mindcv.models import registry as _mindcv_registry
 
-from . import resnetv2  # noqa: F401  (registers bit_zoo's models, which are mirrored below)
+from . import zoo  # noqa: F401  (registers bit_zoo's models, which are mirrored below)
 from .registry import get_weights, list_models, model_entrypoint
 
 default_cfgs: dict[str, dict] = {}

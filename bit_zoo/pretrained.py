@@ -28,6 +28,9 @@ __all__ = [
     "Weights",
     "GOOGLE_BASE_URL",
     "MINDCV_BASE_URL",
+    "BIT_MEAN_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "cache_dir",
     "resolve_url",
     "download_weights",
@@ -40,6 +43,8 @@ GOOGLE_BASE_URL = "https://storage.googleapis.com/bit_models/"
 MINDCV_BASE_URL = "https://download.mindspore.cn/toolkits/mindcv/bit/"
 _MIRROR_ENV = {GOOGLE_BASE_URL: "BIT_ZOO_BASE_URL", MINDCV_BASE_URL: "BIT_ZOO_MINDCV_BASE_URL"}
 BIT_MEAN_STD = (0.5, 0.5, 0.5)  # inputs in [-1, 1]: (x/255 - 0.5) / 0.5
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # mindcv's recipe normalises with ImageNet statistics on [0, 1] pixels
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,8 @@ class Weights:
     filename: str  # path under base_url, also the path under the cache dir
     base_url: str
     file_format: str  # "npz" (upstream TF names, HWIO) or "mindcv_ckpt"
+    layers: tuple[int, int, int, int]  # units per stage of the architecture the file belongs to
+    width_factor: int
     num_classes: int
     input_size: int  # evaluation resolution (resize straight to it: BiT uses no crop margin)
     num_params: int

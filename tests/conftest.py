@@ -13,12 +13,15 @@ import pytest
 from mindspore.nn.utils import no_init_parameters
 
 import bit_zoo
-from bit_zoo.resnetv2 import mindcv_name, npz_key_map, to_npz
+from bit_zoo.formats import mindcv_name, npz_key_map, to_npz
 
 
 @pytest.fixture(autouse=True)
 def _workdir(tmp_path, monkeypatch):
-    """Run every test in its own directory: graph-mode compiles write ./rank_0 and friends."""
+    """Run every test in its own directory (graph-mode compiles write ./rank_0 and friends), and in
+    PyNative mode: train.py and validate.py switch the process to graph mode, and a later test's
+    model would otherwise run as a cached graph (a reset classifier not seen, a method compiled as a cell)."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("BIT_ZOO_HOME", str(tmp_path / "bit_zoo_home"))
     monkeypatch.delenv("BIT_ZOO_BASE_URL", raising=False)
@@ -46,8 +49,7 @@ def random_params(model_name: str, num_classes: int, seed: int = 0) -> dict[str,
 
 
 def layers_of(model_name: str) -> tuple[int, ...]:
-    with no_init_parameters():
-        return bit_zoo.create_model(model_name).layers
+    return bit_zoo.get_weights(model_name).layers
 
 
 def write_upstream_npz(path: Path, model_name: str, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:

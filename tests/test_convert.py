@@ -29,7 +29,7 @@ def test_mindcv_to_upstream_npz_and_back(tmp_path, make_mindcv_ckpt):
     npz = tmp_path / "out.npz"
     assert main(["--model", "bit_s_r50x1", "--input", str(src), "--output", str(npz)]) == 0
     with np.load(npz) as z:
-        assert len(z.files) == 153  # BIT_FACTS: 153 arrays for R50
+        assert len(z.files) == 153  # R50: root conv + 16 units x 9 + 4 projections + final GN (2) + head (2)
         assert z["resnet/root_block/standardized_conv2d/kernel"].shape == (7, 7, 3, 64)
     model = bit_zoo.create_model("bit_s_r50x1", checkpoint_path=str(npz))
     np.testing.assert_array_equal(model_state(model)["stages.2.blocks.5.conv2.weight"], params["stages.2.blocks.5.conv2.weight"])

@@ -8,13 +8,66 @@ import pytest
 from mindspore.nn.utils import no_init_parameters
 
 import bit_zoo
-from bit_zoo.resnetv2 import ARCHS, NUM_PARAMS
+from bit_zoo.formats import npz_key_map
 
-ARCH_NAMES = [f"bit_{kind}_{arch}" for kind in ("s", "m") for arch in ARCHS]
+# The six architectures released with BiT (arXiv 1912.11370, table of units per stage): the test's own
+# statement of the geometry, independent of the zoo's records.
+GEOMETRY = {
+    "r50x1": ((3, 4, 6, 3), 1),
+    "r50x3": ((3, 4, 6, 3), 3),
+    "r101x1": ((3, 4, 23, 3), 1),
+    "r101x3": ((3, 4, 23, 3), 3),
+    "r152x2": ((3, 8, 36, 3), 2),
+    "r152x4": ((3, 8, 36, 3), 4),
+}
+ARCH_NAMES = [f"bit_{kind}_{arch}" for kind in ("s", "m") for arch in GEOMETRY]
 
 
 def count_params(model) -> int:
     return sum(int(np.prod(p.shape)) for p in model.get_parameters())
+
+
+def upstream_npz_shapes(layers, wf: int, num_classes: int) -> dict[str, tuple[int, ...]]:
+    """Every array of an upstream BiT .npz (TF names, HWIO kernels), from the architecture rules alone:
+    root 7x7 conv to 64W; unit a/b/c = GN + 1x1 / 3x3 / 1x1 conv with bottleneck width out/4, a 1x1
+    projection in unit 1 of each stage; stage outputs 256W * 2^s; final GN; 1x1 conv head with bias."""
+    shapes = {"resnet/root_block/standardized_conv2d/kernel": (7, 7, 3, 64 * wf)}
+    prev = 64 * wf
+    for s, depth in enumerate(layers):
+        out = 256 * wf * 2**s
+        mid = out // 4
+        for u in range(depth):
+            unit = f"resnet/block{s + 1}/unit{u + 1:02d}/"
+            cin = prev if u == 0 else out
+            for part, c, k, cout in (("a", cin, 1, mid), ("b", mid, 3, mid), ("c", mid, 1, out)):
+                shapes[f"{unit}{part}/group_norm/gamma"] = (c,)
+                shapes[f"{unit}{part}/group_norm/beta"] = (c,)
+                shapes[f"{unit}{part}/standardized_conv2d/kernel"] = (k, k, c, cout)
+            if u == 0:
+                shapes[f"{unit}a/proj/standardized_conv2d/kernel"] = (1, 1, cin, out)
+        prev = out
+    shapes["resnet/group_norm/gamma"] = shapes["resnet/group_norm/beta"] = (prev,)
+    shapes["resnet/head/conv2d/kernel"] = (1, 1, prev, num_classes)
+    shapes["resnet/head/conv2d/bias"] = (num_classes,)
+    return shapes
+
+
+def layout_count(arch: str, num_classes: int) -> int:
+    layers, wf = GEOMETRY[arch]
+    return sum(int(np.prod(s)) for s in upstream_npz_shapes(layers, wf, num_classes).values())
+
+
+def test_layout_count_reproduces_published_counts():
+    """Two counts from an independent implementation: sum(p.numel()) of timm 1.0.31's
+    resnetv2_50x1_bit with 1000 and 21843 classes."""
+    assert layout_count("r50x1", 1000) == 25_549_352
+    assert layout_count("r50x1", 21843) == 68_256_659
+
+
+@pytest.mark.parametrize("arch", GEOMETRY)
+def test_npz_key_map_names_every_upstream_array(arch):
+    layers, wf = GEOMETRY[arch]
+    assert set(npz_key_map(layers)) == set(upstream_npz_shapes(layers, wf, 1000))
 
 
 def test_every_architecture_is_registered():
@@ -61,7 +114,8 @@ def test_weights_record_is_complete_and_consistent(name):
     else:  # mindcv's names carry the first 8 hex digits of the file's sha256
         assert w.sha256_prefix and w.filename.endswith(f"-{w.sha256_prefix}.ckpt")
     arch = name.split(".")[0].split("_")[-1]
-    assert w.num_params == NUM_PARAMS[arch][w.num_classes]
+    assert (tuple(w.layers), w.width_factor) == GEOMETRY[arch]
+    assert w.num_params == layout_count(arch, w.num_classes)
     with no_init_parameters():
         model = bit_zoo.create_model(name)
     assert model.num_classes == w.num_classes
@@ -71,10 +125,10 @@ def test_weights_record_is_complete_and_consistent(name):
 
 @pytest.mark.parametrize("name", ARCH_NAMES)
 @pytest.mark.parametrize("num_classes", [1000, 21843, 10, 100])
-def test_parameter_counts_match_bit_facts(name, num_classes):
+def test_parameter_counts_match_the_upstream_layout(name, num_classes):
     with no_init_parameters():
         model = bit_zoo.create_model(name, num_classes=num_classes)
-    assert count_params(model) == NUM_PARAMS[name.split("_")[-1]][num_classes]
+    assert count_params(model) == layout_count(name.split("_")[-1], num_classes)
 
 
 def test_unknown_names_list_close_matches():
@@ -108,7 +162,7 @@ def test_mindcv_registry_accepts_bit_zoo_names():
     with no_init_parameters():
         model = mindcv.create_model("bit_m_r101x3", num_classes=10)
     assert isinstance(model, bit_zoo.ResNetV2)
-    assert count_params(model) == NUM_PARAMS["r101x3"][10]
+    assert count_params(model) == layout_count("r101x3", 10)
     # the keyword arguments mindcv's own train.py passes
     with no_init_parameters():
         model = mindcv.create_model("bit_s_r50x1", num_classes=10, pretrained=False, drop_rate=0.1, drop_path_rate=0.0, checkpoint_path="")

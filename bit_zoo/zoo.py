@@ -1,0 +1,511 @@
+"""The zoo: the weights records, written out, and the registered names over one builder.
+
+Every released file is one literal :class:`~bit_zoo.pretrained.Weights` record naming its
+architecture (units per stage, width), classes, resolution and preprocessing, so a record alone
+is enough to fetch, convert and preprocess. The first tag of a name is its default weights.
+Each registered name states its geometry; nothing is parsed from names.
+
+num_params: every parameter, head included, as the arrays of the upstream .npz layout add up
+(tests/test_registry.py recomputes them from that layout, independently of the model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from mindspore.nn.utils import no_init_parameters
+
+from .loading import load_checkpoint, load_pretrained
+from .pretrained import GOOGLE_BASE_URL, IMAGENET_MEAN, IMAGENET_STD, MINDCV_BASE_URL, Weights
+from .registry import get_weights, register_model
+from .resnetv2 import ResNetV2
+
+__all__ = ["WEIGHTS", "R50", "R101", "R152", "build_bit"]
+
+# Units per stage (arXiv 1912.11370, table 1 of the ResNet-v2 family).
+R50 = (3, 4, 6, 3)
+R101 = (3, 4, 23, 3)
+R152 = (3, 8, 36, 3)
+
+WEIGHTS: dict[str, dict[str, Weights]] = {
+    "bit_s_r50x1": {
+        "in1k": Weights(
+            filename="BiT-S-R50x1.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R50,
+            width_factor=1,
+            num_classes=1000,
+            input_size=224,
+            num_params=25_549_352,
+            dataset="imagenet-1k",
+            description="BiT-S: trained on ILSVRC-2012",
+            source="google-research/big_transfer",
+        ),
+        "mindcv_in1k": Weights(
+            filename="BiT_resnet50-1e4795a4.ckpt",
+            base_url=MINDCV_BASE_URL,
+            file_format="mindcv_ckpt",
+            layers=R50,
+            width_factor=1,
+            num_classes=1000,
+            input_size=224,
+            num_params=25_549_352,
+            dataset="imagenet-1k",
+            description="mindcv, trained from scratch on ImageNet-1k",
+            source="mindspore-lab/mindcv",
+            top1=76.81,
+            sha256_prefix="1e4795a4",
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            crop_pct=0.875,
+        ),
+    },
+    "bit_m_r50x1": {
+        "in21k": Weights(
+            filename="BiT-M-R50x1.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R50,
+            width_factor=1,
+            num_classes=21843,
+            input_size=224,
+            num_params=68_256_659,
+            dataset="imagenet-21k",
+            description="BiT-M: trained on ImageNet-21k",
+            source="google-research/big_transfer",
+            hf_hub_id="timm/resnetv2_50x1_bit.goog_in21k",
+        ),
+        "in21k_ft_in1k": Weights(
+            filename="BiT-M-R50x1-ILSVRC2012.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R50,
+            width_factor=1,
+            num_classes=1000,
+            input_size=448,
+            num_params=25_549_352,
+            dataset="imagenet-1k",
+            description="BiT-M fine-tuned on ILSVRC-2012 at 448 px (resize, no crop)",
+            source="google-research/big_transfer",
+            hf_hub_id="timm/resnetv2_50x1_bit.goog_in21k_ft_in1k",
+        ),
+        "in21k_ft_cifar10": Weights(
+            filename="BiT-M-R50x1-CIFAR10.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R50,
+            width_factor=1,
+            num_classes=10,
+            input_size=128,
+            num_params=23_520_842,
+            dataset="cifar10",
+            description="BiT-M-R50x1 fine-tuned on CIFAR-10",
+            source="google-research/big_transfer",
+        ),
+        "distilled_in1k": Weights(
+            filename="distill/R50x1_224.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R50,
+            width_factor=1,
+            num_classes=1000,
+            input_size=224,
+            num_params=25_549_352,
+            dataset="imagenet-1k",
+            description="R50x1 distilled from the BiT-M-R152x2 teacher",
+            source="google-research/big_transfer",
+            top1=82.8,
+            hf_hub_id="timm/resnetv2_50x1_bit.goog_distilled_in1k",
+        ),
+    },
+    "bit_s_r50x3": {
+        "in1k": Weights(
+            filename="BiT-S-R50x3.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R50,
+            width_factor=3,
+            num_classes=1000,
+            input_size=224,
+            num_params=217_319_080,
+            dataset="imagenet-1k",
+            description="BiT-S: trained on ILSVRC-2012",
+            source="google-research/big_transfer",
+        ),
+        "mindcv_in1k": Weights(
+            filename="BiT_resnet50x3-a960f91f.ckpt",
+            base_url=MINDCV_BASE_URL,
+            file_format="mindcv_ckpt",
+            layers=R50,
+            width_factor=3,
+            num_classes=1000,
+            input_size=224,
+            num_params=217_319_080,
+            dataset="imagenet-1k",
+            description="mindcv, trained from scratch on ImageNet-1k",
+            source="mindspore-lab/mindcv",
+            top1=80.63,
+            sha256_prefix="a960f91f",
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            crop_pct=0.875,
+        ),
+    },
+    "bit_m_r50x3": {
+        "in21k": Weights(
+            filename="BiT-M-R50x3.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R50,
+            width_factor=3,
+            num_classes=21843,
+            input_size=224,
+            num_params=345_399_315,
+            dataset="imagenet-21k",
+            description="BiT-M: trained on ImageNet-21k",
+            source="google-research/big_transfer",
+            hf_hub_id="timm/resnetv2_50x3_bit.goog_in21k",
+        ),
+        "in21k_ft_in1k": Weights(
+            filename="BiT-M-R50x3-ILSVRC2012.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R50,
+            width_factor=3,
+            num_classes=1000,
+            input_size=448,
+            num_params=217_319_080,
+            dataset="imagenet-1k",
+            description="BiT-M fine-tuned on ILSVRC-2012 at 448 px (resize, no crop)",
+            source="google-research/big_transfer",
+            hf_hub_id="timm/resnetv2_50x3_bit.goog_in21k_ft_in1k",
+        ),
+    },
+    "bit_s_r101x1": {
+        "in1k": Weights(
+            filename="BiT-S-R101x1.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R101,
+            width_factor=1,
+            num_classes=1000,
+            input_size=224,
+            num_params=44_541_480,
+            dataset="imagenet-1k",
+            description="BiT-S: trained on ILSVRC-2012",
+            source="google-research/big_transfer",
+        ),
+        "mindcv_in1k": Weights(
+            filename="BiT_resnet101-2efa9106.ckpt",
+            base_url=MINDCV_BASE_URL,
+            file_format="mindcv_ckpt",
+            layers=R101,
+            width_factor=1,
+            num_classes=1000,
+            input_size=224,
+            num_params=44_541_480,
+            dataset="imagenet-1k",
+            description="mindcv, trained from scratch on ImageNet-1k",
+            source="mindspore-lab/mindcv",
+            top1=77.93,
+            sha256_prefix="2efa9106",
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            crop_pct=0.875,
+        ),
+    },
+    "bit_m_r101x1": {
+        "in21k": Weights(
+            filename="BiT-M-R101x1.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R101,
+            width_factor=1,
+            num_classes=21843,
+            input_size=224,
+            num_params=87_248_787,
+            dataset="imagenet-21k",
+            description="BiT-M: trained on ImageNet-21k",
+            source="google-research/big_transfer",
+            hf_hub_id="timm/resnetv2_101x1_bit.goog_in21k",
+        ),
+        "in21k_ft_in1k": Weights(
+            filename="BiT-M-R101x1-ILSVRC2012.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R101,
+            width_factor=1,
+            num_classes=1000,
+            input_size=448,
+            num_params=44_541_480,
+            dataset="imagenet-1k",
+            description="BiT-M fine-tuned on ILSVRC-2012 at 448 px (resize, no crop)",
+            source="google-research/big_transfer",
+            hf_hub_id="timm/resnetv2_101x1_bit.goog_in21k_ft_in1k",
+        ),
+    },
+    "bit_s_r101x3": {
+        "in1k": Weights(
+            filename="BiT-S-R101x3.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R101,
+            width_factor=3,
+            num_classes=1000,
+            input_size=224,
+            num_params=387_934_888,
+            dataset="imagenet-1k",
+            description="BiT-S: trained on ILSVRC-2012",
+            source="google-research/big_transfer",
+        ),
+    },
+    "bit_m_r101x3": {
+        "in21k": Weights(
+            filename="BiT-M-R101x3.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R101,
+            width_factor=3,
+            num_classes=21843,
+            input_size=224,
+            num_params=516_015_123,
+            dataset="imagenet-21k",
+            description="BiT-M: trained on ImageNet-21k",
+            source="google-research/big_transfer",
+            hf_hub_id="timm/resnetv2_101x3_bit.goog_in21k",
+        ),
+        "in21k_ft_in1k": Weights(
+            filename="BiT-M-R101x3-ILSVRC2012.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R101,
+            width_factor=3,
+            num_classes=1000,
+            input_size=448,
+            num_params=387_934_888,
+            dataset="imagenet-1k",
+            description="BiT-M fine-tuned on ILSVRC-2012 at 448 px (resize, no crop)",
+            source="google-research/big_transfer",
+            hf_hub_id="timm/resnetv2_101x3_bit.goog_in21k_ft_in1k",
+        ),
+    },
+    "bit_s_r152x2": {
+        "in1k": Weights(
+            filename="BiT-S-R152x2.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R152,
+            width_factor=2,
+            num_classes=1000,
+            input_size=224,
+            num_params=236_335_208,
+            dataset="imagenet-1k",
+            description="BiT-S: trained on ILSVRC-2012",
+            source="google-research/big_transfer",
+        ),
+    },
+    "bit_m_r152x2": {
+        "in21k": Weights(
+            filename="BiT-M-R152x2.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R152,
+            width_factor=2,
+            num_classes=21843,
+            input_size=224,
+            num_params=321_728_979,
+            dataset="imagenet-21k",
+            description="BiT-M: trained on ImageNet-21k",
+            source="google-research/big_transfer",
+            hf_hub_id="timm/resnetv2_152x2_bit.goog_in21k",
+        ),
+        "in21k_ft_in1k": Weights(
+            filename="BiT-M-R152x2-ILSVRC2012.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R152,
+            width_factor=2,
+            num_classes=1000,
+            input_size=448,
+            num_params=236_335_208,
+            dataset="imagenet-1k",
+            description="BiT-M fine-tuned on ILSVRC-2012 at 448 px (resize, no crop)",
+            source="google-research/big_transfer",
+            hf_hub_id="timm/resnetv2_152x2_bit.goog_in21k_ft_in1k",
+        ),
+        "teacher_in21k_ft_in1k": Weights(
+            filename="distill/R152x2_T_224.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R152,
+            width_factor=2,
+            num_classes=1000,
+            input_size=224,
+            num_params=236_335_208,
+            dataset="imagenet-1k",
+            description="BiT-M-R152x2 distillation teacher at 224 px",
+            source="google-research/big_transfer",
+            hf_hub_id="timm/resnetv2_152x2_bit.goog_teacher_in21k_ft_in1k",
+        ),
+        "teacher_in21k_ft_in1k_384": Weights(
+            filename="distill/R152x2_T_384.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R152,
+            width_factor=2,
+            num_classes=1000,
+            input_size=384,
+            num_params=236_335_208,
+            dataset="imagenet-1k",
+            description="BiT-M-R152x2 distillation teacher at 384 px",
+            source="google-research/big_transfer",
+            hf_hub_id="timm/resnetv2_152x2_bit.goog_teacher_in21k_ft_in1k_384",
+        ),
+    },
+    "bit_s_r152x4": {
+        "in1k": Weights(
+            filename="BiT-S-R152x4.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R152,
+            width_factor=4,
+            num_classes=1000,
+            input_size=224,
+            num_params=936_533_224,
+            dataset="imagenet-1k",
+            description="BiT-S: trained on ILSVRC-2012",
+            source="google-research/big_transfer",
+        ),
+    },
+    "bit_m_r152x4": {
+        "in21k": Weights(
+            filename="BiT-M-R152x4.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R152,
+            width_factor=4,
+            num_classes=21843,
+            input_size=224,
+            num_params=1_107_299_923,
+            dataset="imagenet-21k",
+            description="BiT-M: trained on ImageNet-21k",
+            source="google-research/big_transfer",
+            hf_hub_id="timm/resnetv2_152x4_bit.goog_in21k",
+        ),
+        "in21k_ft_in1k": Weights(
+            filename="BiT-M-R152x4-ILSVRC2012.npz",
+            base_url=GOOGLE_BASE_URL,
+            file_format="npz",
+            layers=R152,
+            width_factor=4,
+            num_classes=1000,
+            input_size=480,
+            num_params=936_533_224,
+            dataset="imagenet-1k",
+            description="BiT-M fine-tuned on ILSVRC-2012 at 480 px (resize, no crop)",
+            source="google-research/big_transfer",
+            top1=84.94,
+            hf_hub_id="timm/resnetv2_152x4_bit.goog_in21k_ft_in1k",
+        ),
+    },
+}
+
+
+def build_bit(
+    variant: str,
+    layers: tuple[int, int, int, int],
+    width_factor: int,
+    *,
+    pretrained: bool = False,
+    num_classes: int | None = None,
+    in_channels: int = 3,
+    checkpoint_path: str | None = None,
+    weights_tag: str | None = None,
+    **kwargs,
+) -> ResNetV2:
+    """Build `variant` ('bit_m_r50x1', of the given geometry), optionally loading its weights.
+
+    num_classes defaults to the weights' classes. With pretrained=True (or a checkpoint_path)
+    and a different num_classes, only the head is left out and it stays zero; in_channels other
+    than 3 adapts the stem.
+    """
+    weights = get_weights(variant if weights_tag is None else f"{variant}.{weights_tag}")
+    if num_classes is None:
+        num_classes = weights.num_classes
+    # Weights about to be overwritten need no random init (seconds and GBs for R152x4); the
+    # loader sets every parameter or raises.
+    lazy = no_init_parameters() if (checkpoint_path or pretrained) else contextlib.nullcontext()
+    with lazy:
+        model = ResNetV2(layers, width_factor, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    model.weights = weights
+    if checkpoint_path:
+        load_checkpoint(model, checkpoint_path)
+    elif pretrained:
+        load_pretrained(model, weights)
+    return model
+
+
+def _register(fn):
+    tags = WEIGHTS[fn.__name__]
+    return register_model(fn, weights=tags, default_tag=next(iter(tags)))
+
+
+@_register
+def bit_s_r50x1(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_s_r50x1", R50, 1, pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_s_r50x3(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_s_r50x3", R50, 3, pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_s_r101x1(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_s_r101x1", R101, 1, pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_s_r101x3(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_s_r101x3", R101, 3, pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_s_r152x2(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_s_r152x2", R152, 2, pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_s_r152x4(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_s_r152x4", R152, 4, pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_m_r50x1(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_m_r50x1", R50, 1, pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_m_r50x3(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_m_r50x3", R50, 3, pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_m_r101x1(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_m_r101x1", R101, 1, pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_m_r101x3(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_m_r101x3", R101, 3, pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_m_r152x2(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_m_r152x2", R152, 2, pretrained=pretrained, **kwargs)
+
+
+@_register
+def bit_m_r152x4(pretrained: bool = False, **kwargs) -> ResNetV2:
+    return build_bit("bit_m_r152x4", R152, 4, pretrained=pretrained, **kwargs)
