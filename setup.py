@@ -30,7 +30,9 @@ setup(
         "scikit-learn>=1.0",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "fsspec>=2023.1", "s3fs>=2023.1", "moto[server]>=5"],
+        # remote data and outputs: s3:// (OBS, any S3 store) and other fsspec protocols; see bit_zoo/remote.py
+        "cloud": ["fsspec>=2023.1", "s3fs>=2023.1"],
         # the independent reference for the parity tests (torch + timm); see README
         "parity": ["timm>=0.9"],
     },
