@@ -13,7 +13,7 @@ import numpy as np
 from . import sources
 from .mixup import BatchMixup
 from .sampling import EpochSampler, few_shot_indices, shard_size, val_split_indices
-from .transforms import TRANSFORMS, build_transforms
+from .transforms import TRANSFORMS, TrainAugment, build_transforms
 
 if TYPE_CHECKING:
     import mindspore.dataset
@@ -22,6 +22,33 @@ logger = logging.getLogger(__name__)
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "folder", "digits")
 SPLITS = ("train", "val", "test")
+
+
+class StepKeyedBatch:
+    """The train pipeline's per_batch_map: per-sample augmentation and MixUp, keyed by the training step.
+
+    The step comes from the batch op's own epoch and batch counters (plus the resumed run's
+    `start_step`), so a sample's crop, flip, RandAugment ops and its batch's MixUp lambda are the
+    same in a resumed run as in an uninterrupted one, whichever worker thread runs the batch.
+    """
+
+    def __init__(self, *, augment: TrainAugment | None, mixup: BatchMixup | None, start_step: int, batches_per_epoch: int):
+        self.augment, self.mixup = augment, mixup
+        self.start_step, self.batches_per_epoch = start_step, batches_per_epoch
+
+    def step(self, batch_info) -> int:
+        return self.start_step + batch_info.get_epoch_num() * self.batches_per_epoch + batch_info.get_batch_num()
+
+    def __call__(self, images: list, labels: list, batch_info):
+        step = self.step(batch_info)
+        if self.augment is not None:
+            batch = np.stack([self.augment.for_sample(image, step, position) for position, image in enumerate(images)])
+        else:
+            batch = np.stack(images)
+        labels = np.stack(labels)
+        if self.mixup is not None:
+            return self.mixup.mix(batch, labels, step)
+        return batch, labels.astype(np.int32)
 
 
 @dataclass
@@ -133,8 +160,9 @@ def create_loader(
 
     Resume: `start_step` continues the batch stream of a run that stopped after that many batches
     (same seed, batch size and shards): the first epoch of the new iterator is steps start_step ..
-    start_step + batches_per_epoch - 1, and mixup lambdas follow the step too. Image
-    augmentations (crop, flip, RandAugment) draw from mindspore.dataset.config's seed, not `seed`.
+    start_step + batches_per_epoch - 1. Every random choice (epoch order, crop, flip, RandAugment,
+    MixUp lambda) is a function of (seed, shard, step, position), so a resumed pipeline yields
+    exactly the batches of the uninterrupted run; mindspore.dataset.config's seed plays no part.
     """
     _check_name(name)
     if split not in SPLITS:
@@ -198,7 +226,7 @@ def create_loader(
     import mindspore.dataset.transforms as T
     from mindspore import dtype as mstype
 
-    ops = build_transforms(
+    ops, augment = build_transforms(
         transform if is_train else "eval",
         image_size=image_size,
         resize_size=resize_size,
@@ -207,21 +235,24 @@ def create_loader(
         std=std,
         randaugment=randaugment,
         hflip=hflip,
+        seed=seed,
+        shard_id=shard_id,
     )
     dataset = source.build(sampler, num_workers)
     dataset = dataset.map(operations=ops, input_columns="image", num_parallel_workers=num_workers)
     dataset = dataset.map(operations=T.TypeCast(mstype.int32), input_columns="label")
+    mix = None
     if mixup_alpha > 0 or label_smoothing > 0:
-        mix = BatchMixup(
-            source.num_classes,
-            alpha=mixup_alpha,
-            label_smoothing=label_smoothing,
-            seed=seed,
-            shard_id=shard_id,
-            start_step=start_step,
-            batches_per_epoch=batches_per_epoch,
+        mix = BatchMixup(source.num_classes, alpha=mixup_alpha, label_smoothing=label_smoothing, seed=seed, shard_id=shard_id)
+    if augment is not None or mix is not None:
+        batch_map = StepKeyedBatch(augment=augment, mixup=mix, start_step=start_step, batches_per_epoch=batches_per_epoch)
+        dataset = dataset.batch(
+            batch_size,
+            drop_remainder=drop_remainder,
+            per_batch_map=batch_map,
+            input_columns=["image", "label"],
+            num_parallel_workers=num_workers,
         )
-        dataset = dataset.batch(batch_size, drop_remainder=drop_remainder, per_batch_map=mix, input_columns=["image", "label"])
     else:
         dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     logger.info(
