@@ -59,6 +59,12 @@ class DataInfo:
     batches_per_epoch: int
     class_names: list[str] | None
     indices: np.ndarray = field(default=None, repr=False)  # the split's records (all shards), in source order
+    # Undecodable images met so far (skipped, replaced, warned once each): `len(info.bad_images)` for
+    # metrics; with strict_images, `info.bad_images.error` is the clean error behind MindSpore's RuntimeError.
+    bad_images: sources.BadImages = field(default_factory=sources.BadImages, repr=False)
+    # Image count, per-class counts and a digest of the records: store it with a checkpoint and
+    # compare on resume with `bit_zoo.data.describe_change(saved, info.fingerprint, info.class_names)`.
+    fingerprint: dict = field(default_factory=dict, repr=False)
 
 
 def _check_name(name: str) -> None:
@@ -90,7 +96,7 @@ def check_num_classes(model_classes: int, data_classes: int, *, name: str = "the
         )
 
 
-def _source(name: str, data_dir: str | None, usage: str) -> sources.Source:
+def _source(name: str, data_dir: str | None, usage: str, *, strict_images: bool = False) -> sources.Source:
     """usage: 'train' or the official held-out split ('val' or 'test')."""
     if name in ("cifar10", "cifar100"):
         return sources.cifar_source(name, data_dir, "train" if usage == "train" else "test")
@@ -99,13 +105,13 @@ def _source(name: str, data_dir: str | None, usage: str) -> sources.Source:
     splits = sources.resolve_folder_splits(name, data_dir)
     train_classes = sources.class_folder_names(splits["train"])
     if usage == "train":
-        return sources.folder_source(splits["train"], train_classes)
+        return sources.folder_source(splits["train"], train_classes, strict_images=strict_images)
     if usage not in splits:
         raise FileNotFoundError(
             f"{name} data_dir '{data_dir}' has no {usage}/ folder. Add {Path(data_dir) / usage}/<class>/..., "
             "or pass val_split > 0 to hold out part of train as split 'val'."
         )
-    return sources.folder_source(splits[usage], train_classes)
+    return sources.folder_source(splits[usage], train_classes, strict_images=strict_images)
 
 
 def create_loader(
@@ -136,6 +142,7 @@ def create_loader(
     hflip: bool = True,
     num_classes: int | None = None,
     classes: list[int] | None = None,
+    strict_images: bool = False,
 ) -> DataInfo:
     """Build the batched pipeline for one split of one dataset.
 
@@ -153,6 +160,11 @@ def create_loader(
     0..len(classes)-1 in the order given: a class subset becomes a dataset of its own.
 
     `num_samples` keeps the first records of the split (in file order, after the subsetting above).
+
+    Image folders: an image that cannot be decoded is replaced by the next decodable one in file
+    order, named once in a warning and counted in `DataInfo.bad_images`, so batches and the
+    schedule hold. `strict_images=True` decodes every image of the split first and raises
+    `BadImageError` (a ValueError) naming the bad files before anything trains.
 
     Epochs: iterate with one iterator for all epochs (`dataset.create_tuple_iterator(num_epochs=E)`,
     or `Model.train`); epoch e is shuffled with (seed, e). MindSpore gives every new iterator a
@@ -182,7 +194,7 @@ def create_loader(
     drop_remainder = is_train if drop_remainder is None else drop_remainder
 
     held_out = split == "val" and val_split
-    source = _source(name, data_dir, "train" if is_train or held_out else split)
+    source = _source(name, data_dir, "train" if is_train or held_out else split, strict_images=strict_images)
     if classes is not None:
         source = sources.select_classes(source, classes)
     if num_classes is not None:
@@ -265,4 +277,13 @@ def create_loader(
         batches_per_epoch,
         batch_size,
     )
-    return DataInfo(dataset, per_shard, source.num_classes, batches_per_epoch, source.class_names, indices)
+    return DataInfo(
+        dataset,
+        per_shard,
+        source.num_classes,
+        batches_per_epoch,
+        source.class_names,
+        indices,
+        source.bad_images,
+        sources.fingerprint(source, indices),
+    )
