@@ -35,6 +35,9 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 class DiskFullError(OSError):
     """No space left to write a file; the message names the file, the space needed and the space free."""
 
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
+        return self.strerror or super().__str__()
+
 
 def pid_alive(pid: int) -> bool:
     """Whether a process with this PID exists on this machine (signal 0 only checks)."""
