@@ -27,6 +27,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -56,6 +57,8 @@ MINDCV_BASE_URL = "https://download.mindspore.cn/toolkits/mindcv/bit/"
 _MIRROR_ENV = {GOOGLE_BASE_URL: "BIT_ZOO_BASE_URL", MINDCV_BASE_URL: "BIT_ZOO_MINDCV_BASE_URL"}
 BIT_MEAN_STD = (0.5, 0.5, 0.5)  # inputs in [-1, 1]: (x/255 - 0.5) / 0.5
 _DEFAULT_LOCK_WAIT = 600.0  # seconds a waiting process tolerates another's download making no progress
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,15 @@ def _download_lock(dest: Path, part: Path) -> Iterator[None]:
     locks the current one instead."""
     lock_path = dest.with_name(f".{dest.name}.lock")
     wait = _lock_wait()
+    with _THREAD_LOCKS_GUARD:
+        in_process = _THREAD_LOCKS.setdefault(str(dest), threading.Lock())
+    with in_process:  # POSIX locks belong to a process: threads of one process queue here
+        with _file_lock(lock_path, part, dest, wait):
+            yield
+
+
+@contextmanager
+def _file_lock(lock_path: Path, part: Path, dest: Path, wait: float) -> Iterator[None]:
     last_size, last_change = -1, time.monotonic()
     while True:
         lock = open(lock_path, "a+")

@@ -147,3 +147,34 @@ print(model(ms.Tensor(np.zeros((1, 3, 32, 32), np.float32))).shape, model.weight
     assert done.returncode == 0, done.stderr[-3000:]
     assert "(1, 10)" in done.stdout
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.heavy
+def test_training_skips_a_corrupt_image(tmp_path):
+    """Random bytes named .jpg in a class folder: train.py warns once naming the file and finishes (exit 0)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "data" / "train" / cls).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "data" / "train" / cls / f"{i}.jpg")
+    bad = tmp_path / "data" / "train" / "b" / "3.jpg"
+    bad.write_bytes(rng.bytes(2000))
+    argv = [
+        "--model", "resnetv2", "--layers", "1,1,1,1", "--dataset", "folder", "--data_dir", str(tmp_path / "data"),
+        "--val_split", "4", "--image_size", "32", "--eval_size", "32", "--batch_size", "4", "--steps", "6",
+        "--opt", "sgd", "--lr", "0.01", "--scheduler", "constant", "--progress", "false", "--num_workers", "1",
+        "--output_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    warnings = [line for line in done.stderr.splitlines() if "undecodable image" in line]
+    assert len(warnings) == 1 and str(bad) in warnings[0], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
