@@ -427,7 +427,10 @@ def test_train_augment_per_sample():
     image = np.random.default_rng(0).integers(0, 256, (37, 37, 3), dtype=np.uint8)
     augment = TrainAugment(image_size=32, hflip=True, randaugment=rand_augment(2, 20, Inter.BICUBIC), mean=(0.5,) * 3, std=(0.5,) * 3)
     outs = [augment.for_sample(image, step=s, position=p) for s in range(4) for p in range(4)]
-    assert all(o.shape == (3, 32, 32) and o.dtype == np.float32 for o in outs)
+    assert all(o.shape == (32, 32, 3) and o.dtype == np.uint8 for o in outs)
+    batch = augment.normalize(np.stack(outs))
+    assert batch.shape == (16, 3, 32, 32) and batch.dtype == np.float32
+    np.testing.assert_allclose(batch[5], outs[5].transpose(2, 0, 1) / 127.5 - 1.0, rtol=1e-6, atol=1e-6)
     assert len({o.tobytes() for o in outs}) == len(outs)  # every (step, position) gets its own draw
     random.seed(5)  # the global generators mindcv's RandAugment would use play no part
     np.random.seed(5)

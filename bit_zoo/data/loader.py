@@ -42,7 +42,9 @@ class StepKeyedBatch:
     def __call__(self, images: list, labels: list, batch_info):
         step = self.step(batch_info)
         if self.augment is not None:
-            batch = np.stack([self.augment.for_sample(image, step, position) for position, image in enumerate(images)])
+            batch = self.augment.normalize(
+                np.stack([self.augment.for_sample(image, step, position) for position, image in enumerate(images)])
+            )
         else:
             batch = np.stack(images)
         labels = np.stack(labels)

@@ -95,7 +95,8 @@ def apply_rand_augment(augment, image: np.ndarray, rng: np.random.Generator) -> 
 
 
 class TrainAugment:
-    """The random part of a train recipe, per image: random crop, horizontal flip, RandAugment, normalise.
+    """The random part of a train recipe: per image random crop, horizontal flip and RandAugment
+    (HWC uint8 in and out), then `normalize` over the whole batch (NCHW float32).
 
     `__call__(image, rng)` takes the resized HWC uint8 image and a generator; `for_sample` keys
     that generator by (seed, shard, step, position), so a sample's augmentation depends on where
@@ -121,11 +122,16 @@ class TrainAugment:
         image = image[top : top + size, left : left + size]
         if self.hflip and rng.random() < 0.5:
             image = image[:, ::-1]
-        image = np.ascontiguousarray(image)
         if self.randaugment is not None:
-            image = apply_rand_augment(self.randaugment, image, rng)
-        out = (image.astype(np.float32) - self.mean) / self.std
-        return np.ascontiguousarray(out.transpose(2, 0, 1))
+            image = apply_rand_augment(self.randaugment, np.ascontiguousarray(image), rng)
+        return image
+
+    def normalize(self, batch: np.ndarray) -> np.ndarray:
+        """[N, H, W, C] uint8 -> [N, C, H, W] float32 with (mean, std); one vectorised pass per batch."""
+        out = np.empty((batch.shape[0], batch.shape[3], batch.shape[1], batch.shape[2]), np.float32)
+        np.subtract(batch.transpose(0, 3, 1, 2), self.mean[:, None, None], out=out, dtype=np.float32)
+        out /= self.std[:, None, None]
+        return out
 
     def for_sample(self, image: np.ndarray, step: int, position: int) -> np.ndarray:
         return self(image, self.rng(step, position))
