@@ -8,21 +8,37 @@ Environment:
     BIT_ZOO_HOME             cache root (default ~/.cache/bit_zoo); files go to $BIT_ZOO_HOME/weights/
     BIT_ZOO_BASE_URL         mirror for Google's bucket https://storage.googleapis.com/bit_models/
     BIT_ZOO_MINDCV_BASE_URL  mirror for mindcv's https://download.mindspore.cn/toolkits/mindcv/bit/
+    BIT_ZOO_DOWNLOAD_WAIT    seconds a process waits for another's download of the same file to make
+                             progress before it gives up (default 600); see `download_weights`
+
+Distributed runs: every rank may call `download_weights`; a lock file in the cache dir lets one
+process download while the others (other local ranks, or other nodes when the cache dir is
+shared) wait for the verified file, so a job downloads each file once per cache dir.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import http.client
 import logging
 import os
+import re
+import socket
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
+
+from .atomic import pid_alive, write_text_atomic
 
 __all__ = [
     "Weights",
@@ -45,6 +61,9 @@ _MIRROR_ENV = {GOOGLE_BASE_URL: "BIT_ZOO_BASE_URL", MINDCV_BASE_URL: "BIT_ZOO_MI
 BIT_MEAN_STD = (0.5, 0.5, 0.5)  # inputs in [-1, 1]: (x/255 - 0.5) / 0.5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # mindcv's recipe normalises with ImageNet statistics on [0, 1] pixels
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_DEFAULT_LOCK_WAIT = 600.0  # seconds a waiting process tolerates another's download making no progress
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -120,35 +139,193 @@ def _check_hash(weights: Weights, path: Path, url: str) -> None:
         )
 
 
-def _fetch(url: str, dest: Path, *, timeout: float, progress: bool) -> None:
-    """Stream url into dest (a temporary name), failing on HTTP errors and short reads."""
+class _Interrupted(RuntimeError):
+    """The transfer stopped before the announced end; what arrived is kept for the next call to resume."""
+
+
+def _content_range_total(value: str | None, start: int) -> int | None:
+    """The total size from a 206's ``Content-Range: bytes <start>-<end>/<total>``, None if it does not start at `start`."""
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", (value or "").strip())
+    if match is None or int(match[1]) != start:
+        return None
+    return int(match[3]) if match[3] != "*" else None
+
+
+def _open(url: str, headers: dict, timeout: float):
     try:
-        response = urllib.request.urlopen(url, timeout=timeout)
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as e:
-        raise RuntimeError(f"download failed: HTTP {e.code} {e.reason} for {url}") from e
+        if e.code == 416:  # the partial file is no prefix of what the server has now: start again
+            return None
+        raise _ServerError(f"download failed: HTTP {e.code} {e.reason} for {url}") from e
     except (urllib.error.URLError, OSError) as e:
-        raise RuntimeError(f"download failed: cannot reach {url} ({e})") from e
+        raise _ServerError(f"download failed: cannot reach {url} ({e})") from e
+
+
+class _ServerError(RuntimeError):
+    """No file from this host (unreachable, HTTP error): the failures a mirror setting is about."""
+
+
+def _mirror_hint(weights: Weights) -> str:
+    env = _MIRROR_ENV.get(weights.base_url)
+    if not env:
+        return ""
+    if os.environ.get(env):
+        return f"\nThe URL comes from {env}={os.environ[env]}: check that the mirror serves {weights.filename}, or unset {env}."
+    return f"\nIf the host is unreachable from your network, set {env} to a mirror."
+
+
+def _fetch(url: str, part: Path, *, timeout: float, progress: bool, desc: str) -> None:
+    """Download url into `part`, continuing an existing partial file with an HTTP Range request.
+
+    A server that ignores Range (status 200) or rejects it (416) gets the file from the start. A
+    transfer that stops early keeps what arrived (`_Interrupted`), so the next call resumes it.
+    """
+    start = part.stat().st_size if part.is_file() else 0
+    response = _open(url, {"Range": f"bytes={start}-"} if start else {}, timeout)
+    if response is None:
+        part.unlink(missing_ok=True)
+        start = 0
+        response = _open(url, {}, timeout)
     with response:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        got = 0
+        total = None
+        if start and response.status == 206:
+            total = _content_range_total(response.headers.get("Content-Range"), start)
+            if total is None:
+                raise RuntimeError(f"download failed: {url} answered the range request from byte {start} with a different range")
+            _logger.info("resuming %s at %.1f of %.1f MiB", url, start / 2**20, total / 2**20)
+        else:
+            if start:
+                _logger.info("%s does not serve byte ranges: downloading it from the start", url)
+            start = 0
+            length = response.headers.get("Content-Length")
+            total = int(length) if length else None
+        got = start
         with (
-            open(dest, "wb") as f,
+            open(part, "ab" if start else "wb") as f,
             tqdm(
                 total=total,
+                initial=start,
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1024,
-                desc=os.path.basename(dest.name.split(".part")[0]),
+                desc=desc,
                 disable=not progress,
                 file=sys.stderr,
             ) as bar,
         ):
-            while block := response.read(1 << 20):
-                f.write(block)
-                got += len(block)
-                bar.update(len(block))
-    if total is not None and got != total:
-        raise RuntimeError(f"download truncated: got {got} of {total} bytes from {url}")
+            try:
+                while block := response.read(1 << 20):
+                    f.write(block)
+                    got += len(block)
+                    bar.update(len(block))
+            except (OSError, http.client.HTTPException) as e:
+                raise _Interrupted(f"download interrupted after {got} of {total or '?'} bytes from {url} ({e})") from e
+    if total is not None and got < total:
+        raise _Interrupted(f"download truncated: got {got} of {total} bytes from {url}")
+    if total is not None and got > total:
+        raise RuntimeError(f"download failed: {url} sent {got} bytes where it announced {total}")
+
+
+def _lock_wait() -> float:
+    value = os.environ.get("BIT_ZOO_DOWNLOAD_WAIT", "")
+    try:
+        return float(value) if value else _DEFAULT_LOCK_WAIT
+    except ValueError:
+        raise ValueError(f"BIT_ZOO_DOWNLOAD_WAIT={value!r}: give a number of seconds, e.g. 600.") from None
+
+
+def _same_file(f, path: Path) -> bool:
+    try:
+        return os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+@contextmanager
+def _download_lock(dest: Path, part: Path) -> Iterator[None]:
+    """One downloader per file across processes (ranks, nodes sharing the cache dir): a POSIX lock
+    on ``.<name>.lock`` beside it. The others wait while the holder's partial file grows; after
+    BIT_ZOO_DOWNLOAD_WAIT seconds without progress they stop with an error naming the holder. The
+    kernel drops the lock when its holder dies, so a killed download never blocks anyone. The
+    holder removes the lock file when done; a waiter that then finds it locked a removed file
+    locks the current one instead."""
+    lock_path = dest.with_name(f".{dest.name}.lock")
+    wait = _lock_wait()
+    with _THREAD_LOCKS_GUARD:
+        in_process = _THREAD_LOCKS.setdefault(str(dest), threading.Lock())
+    with in_process:  # POSIX locks belong to a process: threads of one process queue here
+        with _file_lock(lock_path, part, dest, wait):
+            yield
+
+
+@contextmanager
+def _file_lock(lock_path: Path, part: Path, dest: Path, wait: float) -> Iterator[None]:
+    last_size, last_change = -1, time.monotonic()
+    while True:
+        lock = open(lock_path, "a+")
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                lock.close()
+                raise
+            size = part.stat().st_size if part.is_file() else 0
+            if size != last_size:
+                last_size, last_change = size, time.monotonic()
+            elif time.monotonic() - last_change > wait:
+                lock.seek(0)
+                holder = lock.read().strip() or "another process"
+                lock.close()
+                raise RuntimeError(
+                    f"waited {wait:.0f} s for {holder} to download {dest.name} into {dest.parent} with no progress. "
+                    f"If that process is stuck, stop it (the next call resumes its partial file), or raise BIT_ZOO_DOWNLOAD_WAIT."
+                ) from None
+            lock.close()
+            time.sleep(0.2)
+            continue
+        if _same_file(lock, lock_path):
+            break
+        lock.close()  # locked a lock file its holder had just removed
+    with lock:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"process {os.getpid()} on {socket.gethostname()}")
+        lock.flush()
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+            fcntl.lockf(lock, fcntl.LOCK_UN)
+
+
+def _remove_dead_partials(dest: Path) -> None:
+    """Partial files of the pre-resume naming (``<name>.part<PID>``) whose process is gone."""
+    for stale in dest.parent.glob(f"{dest.name}.part*"):
+        pid = stale.name[len(dest.name) + 5 :]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+            _logger.warning("removed %s, a partial download left by process %s (no longer running)", stale, pid)
+
+
+def _fetch_and_verify(weights: Weights, url: str, part: Path, *, verify, timeout: float, progress: bool, desc: str) -> None:
+    """Complete `part` from url, then check it; a complete file that fails a check is removed."""
+    try:
+        _fetch(url, part, timeout=timeout, progress=progress, desc=desc)
+    except _Interrupted as e:
+        raise RuntimeError(f"{e}. {part.stat().st_size if part.exists() else 0} bytes are kept in {part}: call again to resume.") from e
+    except _ServerError as e:
+        raise RuntimeError(f"{e}{_mirror_hint(weights)}") from e
+    try:
+        _check_hash(weights, part, url)
+        if verify is not None:
+            try:
+                verify(part)
+            except ValueError as e:
+                raise ValueError(f"the file downloaded from {url} is not what {weights.filename} should be: {e}") from e
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
 
 
 def download_weights(
@@ -160,34 +337,35 @@ def download_weights(
 ) -> Path:
     """Return the cached file of `weights`, downloading it first if needed.
 
-    The download goes to a temporary name in the cache dir; the hash (where known) and the
-    structure (`verify`, which raises on a bad file) are checked before it is renamed into
-    place. On any failure the temporary file is removed, so the cache never holds a partial
-    or broken file (mindcv 0.3 leaves a 0-byte file that breaks every later call).
+    The download goes to ``<name>.part`` in the cache dir, beside a note of its URL; an
+    interrupted or killed download is continued from where it stopped (HTTP Range, same URL
+    only). The size, the hash (where known) and the structure (`verify`, which raises on a bad
+    file) are checked before the file is renamed into place; a file that fails them is removed,
+    so the cache never holds a broken file under the final name (mindcv 0.3 leaves a 0-byte file
+    that breaks every later call). One process downloads, the others wait (see `_download_lock`).
     """
     dest = cache_dir() / weights.filename
     if dest.is_file():
         return dest
     url = resolve_url(weights)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}.part{os.getpid()}")
+    part = dest.with_name(f"{dest.name}.part")
+    note = dest.with_name(f".{dest.name}.part.url")
     if progress is None:
         progress = sys.stderr.isatty()
-    _logger.info("downloading %s to %s", url, dest)
-    try:
-        _fetch(url, tmp, timeout=timeout, progress=progress)
-        _check_hash(weights, tmp, url)
-        if verify is not None:
-            try:
-                verify(tmp)
-            except ValueError as e:
-                raise ValueError(f"the file downloaded from {url} is not what {weights.filename} should be: {e}") from e
-        os.replace(tmp, dest)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, RuntimeError) and "mirror" not in str(e):
-            env = _MIRROR_ENV.get(weights.base_url)
-            if env:
-                raise RuntimeError(f"{e}\nIf the host is unreachable from your network, set {env} to a mirror.") from e
-        raise
+    _remove_dead_partials(dest)
+    with _download_lock(dest, part):
+        if dest.is_file():  # another process finished it while this one waited
+            return dest
+        if part.exists() and (not note.is_file() or note.read_text().strip() != url):
+            part.unlink()  # a partial file from another URL is no prefix of this one
+        write_text_atomic(note, url + "\n")
+        _logger.info("downloading %s to %s", url, dest)
+        try:
+            _fetch_and_verify(weights, url, part, verify=verify, timeout=timeout, progress=progress, desc=dest.name)
+        finally:
+            if not part.exists():
+                note.unlink(missing_ok=True)
+        os.replace(part, dest)
+        note.unlink(missing_ok=True)
     return dest

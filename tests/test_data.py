@@ -15,11 +15,13 @@ from mindspore.dataset.vision import Inter
 from PIL import Image
 
 from bit_zoo.data import (
+    BadImageError,
     BatchMixup,
     EpochSampler,
     check_num_classes,
     create_loader,
     dataset_num_classes,
+    describe_change,
     few_shot_indices,
     val_split_indices,
 )
@@ -362,8 +364,10 @@ def test_folder_errors(tmp_path, data_imagenet_dir):
     (tmp_path / "inet" / "val" / "b" / "0.JPEG").unlink()
     (tmp_path / "inet" / "val" / "b" / "x").rmdir()
     (tmp_path / "inet" / "val" / "b").rmdir()
+    with pytest.raises(BadImageError, match=r"1 of 1 images cannot be decoded: '.*val/a/0\.png'.*strict_images false"):
+        create_loader("imagenet", str(tmp_path / "inet"), "val", batch_size=1, image_size=24, strict_images=True)
     info = create_loader("imagenet", str(tmp_path / "inet"), "val", batch_size=1, image_size=24)
-    with pytest.raises(RuntimeError, match=r"cannot decode image '.*val/a/0\.png'"):
+    with pytest.raises(RuntimeError, match=r"none of the 1 images of this split can be decoded"):
         _batches(info)
     with pytest.raises(ValueError, match="model has 1000 output classes but .* has 3; build the model with num_classes=3"):
         create_loader("imagenet", str(data_imagenet_dir), "train", batch_size=2, image_size=24, num_classes=1000)
@@ -385,3 +389,134 @@ def test_subset_errors(data_imagenet_dir):
         create_loader("mnist", None, "train", batch_size=2, image_size=24)
     with pytest.raises(ValueError, match="random crop needs resize_size >= image_size"):
         create_loader("digits", None, "train", batch_size=2, image_size=32, resize_size=16)
+
+
+# ------------------------------------------------------------------------------------- exact resume
+
+
+@pytest.mark.parametrize("transform", ["hyperrule", "seed"])
+def test_train_augmentation_resumes_exactly(transform):
+    """Random crop, flip, RandAugment and mixup are keyed by (seed, step, position): a loader started at
+    step 5 yields the uninterrupted stream's batches bit for bit, whatever MindSpore's and Python's global seeds."""
+    import mindspore.dataset as ds
+
+    kw = dict(batch_size=50, image_size=32, transform=transform, mixup_alpha=0.2, seed=3, num_workers=2)
+
+    def stream(start_step: int, global_seed: int, epochs: int):
+        ds.config.set_seed(global_seed)
+        random.seed(global_seed)
+        np.random.seed(global_seed)
+        info = create_loader("digits", None, "train", start_step=start_step, **kw)
+        iterator = info.dataset.create_tuple_iterator(num_epochs=epochs, output_numpy=True)
+        return [batch for _ in range(epochs) for batch in iterator], info.batches_per_epoch
+
+    full, per_epoch = stream(0, 1, 2)
+    resumed, _ = stream(5, 7, 1)
+    assert len(resumed) == per_epoch == 28
+    for step, (a, b) in enumerate(zip(full[5:], resumed), start=5):
+        np.testing.assert_array_equal(a[0], b[0], err_msg=f"images of step {step}")
+        np.testing.assert_array_equal(a[1], b[1], err_msg=f"targets of step {step}")
+    # the augmentation is random all the same: the same records cropped differently in two epochs
+    plain = create_loader("digits", None, "train", **{**kw, "transform": "eval", "mixup_alpha": 0.0, "image_size": 32})
+    assert not np.array_equal(full[0][0], full[per_epoch][0]) and plain.batches_per_epoch == per_epoch
+
+
+def test_train_augment_per_sample():
+    from bit_zoo.data.transforms import TrainAugment, rand_augment
+
+    image = np.random.default_rng(0).integers(0, 256, (37, 37, 3), dtype=np.uint8)
+    augment = TrainAugment(image_size=32, hflip=True, randaugment=rand_augment(2, 20, Inter.BICUBIC), mean=(0.5,) * 3, std=(0.5,) * 3)
+    outs = [augment.for_sample(image, step=s, position=p) for s in range(4) for p in range(4)]
+    assert all(o.shape == (32, 32, 3) and o.dtype == np.uint8 for o in outs)
+    batch = augment.normalize(np.stack(outs))
+    assert batch.shape == (16, 3, 32, 32) and batch.dtype == np.float32
+    np.testing.assert_allclose(batch[5], outs[5].transpose(2, 0, 1) / 127.5 - 1.0, rtol=1e-6, atol=1e-6)
+    assert len({o.tobytes() for o in outs}) == len(outs)  # every (step, position) gets its own draw
+    random.seed(5)  # the global generators mindcv's RandAugment would use play no part
+    np.random.seed(5)
+    np.testing.assert_array_equal(augment.for_sample(image, step=2, position=3), outs[2 * 4 + 3])
+
+
+# ------------------------------------------------------------------------------ bad images, bad file systems
+
+
+def _corrupt_folder(root, rng):
+    _write_images(root / "train", {"a": 4, "b": 3}, rng)
+    bad = root / "train" / "a" / "1.png"
+    bad.write_bytes(rng.bytes(500))  # random bytes named .png
+    return bad
+
+
+def test_undecodable_image_is_skipped_replaced_and_counted(tmp_path, caplog):
+    root = tmp_path / "folder"
+    bad = _corrupt_folder(root, np.random.default_rng(6))
+    kw = dict(batch_size=7, image_size=24, transform="eval", shuffle=False)
+    with caplog.at_level("WARNING", logger="bit_zoo.data.sources"):
+        info = create_loader("folder", str(root), "train", **kw)
+        iterator = info.dataset.create_tuple_iterator(num_epochs=2, output_numpy=True)
+        epochs = [list(iterator) for _ in range(2)]
+    assert [len(e) for e in epochs] == [1, 1] and epochs[0][0][0].shape == (7, 3, 24, 24)  # batch shape and schedule hold
+    images, labels = epochs[1][0]
+    np.testing.assert_array_equal(images[1], images[2])  # a/1.png replaced by the next image in file order, a/2.png
+    assert labels.tolist() == [0, 0, 0, 0, 1, 1, 1]
+    assert len(info.bad_images) == 1 and list(info.bad_images.paths) == [str(bad)]
+    warnings = [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()]
+    assert len(warnings) == 1 and str(bad) in warnings[0]  # once, though the file was met twice
+
+
+def test_strict_images(tmp_path):
+    root = tmp_path / "folder"
+    bad = _corrupt_folder(root, np.random.default_rng(7))
+    with pytest.raises(BadImageError, match=rf"1 of 7 images cannot be decoded: '{bad}'"):
+        create_loader("folder", str(root), "train", batch_size=7, image_size=24, strict_images=True)
+    good = root / "train" / "a" / "0.JPEG"
+    bad.write_bytes(good.read_bytes())
+    info = create_loader("folder", str(root), "train", batch_size=7, image_size=24, transform="eval", strict_images=True)
+    (root / "train" / "b" / "2.JPEG").write_bytes(b"broken after the check")
+    with pytest.raises(RuntimeError):  # MindSpore wraps the source's error; the clean one is kept for the loop
+        _batches(info)
+    assert isinstance(info.bad_images.error, BadImageError) and "b/2.JPEG" in str(info.bad_images.error)
+
+
+def test_changed_dataset_is_described(tmp_path):
+    root = tmp_path / "folder"
+    _write_images(root / "train", {"cat": 4, "dog": 3}, np.random.default_rng(8))
+    kw = dict(batch_size=2, image_size=24)
+    before = create_loader("folder", str(root), "train", **kw).fingerprint
+    assert describe_change(before, create_loader("folder", str(root), "train", **kw).fingerprint) is None
+    (root / "train" / "dog" / "1.png").unlink()
+    after = create_loader("folder", str(root), "train", **kw)
+    message = describe_change(before, after.fingerprint, after.class_names)
+    assert "7 training images then, 6 now" in message and "class 'dog': 3 -> 2 images" in message and "--output_dir NEW" in message
+    (root / "train" / "dog" / "9.png").write_bytes((root / "train" / "dog" / "0.JPEG").read_bytes())  # same counts, other file
+    renamed = create_loader("folder", str(root), "train", **kw).fingerprint
+    assert "the same counts but different files" in describe_change(before, renamed)
+
+
+def test_symlink_loops_and_permission_errors_are_one_clear_error(tmp_path, monkeypatch):
+    import os
+
+    root = tmp_path / "folder"
+    _write_images(root / "train", {"a": 2, "b": 2}, np.random.default_rng(9))
+    (tmp_path / "self").symlink_to("self")
+    with pytest.raises(ValueError, match=r"'.*self' is a symbolic link loop.*Remove or repoint it"):
+        create_loader("folder", str(tmp_path / "self"), "train", batch_size=2, image_size=24)
+    (root / "train" / "c").symlink_to("c")  # a class folder that loops
+    with pytest.raises(ValueError, match=r"'.*train/c' is a symbolic link loop"):
+        dataset_num_classes("folder", str(root))
+    (root / "train" / "c").unlink()
+    (root / "train" / "a" / "x.png").symlink_to("x.png")  # an image that loops
+    with pytest.raises(ValueError, match=r"'.*train/a/x\.png' is a symbolic link loop"):
+        create_loader("folder", str(root), "train", batch_size=2, image_size=24)
+    (root / "train" / "a" / "x.png").unlink()
+
+    real_scandir = os.scandir
+
+    def denied(path="."):  # root ignores permissions, so the error is injected
+        if str(path).endswith("/b"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(ValueError, match=r"cannot read '.*train/b': permission denied\. Make it readable"):
+        create_loader("folder", str(root), "train", batch_size=2, image_size=24)

@@ -7,25 +7,31 @@
     for images, labels in train.dataset.create_tuple_iterator(num_epochs=epochs):
         ...
 
-Modules: `sources` (upstream file layouts), `sampling` (val hold-out, few-shot, shards, resume),
-`transforms` (HyperRule, seed recipe, eval), `mixup` (batch MixUp + label smoothing), `loader`.
+Modules: `sources` (upstream file layouts, undecodable images, dataset fingerprints), `sampling`
+(val hold-out, few-shot, shards, resume), `transforms` (HyperRule, seed recipe, eval; per-sample
+keyed augmentation for exact resume), `mixup` (batch MixUp + label smoothing), `loader`.
 """
 
 from .loader import DATASETS, DataInfo, check_num_classes, create_loader, dataset_num_classes
 from .mixup import BatchMixup
 from .sampling import EpochSampler, few_shot_indices, val_split_indices
-from .transforms import build_transforms, default_train_resize
+from .sources import BadImageError, BadImages, describe_change
+from .transforms import TrainAugment, build_transforms, default_train_resize
 
 __all__ = [
     "DATASETS",
+    "BadImageError",
+    "BadImages",
     "BatchMixup",
     "DataInfo",
     "EpochSampler",
+    "TrainAugment",
     "build_transforms",
     "check_num_classes",
     "create_loader",
     "dataset_num_classes",
     "default_train_resize",
+    "describe_change",
     "few_shot_indices",
     "val_split_indices",
 ]

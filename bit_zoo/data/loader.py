@@ -13,7 +13,7 @@ import numpy as np
 from . import sources
 from .mixup import BatchMixup
 from .sampling import EpochSampler, few_shot_indices, shard_size, val_split_indices
-from .transforms import TRANSFORMS, build_transforms
+from .transforms import TRANSFORMS, TrainAugment, build_transforms
 
 if TYPE_CHECKING:
     import mindspore.dataset
@@ -24,6 +24,35 @@ DATASETS = ("cifar10", "cifar100", "imagenet", "folder", "digits")
 SPLITS = ("train", "val", "test")
 
 
+class StepKeyedBatch:
+    """The train pipeline's per_batch_map: per-sample augmentation and MixUp, keyed by the training step.
+
+    The step comes from the batch op's own epoch and batch counters (plus the resumed run's
+    `start_step`), so a sample's crop, flip, RandAugment ops and its batch's MixUp lambda are the
+    same in a resumed run as in an uninterrupted one, whichever worker thread runs the batch.
+    """
+
+    def __init__(self, *, augment: TrainAugment | None, mixup: BatchMixup | None, start_step: int, batches_per_epoch: int):
+        self.augment, self.mixup = augment, mixup
+        self.start_step, self.batches_per_epoch = start_step, batches_per_epoch
+
+    def step(self, batch_info) -> int:
+        return self.start_step + batch_info.get_epoch_num() * self.batches_per_epoch + batch_info.get_batch_num()
+
+    def __call__(self, images: list, labels: list, batch_info):
+        step = self.step(batch_info)
+        if self.augment is not None:
+            batch = self.augment.normalize(
+                np.stack([self.augment.for_sample(image, step, position) for position, image in enumerate(images)])
+            )
+        else:
+            batch = np.stack(images)
+        labels = np.stack(labels)
+        if self.mixup is not None:
+            return self.mixup.mix(batch, labels, step)
+        return batch, labels.astype(np.int32)
+
+
 @dataclass
 class DataInfo:
     dataset: mindspore.dataset.Dataset  # batched: "image" float32 NCHW, "label" int32 [N] or float32 [N, C]
@@ -32,6 +61,12 @@ class DataInfo:
     batches_per_epoch: int
     class_names: list[str] | None
     indices: np.ndarray = field(default=None, repr=False)  # the split's records (all shards), in source order
+    # Undecodable images met so far (skipped, replaced, warned once each): `len(info.bad_images)` for
+    # metrics; with strict_images, `info.bad_images.error` is the clean error behind MindSpore's RuntimeError.
+    bad_images: sources.BadImages = field(default_factory=sources.BadImages, repr=False)
+    # Image count, per-class counts and a digest of the records: store it with a checkpoint and
+    # compare on resume with `bit_zoo.data.describe_change(saved, info.fingerprint, info.class_names)`.
+    fingerprint: dict = field(default_factory=dict, repr=False)
 
 
 def _check_name(name: str) -> None:
@@ -63,7 +98,7 @@ def check_num_classes(model_classes: int, data_classes: int, *, name: str = "the
         )
 
 
-def _source(name: str, data_dir: str | None, usage: str) -> sources.Source:
+def _source(name: str, data_dir: str | None, usage: str, *, strict_images: bool = False) -> sources.Source:
     """usage: 'train' or the official held-out split ('val' or 'test')."""
     if name in ("cifar10", "cifar100"):
         return sources.cifar_source(name, data_dir, "train" if usage == "train" else "test")
@@ -72,13 +107,13 @@ def _source(name: str, data_dir: str | None, usage: str) -> sources.Source:
     splits = sources.resolve_folder_splits(name, data_dir)
     train_classes = sources.class_folder_names(splits["train"])
     if usage == "train":
-        return sources.folder_source(splits["train"], train_classes)
+        return sources.folder_source(splits["train"], train_classes, strict_images=strict_images)
     if usage not in splits:
         raise FileNotFoundError(
             f"{name} data_dir '{data_dir}' has no {usage}/ folder. Add {Path(data_dir) / usage}/<class>/..., "
             "or pass val_split > 0 to hold out part of train as split 'val'."
         )
-    return sources.folder_source(splits[usage], train_classes)
+    return sources.folder_source(splits[usage], train_classes, strict_images=strict_images)
 
 
 def create_loader(
@@ -109,6 +144,7 @@ def create_loader(
     hflip: bool = True,
     num_classes: int | None = None,
     classes: list[int] | None = None,
+    strict_images: bool = False,
 ) -> DataInfo:
     """Build the batched pipeline for one split of one dataset.
 
@@ -127,14 +163,20 @@ def create_loader(
 
     `num_samples` keeps the first records of the split (in file order, after the subsetting above).
 
+    Image folders: an image that cannot be decoded is replaced by the next decodable one in file
+    order, named once in a warning and counted in `DataInfo.bad_images`, so batches and the
+    schedule hold. `strict_images=True` decodes every image of the split first and raises
+    `BadImageError` (a ValueError) naming the bad files before anything trains.
+
     Epochs: iterate with one iterator for all epochs (`dataset.create_tuple_iterator(num_epochs=E)`,
     or `Model.train`); epoch e is shuffled with (seed, e). MindSpore gives every new iterator a
     fresh copy of the sampler, so a second iterator starts again at the first epoch.
 
     Resume: `start_step` continues the batch stream of a run that stopped after that many batches
     (same seed, batch size and shards): the first epoch of the new iterator is steps start_step ..
-    start_step + batches_per_epoch - 1, and mixup lambdas follow the step too. Image
-    augmentations (crop, flip, RandAugment) draw from mindspore.dataset.config's seed, not `seed`.
+    start_step + batches_per_epoch - 1. Every random choice (epoch order, crop, flip, RandAugment,
+    MixUp lambda) is a function of (seed, shard, step, position), so a resumed pipeline yields
+    exactly the batches of the uninterrupted run; mindspore.dataset.config's seed plays no part.
     """
     _check_name(name)
     if split not in SPLITS:
@@ -154,7 +196,7 @@ def create_loader(
     drop_remainder = is_train if drop_remainder is None else drop_remainder
 
     held_out = split == "val" and val_split
-    source = _source(name, data_dir, "train" if is_train or held_out else split)
+    source = _source(name, data_dir, "train" if is_train or held_out else split, strict_images=strict_images)
     if classes is not None:
         source = sources.select_classes(source, classes)
     if num_classes is not None:
@@ -198,7 +240,7 @@ def create_loader(
     import mindspore.dataset.transforms as T
     from mindspore import dtype as mstype
 
-    ops = build_transforms(
+    ops, augment = build_transforms(
         transform if is_train else "eval",
         image_size=image_size,
         resize_size=resize_size,
@@ -207,21 +249,24 @@ def create_loader(
         std=std,
         randaugment=randaugment,
         hflip=hflip,
+        seed=seed,
+        shard_id=shard_id,
     )
     dataset = source.build(sampler, num_workers)
     dataset = dataset.map(operations=ops, input_columns="image", num_parallel_workers=num_workers)
     dataset = dataset.map(operations=T.TypeCast(mstype.int32), input_columns="label")
+    mix = None
     if mixup_alpha > 0 or label_smoothing > 0:
-        mix = BatchMixup(
-            source.num_classes,
-            alpha=mixup_alpha,
-            label_smoothing=label_smoothing,
-            seed=seed,
-            shard_id=shard_id,
-            start_step=start_step,
-            batches_per_epoch=batches_per_epoch,
+        mix = BatchMixup(source.num_classes, alpha=mixup_alpha, label_smoothing=label_smoothing, seed=seed, shard_id=shard_id)
+    if augment is not None or mix is not None:
+        batch_map = StepKeyedBatch(augment=augment, mixup=mix, start_step=start_step, batches_per_epoch=batches_per_epoch)
+        dataset = dataset.batch(
+            batch_size,
+            drop_remainder=drop_remainder,
+            per_batch_map=batch_map,
+            input_columns=["image", "label"],
+            num_parallel_workers=num_workers,
         )
-        dataset = dataset.batch(batch_size, drop_remainder=drop_remainder, per_batch_map=mix, input_columns=["image", "label"])
     else:
         dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     logger.info(
@@ -234,4 +279,13 @@ def create_loader(
         batches_per_epoch,
         batch_size,
     )
-    return DataInfo(dataset, per_shard, source.num_classes, batches_per_epoch, source.class_names, indices)
+    return DataInfo(
+        dataset,
+        per_shard,
+        source.num_classes,
+        batches_per_epoch,
+        source.class_names,
+        indices,
+        source.bad_images,
+        sources.fingerprint(source, indices),
+    )

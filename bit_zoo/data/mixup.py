@@ -30,6 +30,7 @@ class BatchMixup:
         start_step: int = 0,
         batches_per_epoch: int = 1,
     ):
+        # start_step / batches_per_epoch serve __call__ only; the loader's StepKeyedBatch passes the step to mix().
         if alpha < 0 or not 0 <= label_smoothing < 1:
             raise ValueError(f"mixup_alpha={alpha} must be >= 0 and label_smoothing={label_smoothing} in [0, 1).")
         self.num_classes, self.alpha, self.label_smoothing = num_classes, alpha, label_smoothing

@@ -8,10 +8,14 @@ shards) are index lists handed to that sampler, so every subset is a plain, test
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import logging
 import os
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +62,38 @@ DIGITS_TEST_FRACTION = 0.2
 _DIGITS_PARTITION_SEED = 20_240_611  # fixed: the digits train/test partition never depends on `seed`
 
 
+class BadImageError(ValueError):
+    """An image that cannot be decoded, with strict_images on."""
+
+
+class BadImages:
+    """The undecodable images a pipeline met: each named once in a warning, counted, shared by every
+    copy MindSpore makes of the pipeline (deepcopy returns the same object).
+
+    `error` holds the strict-mode failure: MindSpore re-raises a source's exception as a
+    RuntimeError wrapped in its own call stack, so the training loop raises `error` instead.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.paths: dict[str, str] = {}  # path -> decoder message, in the order met
+        self.error: BadImageError | None = None
+
+    def __deepcopy__(self, memo) -> BadImages:
+        return self
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def add(self, path: str, message: str) -> bool:
+        """Record a bad image; True the first time this path is seen."""
+        with self._lock:
+            if path in self.paths:
+                return False
+            self.paths[path] = message
+            return True
+
+
 @dataclass
 class Source:
     """One split of one dataset, before subsetting, sharding and transforms."""
@@ -67,10 +103,50 @@ class Source:
     class_names: list[str] | None
     build: Callable  # (sampler, num_workers) -> mindspore Dataset with columns image, label
     description: str
+    bad_images: BadImages = field(default_factory=BadImages)  # stays empty for CIFAR and digits
+    record_names: list[str] | None = None  # file paths of a folder source (for the dataset fingerprint)
+
+
+def _fs_error(path, error: OSError) -> ValueError:
+    """A file-system error met while reading a dataset, as one line with the fix."""
+    if error.errno == errno.ELOOP:
+        return ValueError(
+            f"'{path}' is a symbolic link loop (it points back at itself through other links). "
+            f"Remove or repoint it (ls -l '{path}'); bit_zoo follows links inside data_dir."
+        )
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return ValueError(
+            f"cannot read '{path}': permission denied. Make it readable (chmod -R u+rX, or a+rX) or point data_dir elsewhere."
+        )
+    return ValueError(f"cannot read '{path}': {error.strerror or error}. Check the path and the file system.")
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise _fs_error(path, e) from None
+    return path.is_dir()
+
+
+def _scandir(path: Path) -> list[os.DirEntry]:
+    try:
+        return list(os.scandir(path))
+    except OSError as e:
+        raise _fs_error(path, e) from None
+
+
+def _entry_is(entry: os.DirEntry, kind: str) -> bool:
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError as e:
+        raise _fs_error(entry.path, e) from None
 
 
 def _require_dir(path: Path, what: str, fix: str) -> Path:
-    if not path.is_dir():
+    if not _is_dir(path):
         raise FileNotFoundError(f"{what} not found: '{path}' is not a directory. {fix}")
     return path
 
@@ -150,7 +226,7 @@ def cifar_source(name: str, data_dir: str | None, usage: str) -> Source:
 
 def class_folder_names(root: Path) -> list[str]:
     """The class folders under `root`, sorted by name: label i is the i-th folder."""
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    classes = sorted(e.name for e in _scandir(root) if not e.name.startswith(".") and _entry_is(e, "dir"))
     if not classes:
         raise ValueError(f"'{root}' has no class folders. Expected {root}/<class_name>/<image>.jpg (one folder per class).")
     return classes
@@ -163,8 +239,8 @@ def scan_class_folders(root: Path) -> tuple[list[str], list[str], np.ndarray]:
     for index, cls in enumerate(classes):
         files = sorted(
             str(root / cls / e.name)
-            for e in os.scandir(root / cls)
-            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".")
+            for e in _scandir(root / cls)
+            if e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".") and _entry_is(e, "file")
         )
         if not files:
             raise ValueError(
@@ -176,32 +252,85 @@ def scan_class_folders(root: Path) -> tuple[list[str], list[str], np.ndarray]:
     return classes, paths, np.asarray(labels, dtype=np.int64)
 
 
-class _ImageFiles:
-    """Random-access source for GeneratorDataset: decodes with PIL so a bad file is reported by path."""
+def _decode(path: str) -> np.ndarray:
+    from PIL import Image
 
-    def __init__(self, paths: list[str], labels: np.ndarray):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _decode_error(path: str) -> str | None:
+    """Why `path` cannot be decoded, or None."""
+    try:
+        _decode(path)
+    except Exception as error:  # noqa: BLE001 - PIL raises several unrelated types for corrupt files
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+class _ImageFiles:
+    """Random-access source for GeneratorDataset: decodes with PIL so a bad file is reported by path.
+
+    An undecodable image is replaced by the next decodable image of the split in file order (its
+    own label with it): the record count, the batch shapes and the step schedule stay as they
+    were, the replacement is the same in every run and on resume, and the file is named once in a
+    warning and counted in `bad`. With `strict` the first one stops the run instead.
+    """
+
+    def __init__(self, paths: list[str], labels: np.ndarray, *, strict: bool, bad: BadImages):
         self.paths = paths
         self.labels = labels.astype(np.int32)
+        self.strict, self.bad = strict, bad
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _failed(self, path: str, message: str) -> None:
+        if self.strict:
+            self.bad.error = BadImageError(
+                f"cannot decode image '{path}' ({message}). Delete or replace the file, "
+                "or set strict_images false to skip undecodable images with a warning."
+            )
+            raise self.bad.error
+        if self.bad.add(path, message):
+            logger.warning(
+                "skipping undecodable image '%s' (%s): the next decodable image in file order takes its place; delete or replace the file",
+                path,
+                message,
+            )
+
     def __getitem__(self, index: int):
-        from PIL import Image
-
-        path = self.paths[index]
-        # Unreadable images fail the run, naming the file: silently skipping would change the
-        # number of images and the class balance behind the reported accuracy.
-        try:
-            with Image.open(path) as image:
-                array = np.asarray(image.convert("RGB"))
-        except Exception as error:  # PIL raises several unrelated types for corrupt files
-            raise RuntimeError(f"cannot decode image '{path}': {error}. Delete or replace the file.") from error
-        return array, self.labels[index]
+        for offset in range(len(self.paths)):
+            candidate = (index + offset) % len(self.paths)
+            path = self.paths[candidate]
+            try:
+                return _decode(path), self.labels[candidate]
+            except Exception as error:  # noqa: BLE001 - PIL raises several unrelated types for corrupt files
+                self._failed(path, f"{type(error).__name__}: {error}")
+        raise BadImageError(f"none of the {len(self.paths)} images of this split can be decoded (first: '{self.paths[0]}').")
 
 
-def folder_source(root: Path, class_names: list[str] | None = None) -> Source:
-    """Class folders under `root`. `class_names` fixes the label order (val must follow train)."""
+def check_images(paths: list[str], *, num_threads: int = 8) -> None:
+    """Decode every image once, in parallel; raise BadImageError naming the undecodable ones.
+
+    What strict_images runs before the first step, so a bad file costs no training time.
+    """
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        errors = [(p, e) for p, e in zip(paths, pool.map(_decode_error, paths, chunksize=64)) if e is not None]
+    if errors:
+        listed = "; ".join(f"'{p}' ({e})" for p, e in errors[:5])
+        raise BadImageError(
+            f"{len(errors)} of {len(paths)} images cannot be decoded: {listed}{' ...' if len(errors) > 5 else ''}. "
+            "Delete or replace them, or set strict_images false to skip undecodable images with a warning."
+        )
+
+
+def folder_source(root: Path, class_names: list[str] | None = None, *, strict_images: bool = False) -> Source:
+    """Class folders under `root`. `class_names` fixes the label order (val must follow train).
+
+    `strict_images` decodes every image up front and fails on the first undecodable one; without
+    it such images are skipped with a warning (see `_ImageFiles`).
+    """
     import mindspore.dataset as ds
 
     found, paths, labels = scan_class_folders(root)
@@ -211,17 +340,20 @@ def folder_source(root: Path, class_names: list[str] | None = None) -> Source:
             f"class folders of '{root}' do not match the training split's {len(class_names)} classes "
             f"(missing: {missing[:10] or 'none'}, unexpected: {extra[:10] or 'none'}). Every split needs the same class folders."
         )
+    if strict_images:
+        check_images(paths)
+    bad = BadImages()
 
     def build(sampler, num_workers: int):
         return ds.GeneratorDataset(
-            _ImageFiles(paths, labels),
+            _ImageFiles(paths, labels, strict=strict_images, bad=bad),
             column_names=["image", "label"],
             sampler=sampler,
             num_parallel_workers=num_workers,
             python_multiprocessing=False,  # PIL decodes outside the GIL; threads avoid forking big processes
         )
 
-    return Source(labels, len(found), found, build, f"image folders ({root})")
+    return Source(labels, len(found), found, build, f"image folders ({root})", bad, paths)
 
 
 def resolve_folder_splits(name: str, data_dir: str | None) -> dict[str, Path]:
@@ -229,7 +361,7 @@ def resolve_folder_splits(name: str, data_dir: str | None) -> dict[str, Path]:
     if data_dir is None:
         raise ValueError(f"{name} needs data_dir: a folder with train/ and val/ class folders.")
     root = _require_dir(Path(data_dir), f"{name} data_dir", "Point data_dir at the dataset root.")
-    splits = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
+    splits = {s: root / s for s in ("train", "val", "test") if _is_dir(root / s)}
     if name == "imagenet":
         missing = [s for s in ("train", "val") if s not in splits]
         if missing:
@@ -315,4 +447,46 @@ def select_classes(source: Source, classes) -> Source:
         return inner(sampler, num_workers).map(operations=remap, input_columns="label")
 
     names = [source.class_names[c] for c in classes] if source.class_names else None
-    return Source(lut[source.labels], len(classes), names, build, f"{source.description}, classes {classes}")
+    description = f"{source.description}, classes {classes}"
+    return Source(lut[source.labels], len(classes), names, build, description, source.bad_images, source.record_names)
+
+
+# ------------------------------------------------------------------------------ dataset fingerprint
+
+
+def fingerprint(source: Source, indices: np.ndarray) -> dict:
+    """What a resumed run checks its data against: image count, per-class counts, a digest of the records."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(source.labels[indices]).tobytes())
+    if source.record_names is not None:
+        for i in indices:
+            digest.update(source.record_names[i].encode("utf-8", "surrogateescape") + b"\0")
+    else:
+        digest.update(np.ascontiguousarray(indices, dtype=np.int64).tobytes())
+    counts = np.bincount(source.labels[indices], minlength=source.num_classes)
+    return {"images": int(len(indices)), "per_class": counts.tolist(), "digest": digest.hexdigest()[:16]}
+
+
+def describe_change(saved: dict, current: dict, class_names: list[str] | None = None) -> str | None:
+    """None when the two fingerprints match; else one line saying what changed and how to continue."""
+    if saved == current:
+        return None
+    what = []
+    if saved.get("images") != current.get("images"):
+        what.append(f"{saved.get('images')} training images then, {current.get('images')} now")
+    before, after = saved.get("per_class") or [], current.get("per_class") or []
+    if len(before) != len(after):
+        what.append(f"{len(before)} classes then, {len(after)} now")
+    else:
+        changed = [(i, b, a) for i, (b, a) in enumerate(zip(before, after)) if b != a]
+        names = class_names or [str(i) for i in range(len(after))]
+        what += [f"class '{names[i]}': {b} -> {a} images" for i, b, a in changed[:5]]
+        if len(changed) > 5:
+            what.append(f"{len(changed) - 5} more classes changed")
+    if not what:
+        what.append("the same counts but different files or order")
+    return (
+        f"the training data changed since the checkpoint was written ({'; '.join(what)}). "
+        "Restore the original files to resume exactly (an undecodable image need not be deleted: it is skipped "
+        "with a warning), or start a new run (--output_dir NEW, or --overwrite true)."
+    )

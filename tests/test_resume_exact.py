@@ -1,0 +1,74 @@
+"""Exact resume with the shipped quickstart config (random crop on): a real `python train.py` process is
+killed with SIGKILL mid-epoch, resumed with --resume auto, and every tensor of its final checkpoint
+(parameters, optimizer state, loss-scale state, step counters) must equal the uninterrupted run's, bit for bit.
+
+Heavy: three runs of the quickstart pretraining config, about 2 min each on a shared 2-core CPU.
+The loader-level equivalent (seconds) is in test_data.py: test_train_augmentation_resumes_exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "quickstart_digits_pretrain.yaml"
+# 27 steps per epoch: the kill lands after step 20 (mid-epoch 1), the resumed run crosses into epoch 2.
+ARGS = ["-c", str(CONFIG), "--epochs", "2", "--save_interval", "10", "--progress", "false"]
+
+
+def _train(cwd: Path, out: str, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *ARGS, "--output_dir", out, *extra],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _tensors(path: Path) -> dict[str, np.ndarray]:
+    return {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path)).items()}
+
+
+def _eval_records(path: Path) -> list[dict]:
+    keys = ("epoch", "step", "lr", "top1", "top5", "eval_loss", "grad_norm", "loss_scale", "overflow_steps")
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: r.get(k) for k in keys} for r in records if r["kind"] == "epoch"]
+
+
+@pytest.mark.heavy
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
+    reference = _train(tmp_path, "ref")  # runs beside the killed one: both are single-threaded enough
+    killed = _train(tmp_path, "run")
+    deadline = time.time() + 900
+    while not (tmp_path / "run" / "step_20.ckpt").exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert (tmp_path / "run" / "step_20.ckpt").exists(), killed.stderr.read()[-2000:]
+    at_kill = int(_tensors(tmp_path / "run" / "last.ckpt")["state.step"])
+    assert 20 <= at_kill < 27, f"killed at step {at_kill}: not mid-epoch 1"
+
+    resumed = _train(tmp_path, "run", "--resume", "auto")
+    assert resumed.wait(timeout=1200) == 0, resumed.stderr.read()[-2000:]
+    assert reference.wait(timeout=1200) == 0, reference.stderr.read()[-2000:]
+
+    ref, got = _tensors(tmp_path / "ref" / "last.ckpt"), _tensors(tmp_path / "run" / "last.ckpt")
+    assert ref.keys() == got.keys()
+    assert any(k.startswith("optim.") for k in ref) and "state.loss_scale" in ref
+    differ = [k for k in ref if not np.array_equal(ref[k], got[k])]
+    assert not differ, f"{len(differ)} of {len(ref)} tensors differ after resume, e.g. {differ[:5]}"
+    # evaluation metrics of every epoch (the resumed run wrote epoch 1 itself) are identical
+    assert _eval_records(tmp_path / "run" / "metrics.jsonl") == _eval_records(tmp_path / "ref" / "metrics.jsonl")
