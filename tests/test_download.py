@@ -179,6 +179,8 @@ def _blob_weights(base_url: str, body: bytes) -> Weights:
         filename="blob.bin",
         base_url=base_url,
         file_format="npz",
+        layers=(1, 1, 1, 1),
+        width_factor=1,
         num_classes=1,
         input_size=1,
         num_params=0,
@@ -197,7 +199,7 @@ go = Path(sys.argv[3])
 print("ready", flush=True)
 while not go.exists():
     time.sleep(0.01)
-w = Weights(filename="blob.bin", base_url=sys.argv[1], file_format="npz", num_classes=1, input_size=1, num_params=0,
+w = Weights(filename="blob.bin", base_url=sys.argv[1], file_format="npz", layers=(1, 1, 1, 1), width_factor=1, num_classes=1, input_size=1, num_params=0,
             dataset="none", description="test file", source="tests", sha256=sys.argv[2])
 print(download_weights(w, progress=False))
 """
