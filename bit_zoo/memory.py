@@ -35,7 +35,18 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["Geometry", "Plan", "load_config", "geometry", "param_count", "weight_standardisation_bytes", "activation_bytes", "plan", "suggest", "main"]
+__all__ = [
+    "Geometry",
+    "Plan",
+    "load_config",
+    "geometry",
+    "param_count",
+    "weight_standardisation_bytes",
+    "activation_bytes",
+    "plan",
+    "suggest",
+    "main",
+]
 
 GB = 1e9  # decimal GB: "32 GB" devices are quoted so (Ascend 910: 32 GB HBM)
 
@@ -276,7 +287,9 @@ def format_plan(p: Plan) -> str:
     width = max(len(k) for k in p.parts_gb)
     for k, v in p.parts_gb.items():
         lines.append(f"  {k:<{width}}  {v:7.2f} GB")
-    lines.append(f"  {'total per device':<{width}}  {p.total_gb:7.2f} GB of {p.device_memory_gb:g} GB: {'fits' if p.fits else 'DOES NOT FIT'}")
+    lines.append(
+        f"  {'total per device':<{width}}  {p.total_gb:7.2f} GB of {p.device_memory_gb:g} GB: {'fits' if p.fits else 'DOES NOT FIT'}"
+    )
     return "\n".join(lines)
 
 

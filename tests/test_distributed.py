@@ -170,7 +170,7 @@ def test_float64_losses_travel_exactly_as_float32():
     np.testing.assert_array_equal(join_float64(pieces), x)
 
 
-_EVAL_WORKER = '''
+_EVAL_WORKER = """
 import json, logging, sys
 import mindspore as ms, numpy as np
 from bit_zoo.data import create_loader
@@ -206,7 +206,7 @@ finally:
 out["raw_again"] = evaluate(net, whole.dataset, dist=dist, num_images=len(whole.indices))
 with open(sys.argv[1] + f".rank{dist.rank}.json", "w") as f:
     json.dump(out, f)
-'''
+"""
 
 
 def _free_port() -> int:
