@@ -185,6 +185,7 @@ class Plan:
     parts_gb: dict[str, float] = field(default_factory=dict)
     total_gb: float = 0.0
     fits: bool = False
+    activations_gb: dict[str, float] = field(default_factory=dict)  # kept activations both ways, for comparison
 
 
 def plan(
@@ -235,10 +236,14 @@ def plan(
         "runtime reserve (assumed)": int(reserved_gb * GB),
     }
     parts_gb = {k: round(v / GB, 2) for k, v in parts.items()}
+    both = {}
+    for rc in (False, True):
+        a = activation_bytes(g, int(image_size), micro, fp16=fp16, recompute=rc)
+        both["with recompute" if rc else "without recompute"] = round((a["stem"] + a["units"] + a["head"]) / GB, 2)
     total = sum(parts.values()) / GB
     return Plan(
         config_name, model, devices, micro, int(image_size), str(merged["amp_level"]), recompute, accum, p,
-        device_memory_gb, parts_gb, round(total, 2), total <= device_memory_gb,
+        device_memory_gb, parts_gb, round(total, 2), total <= device_memory_gb, both,
     )  # fmt: skip
 
 
@@ -290,6 +295,7 @@ def format_plan(p: Plan) -> str:
     lines.append(
         f"  {'total per device':<{width}}  {p.total_gb:7.2f} GB of {p.device_memory_gb:g} GB: {'fits' if p.fits else 'DOES NOT FIT'}"
     )
+    lines.append("  activations: " + ", ".join(f"{v:.2f} GB {k}" for k, v in p.activations_gb.items()))
     return "\n".join(lines)
 
 
