@@ -181,8 +181,8 @@ class StdConv2d(_Float32Statistics):
 class GroupNormAct(_Float32Statistics):
     """GroupNorm (32 groups, eps 1e-5, affine) optionally followed by ReLU: BiT's pre-activation.
 
-    Statistics, affine and ReLU in float32 under every AMP level (see _Float32Statistics); the
-    output is cast to the AMP compute dtype (fp16 under O2/O3), or without AMP to the input's dtype.
+    Statistics and affine in float32 under every AMP level (see _Float32Statistics); the output is
+    cast to the AMP compute dtype (fp16 under O2/O3), or without AMP to the input's dtype, then ReLU.
     """
 
     def __init__(self, num_channels: int, *, num_groups: int = 32, eps: float = 1e-5, act: bool = True, conv_impl: str = "auto") -> None:
@@ -211,9 +211,12 @@ class GroupNormAct(_Float32Statistics):
             var = ((g - mean) ** 2).mean(axis=2, keep_dims=True)
             y = ((g - mean) / ops.sqrt(var + self.eps)).reshape(n, c, h, w)
             y = y * gamma.reshape(1, c, 1, 1) + beta.reshape(1, c, 1, 1)
+        # ReLU after the cast gives the same values (rounding commutes with max(0, .)), and the
+        # tensor its backward keeps is then the fp16 one the next convolution keeps anyway.
+        y = y.astype(out_dtype)
         if self.act:
             y = ops.relu(y)
-        return y.astype(out_dtype)
+        return y
 
 
 # ----------------------------------------------------------------------------------------------
