@@ -52,12 +52,77 @@ def resolve_conv_impl(conv_impl: str | None = "auto") -> str:
     return choice
 
 
-class StdConv2d(nn.Cell):
+# The flags mindspore.amp.auto_mixed_precision (Cell.to_float) sets on every cell, and the dtype each asks for.
+_AMP_FLAGS = {"fp16": ms.float16, "bf16": ms.bfloat16, "fp32": ms.float32}
+
+
+class _Float32Statistics(nn.Cell):
+    """A cell whose own parameters and statistics stay float32 under any AMP level.
+
+    Why: amp O2/O3 flag every cell fp16 (``Cell.to_float``), and a flagged cell reads its
+    Parameters cast to fp16. The weight standardisation then averages fp16-rounded weights, with
+    eps 1e-10 below fp16's smallest subnormal: a low-variance filter divides by about zero.
+    This cell keeps the float32 flag for itself whatever it is asked, records the requested
+    dtype in ``compute_dtype``, and its children (the convolution itself) keep the requested
+    flag, so the data-heavy work still runs in fp16.
+    """
+
+    compute_dtype = None  # None: no AMP flag seen; the activations keep their own dtype
+
+    def add_flags(self, **flags):
+        requested = {k: flags.pop(k) for k in _AMP_FLAGS if k in flags}
+        if requested:
+            chosen = [_AMP_FLAGS[k] for k, on in requested.items() if on]
+            # Instance attribute: a graph-mode construct reads it as a constant.
+            self.compute_dtype = chosen[-1] if chosen else ms.float32
+            flags["fp32"] = True
+        return super().add_flags(**flags)
+
+
+class _Conv(nn.Cell):
+    """The convolution of a standardized weight, on the native or the unfold path; no parameters.
+
+    A child cell of StdConv2d so that AMP's fp16 flag applies here (activations and the cast
+    weight in fp16) while StdConv2d itself computes the weight statistics in float32.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int, padding: int, conv_impl: str) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        # Which rewrite the unfold path needs; decided once here so construct has no host logic.
+        self._unfold = conv_impl == "unfold" and kernel_size > 1
+        self._subsample = conv_impl == "unfold" and kernel_size == 1 and stride > 1
+        if self._subsample:
+            self.pool = nn.AvgPool2d(kernel_size=1, stride=stride)
+
+    def construct(self, x: ms.Tensor, w: ms.Tensor) -> ms.Tensor:
+        # Equal dtypes for the conv (graph-mode fp16 compiles only so): the activation's.
+        w = w.astype(x.dtype)
+        if self._unfold:
+            n, c, h, wd = x.shape
+            k, s, p = self.kernel_size, self.stride, self.padding
+            ho = (h + 2 * p - k) // s + 1
+            wo = (wd + 2 * p - k) // s + 1
+            # unfold orders its C*k*k rows channel-major, then kh, then kw: the OIHW flattening.
+            cols = ops.unfold(x, k, 1, p, s).reshape(n, c * k * k, ho, wo)
+            return ops.conv2d(cols, w.reshape(self.out_channels, c * k * k, 1, 1))
+        if self._subsample:
+            return ops.conv2d(self.pool(x), w)
+        return ops.conv2d(x, w, stride=self.stride, pad_mode="pad", padding=self.padding)
+
+
+class StdConv2d(_Float32Statistics):
     """Weight-standardized conv without bias (BiT): per output channel, w <- (w - mean) / sqrt(var + eps).
 
     eps is 1e-10 as in the upstream TF/JAX release (timm and HF use 1e-8; ~1e-5 in logits).
     Padding is symmetric zero padding: BiT's reference uses explicit pads, never TF "SAME", which
     on stride-2 convs pads 0 before / 1 after and shifts the sampling grid.
+    The mean and variance are float32 under every AMP level (see _Float32Statistics); the
+    standardized weight is then cast to the convolution's dtype.
     """
 
     def __init__(
@@ -87,14 +152,11 @@ class StdConv2d(nn.Cell):
         # (cuDNN's batch norm refuses eps below 1e-5, and Ascend's has its own layouts).
         self._fused = self.conv_impl == "unfold"
         self._standardize = _stats_norm_op(eps)
-        # Which rewrite the unfold path needs; decided once here so construct has no host logic.
-        self._unfold = self.conv_impl == "unfold" and kernel_size > 1
-        self._subsample = self.conv_impl == "unfold" and kernel_size == 1 and stride > 1
-        if self._subsample:
-            self.pool = nn.AvgPool2d(kernel_size=1, stride=stride)
+        self.conv = _Conv(in_channels, out_channels, kernel_size, stride=stride, padding=padding, conv_impl=self.conv_impl)
 
     def standardized_weight(self, dtype: ms.Type) -> ms.Tensor:
-        w = self.weight
+        # float32 whatever the parameter's storage or the AMP level: the statistics need it.
+        w = self.weight.astype(ms.float32)
         if self._fused:
             # One fused kernel instead of ~8 elementwise ops and reductions (the CPU ReduceMean is
             # slow): each output channel is a "batch-norm channel" of a (1, O, I*k*k, 1) tensor.
@@ -103,22 +165,11 @@ class StdConv2d(nn.Cell):
             mean = w.mean(axis=(1, 2, 3), keep_dims=True)
             var = ((w - mean) ** 2).mean(axis=(1, 2, 3), keep_dims=True)
             w = (w - mean) / ops.sqrt(var + self.eps)
-        # Cast to the activation dtype so fp16 O2/O3 compiles in graph mode (conv wants equal dtypes).
         return w.astype(dtype)
 
     def construct(self, x: ms.Tensor) -> ms.Tensor:
-        w = self.standardized_weight(x.dtype)
-        if self._unfold:
-            n, c, h, wd = x.shape
-            k, s, p = self.kernel_size, self.stride, self.padding
-            ho = (h + 2 * p - k) // s + 1
-            wo = (wd + 2 * p - k) // s + 1
-            # unfold orders its C*k*k rows channel-major, then kh, then kw: the OIHW flattening.
-            cols = ops.unfold(x, k, 1, p, s).reshape(n, c * k * k, ho, wo)
-            return ops.conv2d(cols, w.reshape(self.out_channels, c * k * k, 1, 1))
-        if self._subsample:
-            return ops.conv2d(self.pool(x), w)
-        return ops.conv2d(x, w, stride=self.stride, pad_mode="pad", padding=self.padding)
+        # The weight goes in float32; the child casts it to the activation's (AMP) dtype.
+        return self.conv(x, self.standardized_weight(ms.float32))
 
     def extend_repr(self) -> str:
         return (
@@ -127,8 +178,12 @@ class StdConv2d(nn.Cell):
         )
 
 
-class GroupNormAct(nn.Cell):
-    """GroupNorm (32 groups, eps 1e-5, affine) optionally followed by ReLU: BiT's pre-activation."""
+class GroupNormAct(_Float32Statistics):
+    """GroupNorm (32 groups, eps 1e-5, affine) optionally followed by ReLU: BiT's pre-activation.
+
+    Statistics and affine in float32 under every AMP level (see _Float32Statistics); the output is
+    cast to the AMP compute dtype (fp16 under O2/O3), or without AMP to the input's dtype, then ReLU.
+    """
 
     def __init__(self, num_channels: int, *, num_groups: int = 32, eps: float = 1e-5, act: bool = True, conv_impl: str = "auto") -> None:
         super().__init__()
@@ -143,22 +198,25 @@ class GroupNormAct(nn.Cell):
 
     def construct(self, x: ms.Tensor) -> ms.Tensor:
         n, c, h, w = x.shape
-        dtype = x.dtype
-        if dtype != ms.float32:
-            x = x.astype(ms.float32)
+        out_dtype = x.dtype if self.compute_dtype is None else self.compute_dtype
+        x = x.astype(ms.float32)
+        gamma, beta = self.gamma, self.beta  # float32: this cell keeps the fp32 flag under AMP
         if self._fused:
             # The statistics of group g of sample i are those of "batch-norm channel" i * G + g.
             y = _batch_stats_norm(self._norm, x.reshape(1, n * self.num_groups, -1, w)).reshape(n, c, h, w)
-            y = _channel_affine(y, self.gamma, self.beta)
+            y = _channel_affine(y, gamma, beta)
         else:
             g = x.reshape(n, self.num_groups, -1)
             mean = g.mean(axis=2, keep_dims=True)
             var = ((g - mean) ** 2).mean(axis=2, keep_dims=True)
             y = ((g - mean) / ops.sqrt(var + self.eps)).reshape(n, c, h, w)
-            y = y * self.gamma.reshape(1, c, 1, 1) + self.beta.reshape(1, c, 1, 1)
+            y = y * gamma.reshape(1, c, 1, 1) + beta.reshape(1, c, 1, 1)
+        # ReLU after the cast gives the same values (rounding commutes with max(0, .)), and the
+        # tensor its backward keeps is then the fp16 one the next convolution keeps anyway.
+        y = y.astype(out_dtype)
         if self.act:
             y = ops.relu(y)
-        return y.astype(dtype)
+        return y
 
 
 # ----------------------------------------------------------------------------------------------

@@ -244,3 +244,40 @@ def test_no_reference_conv_kernel(tmp_path):
     # onednn_verbose,v1,primitive,exec,cpu,convolution,<implementation>,<propagation>,...
     impls = {line.split(",")[6] for line in convs}
     assert not [impl for impl in impls if "ref" in impl], impls
+
+
+class _ConvNorm(nn.Cell):
+    def __init__(self, impl: str) -> None:
+        super().__init__()
+        self.conv = StdConv2d(4, 8, 3, padding=1, conv_impl=impl)
+        self.norm = GroupNormAct(8, num_groups=2, conv_impl=impl)
+
+    def construct(self, x):
+        return self.norm(self.conv(x))
+
+
+@pytest.mark.parametrize("impl", ["native", "unfold"])
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_amp_o2_keeps_statistics_in_float32(mode, impl):
+    """A near-constant filter (1 + 1e-3 noise: the noise is below fp16's spacing at 1) under amp O2
+    gives the fp32 result up to fp16 rounding of the convolution. With the weight read in fp16 its
+    variations vanish and the standardisation divides ~0 by sqrt(1e-10): ~25% of the output scale."""
+    rng = np.random.default_rng(7)
+    w = (1.0 + 1e-3 * rng.standard_normal((8, 4, 3, 3))).astype(np.float32)
+    x = ms.Tensor(rng.standard_normal((2, 4, 6, 6)).astype(np.float32))
+
+    def build():
+        net = _ConvNorm(impl)
+        net.conv.weight.set_data(ms.Tensor(w))
+        return net
+
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+    try:
+        ref = build()(x).asnumpy()
+        amp = ms.amp.auto_mixed_precision(build(), "O2")
+        out = amp(x).asnumpy()
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    diff = np.abs(out - ref).max()
+    assert diff <= 2e-3 * np.abs(ref).max(), diff
+    assert diff > 0  # the convolution itself did run in fp16

@@ -1,12 +1,14 @@
-"""Evaluation (top-1, top-5, loss over every image), progress bars, the metrics file and plots."""
+"""Evaluation (top-1, top-5, loss over every image; sharded over ranks), progress bars, the metrics file and plots."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import mindspore as ms
@@ -15,19 +17,32 @@ from mindspore import nn
 
 from ..atomic import atomic_path
 
-__all__ = ["evaluate", "Progress", "MetricsLog", "plot_curves", "topk_correct"]
+__all__ = [
+    "evaluate",
+    "evaluate_part",
+    "combine_parts",
+    "gather_parts",
+    "split_float64",
+    "join_float64",
+    "EvalPart",
+    "Progress",
+    "MetricsLog",
+    "plot_curves",
+    "topk_correct",
+]
 
 _logger = logging.getLogger(__name__)
 
 
 def topk_correct(logits: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[int, int]:
     """Number of rows whose label is among the k largest logits, for each k (k capped at classes)."""
+    return {k: int(hits.sum()) for k, hits in _topk_hits(logits, labels, ks).items()}
+
+
+def _topk_hits(logits: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[int, np.ndarray]:
     labels = labels.argmax(-1) if labels.ndim == 2 else labels
     order = np.argsort(-logits, axis=-1)
-    out = {}
-    for k in ks:
-        out[k] = int((order[:, : min(k, logits.shape[-1])] == labels[:, None]).any(axis=1).sum())
-    return out
+    return {k: (order[:, : min(k, logits.shape[-1])] == labels[:, None]).any(axis=1) for k in ks}
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -35,29 +50,162 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def evaluate(net: nn.Cell, dataset, *, progress: bool = False, desc: str = "eval") -> dict:
-    """top1 / top5 (percent), mean cross-entropy and the image count over one pass of dataset.
+@dataclass
+class EvalPart:
+    """One rank's share of an evaluation: hit counts and every image's loss (float64)."""
 
-    The dataset must keep its remainder (drop_remainder=False) so every image counts.
+    rank: int
+    top1: int
+    top5: int
+    losses: np.ndarray
+    seconds: float = 0.0
+
+    @property
+    def images(self) -> int:
+        return len(self.losses)
+
+
+def evaluate(
+    net: nn.Cell,
+    dataset,
+    *,
+    dist=None,
+    sharded: bool = False,
+    num_images: int | None = None,
+    progress: bool = False,
+    desc: str = "eval",
+) -> dict:
+    """top1 / top5 (percent), mean cross-entropy and the image count over one pass of the eval split.
+
+    The dataset must keep its remainder (drop_remainder=False) so every image counts. With
+    ``dist`` (a DistInfo, or anything with ``rank`` and ``world_size``) of several ranks, every
+    rank must call this (a collective at the end) and evaluates only its share:
+
+    * ``sharded=True``: ``dataset`` already is this rank's shard, as
+      ``create_loader(..., num_shards=world_size, shard_id=rank)`` builds it for an eval split
+      (records rank, rank + W, ...; no padding, shards disjoint and covering the split once).
+    * ``sharded=False``: ``dataset`` is the whole split on every rank; this rank runs the model on
+      batches rank, rank + W, ... only (the pipeline still reads the others).
+
+    ``num_images`` (``len(DataInfo.indices)``, the split's size) is checked against the images
+    counted over all ranks: a shard padded or cut would fail here rather than skew the numbers.
+
+    The result equals a single-process evaluation exactly: the hit counts are integers and the
+    loss is the correctly rounded sum (math.fsum) of every image's float64 loss, gathered from all
+    ranks, so neither the shard boundaries nor the summation order change a bit. Each batch is
+    padded to the first batch's size (the padded rows are dropped) so graph mode compiles one
+    shape, and an image's logits do not depend on the batch it sits in.
     """
+    rank, world = (0, 1) if dist is None else (int(dist.rank), int(dist.world_size))
+    part = evaluate_part(net, dataset, rank=rank, world_size=world, sharded=sharded, progress=progress, desc=desc)
+    parts = [part] if world == 1 else gather_parts(part, world)
+    return combine_parts(parts, sharded=sharded, num_images=num_images)
+
+
+def evaluate_part(
+    net: nn.Cell, dataset, *, rank: int = 0, world_size: int = 1, sharded: bool = False, progress: bool = False, desc: str = "eval"
+) -> EvalPart:
+    """This rank's share of the evaluation (no communication): see :func:`evaluate`."""
     net.set_train(False)
-    n = 0
-    loss_sum = 0.0
-    correct = {1: 0, 5: 0}
+    top1 = top5 = 0
+    losses = []
     start = time.perf_counter()
+    batch_size = None
     batches = dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)
-    for images, labels in Progress(batches, total=dataset.get_dataset_size(), desc=desc, enabled=progress):
-        logits = net(ms.Tensor(images)).asnumpy().astype(np.float64)
+    total = dataset.get_dataset_size()
+    for index, (images, labels) in enumerate(Progress(batches, total=total, desc=desc, enabled=progress)):
+        if batch_size is None:
+            batch_size = len(images)
+        if not sharded and index % world_size != rank:
+            continue  # another rank's batch
+        real = len(images)
+        if real < batch_size:
+            images = np.concatenate([images, np.repeat(images[-1:], batch_size - real, axis=0)])
+        logits = net(ms.Tensor(images)).asnumpy()[:real].astype(np.float64)
         labels = np.asarray(labels)
         hard = labels.argmax(-1) if labels.ndim == 2 else labels.astype(np.int64)
-        loss_sum += float(-_log_softmax(logits)[np.arange(len(hard)), hard].sum())
-        for k, c in topk_correct(logits, hard).items():
-            correct[k] += c
-        n += len(hard)
+        losses.append(-_log_softmax(logits)[np.arange(real), hard])
+        hits = _topk_hits(logits, hard)
+        top1 += int(hits[1].sum())
+        top5 += int(hits[5].sum())
+    loss = np.concatenate(losses) if losses else np.zeros(0, np.float64)
+    return EvalPart(rank, top1, top5, loss, time.perf_counter() - start)
+
+
+def combine_parts(parts: list[EvalPart], *, sharded: bool = False, num_images: int | None = None) -> dict:
+    """The evaluation result from every rank's part (in rank order); checks every image counted once."""
+    n = sum(p.images for p in parts)
     if n == 0:
         raise ValueError("the evaluation split is empty: check data_dir, val_split and num_samples")
-    seconds = time.perf_counter() - start
-    return {"top1": 100.0 * correct[1] / n, "top5": 100.0 * correct[5] / n, "loss": loss_sum / n, "images": n, "seconds": seconds}
+    world = len(parts)
+    if sharded and world > 1:
+        # Disjoint strided shards of n records hold len(range(rank, n, world)) each.
+        expected = [len(range(p.rank, n, world)) for p in parts]
+        if [p.images for p in parts] != expected:
+            raise ValueError(
+                f"ranks evaluated {[p.images for p in parts]} images but disjoint shards of {n} hold {expected}: build the eval "
+                "loader with num_shards=world_size, shard_id=rank, drop_remainder=False (no padding), or pass sharded=False"
+            )
+    if num_images is not None and n != num_images:
+        raise ValueError(
+            f"{n} images evaluated over {world} rank(s) but the split has {num_images}: a shard was padded, cut or evaluated twice "
+            "(eval loader: drop_remainder=False, num_shards=world_size, shard_id=rank with sharded=True; the whole split with sharded=False)"
+        )
+    loss_sum = math.fsum(x for p in parts for x in p.losses.tolist())
+    top1 = sum(p.top1 for p in parts)
+    top5 = sum(p.top5 for p in parts)
+    seconds = max(p.seconds for p in parts)
+    return {
+        "top1": 100.0 * top1 / n,
+        "top5": 100.0 * top5 / n,
+        "loss": loss_sum / n,
+        "images": n,
+        "seconds": seconds,
+        "ranks": world,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Communication. MindSpore's CPU collectives take float32/float16 only and AllReduce only sums,
+# so everything travels as float32 through AllGather: counts exactly (below 2**24), and each
+# float64 loss as three float32 pieces whose sum is that float64 exactly.
+
+
+def split_float64(x: np.ndarray) -> np.ndarray:
+    """(n,) float64 -> (n, 3) float32 with a + b + c == x exactly (in float64, added in order)."""
+    x = np.asarray(x, np.float64)
+    a = x.astype(np.float32)
+    r = x - a.astype(np.float64)
+    b = r.astype(np.float32)
+    c = (r - b.astype(np.float64)).astype(np.float32)
+    return np.stack([a, b, c], axis=-1)
+
+
+def join_float64(pieces: np.ndarray) -> np.ndarray:
+    p = np.asarray(pieces).astype(np.float64)
+    return (p[..., 0] + p[..., 1]) + p[..., 2]
+
+
+def _all_gather(x: np.ndarray) -> np.ndarray:
+    from mindspore import ops
+
+    return ops.AllGather()(ms.Tensor(np.ascontiguousarray(x, np.float32))).asnumpy()
+
+
+def gather_parts(part: EvalPart, world_size: int) -> list[EvalPart]:
+    """Every rank's EvalPart on every rank (two AllGathers: the counts, then the padded losses)."""
+    if part.images >= 2**24:
+        raise ValueError(f"{part.images} images on one rank: counts travel as float32, exact below 2**24 only")
+    header = _all_gather(np.array([part.images, part.top1, part.top5, part.seconds], np.float32)).reshape(world_size, 4)
+    counts = header[:, 0].astype(np.int64)
+    width = max(1, int(counts.max()))
+    mine = np.zeros((width, 3), np.float32)
+    mine[: part.images] = split_float64(part.losses)
+    pieces = _all_gather(mine).reshape(world_size, width, 3)
+    return [
+        EvalPart(r, int(header[r, 1]), int(header[r, 2]), join_float64(pieces[r, : counts[r]]), float(header[r, 3]))
+        for r in range(world_size)
+    ]
 
 
 class Progress:
