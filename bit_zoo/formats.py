@@ -83,12 +83,30 @@ def _float32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)  # no copy when it already is
 
 
+def _transpose2d(a: np.ndarray, tile: int = 64) -> np.ndarray:
+    """a.T as a new contiguous float32 array, copied in cache-sized tiles.
+
+    numpy's plain copy of a transposed view strides through memory: for the 6144 x 21843
+    classifier of R101x3 it takes ~3 s, in 64 x 64 tiles ~1.2 s (measured on the 2-core CPU box).
+    """
+    rows, cols = a.shape
+    out = np.empty((cols, rows), np.float32)
+    for i in range(0, cols, tile):
+        for j in range(0, rows, tile):
+            out[i : i + tile, j : j + tile] = a[j : j + tile, i : i + tile].T
+    return out
+
+
 def _hwio_to_oihw(a: np.ndarray) -> np.ndarray:
-    return _float32(a.transpose(3, 2, 0, 1)) if a.ndim == 4 else _float32(a)
+    if a.ndim != 4:
+        return _float32(a)
+    h, w, i, o = a.shape
+    oki = _transpose2d(a.reshape(h * w * i, o)).reshape(o, h * w, i)  # the big transpose, tiled
+    return _float32(oki.transpose(0, 2, 1)).reshape(o, i, h, w) if h * w > 1 else oki.reshape(o, i, h, w)
 
 
 def _npz_head(a: np.ndarray) -> np.ndarray:  # [1, 1, C, K] -> [K, C]
-    return _float32(a.reshape(a.shape[-2], a.shape[-1]).T)
+    return _transpose2d(a.reshape(a.shape[-2], a.shape[-1]))
 
 
 def _conv_head(a: np.ndarray) -> np.ndarray:  # 1x1 conv classifier [K, C, 1, 1] -> [K, C]

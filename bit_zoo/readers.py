@@ -6,7 +6,7 @@ is 2 GB, bit_m_r152x4 3.7 GB). A reader here hands out one array, the loader con
 into its parameter and drops it.
 
     npz          a zip of .npy members; shapes from each member's header
-    safetensors  safetensors' safe_open (memory-mapped), shapes from its header
+    safetensors  its JSON header gives names, shapes and offsets
     ckpt         MindSpore's protobuf checkpoint, parsed in place over a memory map (its layout:
                  repeated Value{tag, TensorProto{dims, tensor_type, tensor_content}}; a tensor
                  over 512 MB is written as consecutive Values with the same tag)
@@ -14,8 +14,10 @@ into its parameter and drops it.
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
+import struct
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -83,29 +85,51 @@ class _NpzReader(ArrayReader):
         self._z.close()
 
 
-class _SafetensorsReader(ArrayReader):
-    def __init__(self, path: Path) -> None:
-        from safetensors import safe_open
+_SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I32": np.int32, "I64": np.int64, "U8": np.uint8, "I8": np.int8}
 
-        self._f = safe_open(str(path), framework="numpy")
-        self._names = list(self._f.keys())
+
+class _SafetensorsReader(ArrayReader):
+    """The safetensors layout (8-byte little-endian header length, JSON header, raw data), read with
+    plain file reads: a memory map would count every page read in the process's RSS until closed."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "rb")
+        try:
+            (n,) = struct.unpack("<Q", self._file.read(8))
+            header = json.loads(self._file.read(n))
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            self._file.close()
+            raise ValueError(f"not a safetensors file ({e})") from e
+        header.pop("__metadata__", None)
+        self._base = 8 + n
+        self._entries = {}
+        for name, info in header.items():
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                self._file.close()
+                raise ValueError(f"tensor {name!r} has dtype {info['dtype']}, not a weights dtype")
+            self._entries[name] = (np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<"), tuple(info["shape"]), info["data_offsets"])
 
     def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._names:
-            raise KeyError(name)
-        return self._f.get_tensor(name)
+        dtype, shape, (begin, end) = self._entries[name]
+        out = np.empty(shape, dtype)
+        if out.nbytes != end - begin:
+            raise ValueError(f"tensor {name!r}: {end - begin} bytes do not fill its shape {shape}")
+        self._file.seek(self._base + begin)
+        if self._file.readinto(memoryview(out).cast("B")) != out.nbytes:
+            raise ValueError(f"tensor {name!r} is truncated")
+        return out
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self._entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._f.get_slice(name).get_shape())
+        return self._entries[name][1]
 
     def close(self) -> None:
-        self._f = None
+        self._file.close()
 
 
 def _varint(buf, pos: int) -> tuple[int, int]:
@@ -205,12 +229,15 @@ class _CkptReader(ArrayReader):
     def __getitem__(self, name: str) -> np.ndarray:
         dtype, dims, parts = self._entries[name]
         count = sum(b - a for a, b in parts) // dtype.itemsize
-        out = np.empty(count, dtype)  # an owned copy: the map is read-only and closed later
+        # Read with the file, not through the map: mapped pages would stay in this process's RSS.
+        out = np.empty(count, dtype)
+        view = memoryview(out).cast("B")
         i = 0
         for a, b in parts:
-            n = (b - a) // dtype.itemsize
-            out[i : i + n] = np.frombuffer(self._mm, dtype, n, a)
-            i += n
+            self._file.seek(a)
+            if self._file.readinto(view[i : i + b - a]) != b - a:
+                raise ValueError(f"checkpoint entry {name!r} is truncated")
+            i += b - a
         if int(np.prod(dims)) == count:
             return out.reshape(dims)
         if count == 1:  # a scalar is saved with dims [0] or []
