@@ -150,31 +150,27 @@ def export_model(
     else:
         x = ms.Tensor(np.zeros((batch_size, in_channels, img_size, img_size), np.float32))
     with atomic_path(output, suffix=output.suffix) as tmp:
-        ms.export(net, x, file_name=str(tmp.with_suffix("")), file_format=fmt)  # export appends the suffix
         if fmt == "ONNX":
-            _make_dims_dynamic(tmp)
+            from mindspore import onnx as ms_onnx  # ms.export(file_format="ONNX") is deprecated in 2.10
+
+            axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}}
+            ms_onnx.export(net, x, file_name=str(tmp), input_names=["image"], output_names=["logits"], dynamic_axes=axes)
+            _name_output_batch(tmp)
+        else:
+            ms.export(net, x, file_name=str(tmp.with_suffix("")), file_format=fmt)  # export appends .mindir
     _logger.info("exported %s (%s, %dx%d, dynamic batch) to %s", fmt, "x".join(map(str, layers)), img_size, img_size, output)
     return output
 
 
-def _make_dims_dynamic(path: Path) -> None:
-    """Name the batch (and spatial) axes of the graph's input and output symbolic.
-
-    MindSpore's ONNX exporter writes the example input's fixed shape; every reshape in
-    ExportResNetV2 is free of batch and spatial sizes, so only the declared shapes pin them.
-    """
+def _name_output_batch(path: Path) -> None:
+    """Declare the output's batch axis symbolic: MindSpore 2.10 applies dynamic_axes to inputs only,
+    and onnxruntime then warns on every batch size but the example's."""
     import onnx
 
     model = onnx.load(str(path))
-    graph = model.graph
-    inp = graph.input[0].type.tensor_type.shape.dim
-    for d, name in zip(inp, ("batch", None, "height", "width")):
-        if name:
-            d.ClearField("dim_value")
-            d.dim_param = name
-    out = graph.output[0].type.tensor_type.shape.dim
-    out[0].ClearField("dim_value")
-    out[0].dim_param = "batch"
-    del graph.value_info[:]  # intermediate shapes recorded at the example size would contradict other sizes
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    dim = model.graph.output[0].type.tensor_type.shape.dim[0]
+    if dim.dim_param != "batch":
+        dim.ClearField("dim_value")
+        dim.dim_param = "batch"
+        onnx.checker.check_model(model)
+        onnx.save(model, str(path))
