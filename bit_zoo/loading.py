@@ -344,17 +344,27 @@ def load_pretrained(model: ms.nn.Cell, weights: Weights | None = None) -> None:
 
 
 def save_weights(params: Mapping[str, np.ndarray], path: str | os.PathLike, *, fmt: str | None = None) -> Path:
-    """Write parameters as .ckpt or .safetensors (by fmt or suffix), atomically."""
+    """Write parameters as .ckpt or .safetensors (by fmt or suffix), atomically.
+
+    Float arrays are written as float32; other dtypes (the uint8 meta.json entry, integer
+    training state) keep theirs.
+    """
     path = Path(path)
     fmt = fmt or path.suffix.lstrip(".")
     if fmt not in ("ckpt", "safetensors"):
         raise ValueError(f"unsupported output format {fmt!r} for {path}: use a .ckpt or .safetensors name")
+    arrays = {k: _storable(v) for k, v in params.items()}
     # save_checkpoint appends .ckpt to names that lack it: the temporary name keeps the format's suffix
     with atomic_path(path, suffix=f".{fmt}") as tmp:
         if fmt == "safetensors":
             from safetensors.numpy import save_file
 
-            save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()}, str(tmp), metadata={"format": "bit_zoo"})
+            save_file(arrays, str(tmp), metadata={"format": "bit_zoo"})
         else:
-            ms.save_checkpoint([{"name": k, "data": ms.Tensor(np.asarray(v, dtype=np.float32))} for k, v in params.items()], str(tmp))
+            ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in arrays.items()], str(tmp))
     return path
+
+
+def _storable(v) -> np.ndarray:
+    a = np.asarray(v)
+    return np.ascontiguousarray(a, dtype=np.float32 if np.issubdtype(a.dtype, np.floating) else a.dtype)
