@@ -30,9 +30,11 @@ setup(
         "scikit-learn>=1.0",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "onnx>=1.14", "onnxruntime>=1.16"],
         # the independent reference for the parity tests (torch + timm); see README
         "parity": ["timm>=0.9"],
+        # ONNX export (python -m bit_zoo.convert --output model.onnx) and running the result
+        "onnx": ["onnx>=1.14", "onnxruntime>=1.16"],
     },
     entry_points={"console_scripts": ["bit-zoo-convert=bit_zoo.convert:main"]},
     classifiers=[

@@ -165,8 +165,10 @@ def export_model(
 def _name_output_batch(path: Path) -> None:
     """Declare the output's batch axis symbolic: MindSpore 2.10 applies dynamic_axes to inputs only,
     and onnxruntime then warns on every batch size but the example's."""
-    import onnx
-
+    try:
+        import onnx
+    except ImportError as e:
+        raise RuntimeError("ONNX export needs the onnx package: pip install 'bit_zoo[onnx]' (onnx, onnxruntime)") from e
     model = onnx.load(str(path))
     dim = model.graph.output[0].type.tensor_type.shape.dim[0]
     if dim.dim_param != "batch":
