@@ -55,7 +55,9 @@ class Architecture:
         self.name, self.layers, self.width_factor, self.record = name, tuple(layers), width_factor, record
 
 
-def resolve_architecture(model: str | None, *, layers: tuple[int, ...] | None = None, width_factor: int | None = None, meta: dict | None = None) -> Architecture:
+def resolve_architecture(
+    model: str | None, *, layers: tuple[int, ...] | None = None, width_factor: int | None = None, meta: dict | None = None
+) -> Architecture:
     """--model (registered name or 'resnetv2' + geometry), else the input's meta.json; an error otherwise."""
     if model is None and meta is not None:
         model = meta.get("model")
@@ -70,7 +72,9 @@ def resolve_architecture(model: str | None, *, layers: tuple[int, ...] | None = 
             raise ValueError(f"--layers needs four units-per-stage counts, got {list(layers)}")
         return Architecture(CUSTOM_MODEL, layers, width_factor)
     if not is_model(model):
-        raise ValueError(f"unknown model {model!r}: one of {', '.join(list_models())}, a name.tag, or {CUSTOM_MODEL} with --layers/--width_factor")
+        raise ValueError(
+            f"unknown model {model!r}: one of {', '.join(list_models())}, a name.tag, or {CUSTOM_MODEL} with --layers/--width_factor"
+        )
     record = get_weights(model)
     if layers and tuple(layers) != tuple(record.layers) or width_factor and width_factor != record.width_factor:
         raise ValueError(f"{model} is R{record.layers}x{record.width_factor}; --layers/--width_factor contradict it (use --model resnetv2)")
@@ -182,16 +186,37 @@ def _layers_arg(text: str) -> tuple[int, ...]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bit_zoo.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help=f"registered name or name.tag (bit_zoo.list_models()), or {CUSTOM_MODEL}; default: the input's meta.json")
+    p.add_argument(
+        "--model", help=f"registered name or name.tag (bit_zoo.list_models()), or {CUSTOM_MODEL}; default: the input's meta.json"
+    )
     p.add_argument("--layers", type=_layers_arg, help="units per stage for --model resnetv2, e.g. 3,4,6,3")
     p.add_argument("--width_factor", "--width-factor", dest="width_factor", type=int, help="width W for --model resnetv2")
-    p.add_argument("--input", help="weights file (.npz, timm .safetensors, mindcv .ckpt, bit_zoo .ckpt/.safetensors); default: the pretrained weights")
+    p.add_argument(
+        "--input", help="weights file (.npz, timm .safetensors, mindcv .ckpt, bit_zoo .ckpt/.safetensors); default: the pretrained weights"
+    )
     p.add_argument("--output", required=True, help=f"output file, one of {', '.join(OUTPUT_FORMATS)}")
     p.add_argument(
-        "--num_classes", "--num-classes", dest="num_classes", type=int, help="classifier size (default: the input's); another count zeroes the head"
+        "--num_classes",
+        "--num-classes",
+        dest="num_classes",
+        type=int,
+        help="classifier size (default: the input's); another count zeroes the head",
     )
-    p.add_argument("--img_size", "--img-size", dest="img_size", type=int, help="export resolution of the example input (default: the weights' eval size)")
-    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=1, help="batch of the example input (the exported batch axis is dynamic)")
+    p.add_argument(
+        "--img_size",
+        "--img-size",
+        dest="img_size",
+        type=int,
+        help="export resolution of the example input (default: the weights' eval size)",
+    )
+    p.add_argument(
+        "--batch_size",
+        "--batch-size",
+        dest="batch_size",
+        type=int,
+        default=1,
+        help="batch of the example input (the exported batch axis is dynamic)",
+    )
     p.add_argument("--ema", action="store_true", help="take the EMA weights of a training checkpoint")
     return p
 

@@ -111,7 +111,13 @@ class ExportResNetV2(nn.Cell):
             for u in range(depth):
                 prefix = f"stages.{s}.blocks.{u}."
                 units.append(
-                    _Unit(params, prefix, stride=(1 if s == 0 else 2) if u == 0 else 1, has_proj=prefix + "downsample.weight" in params, eps=eps)
+                    _Unit(
+                        params,
+                        prefix,
+                        stride=(1 if s == 0 else 2) if u == 0 else 1,
+                        has_proj=prefix + "downsample.weight" in params,
+                        eps=eps,
+                    )
                 )
         self.units = nn.SequentialCell(units)
         self.norm = _GroupNormReLU(params["norm.gamma"], params["norm.beta"])

@@ -235,7 +235,9 @@ def _timm_available() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bit_zoo.load_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bit_zoo.load_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="bit_m_r101x3", help="registered name; its default record's classes are used")
     p.add_argument("--dir", default=None, help="where the generated files live (default: $BIT_ZOO_HOME/load_bench)")
     p.add_argument("--formats", default="npz,mindcv_ckpt,timm_safetensors", help="comma-separated subset to measure")
@@ -276,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         time_ok = ref is None or ours["seconds"] <= ref["seconds"]
         ok &= mem_ok and time_ok
         vs = f"timm {ref['seconds']:.2f} s / {ref['peak_rss_mib']:.0f} MiB" if ref else "timm n/a"
-        print(f"{fmt:17s} peak {'OK' if mem_ok else 'OVER'} ({ours['peak_rss_mib'] / weights_mib:.2f}x)  time {'OK' if time_ok else 'SLOWER'} ({vs})")
+        print(
+            f"{fmt:17s} peak {'OK' if mem_ok else 'OVER'} ({ours['peak_rss_mib'] / weights_mib:.2f}x)  time {'OK' if time_ok else 'SLOWER'} ({vs})"
+        )
     return 0 if ok else 1
 
 

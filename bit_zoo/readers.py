@@ -85,7 +85,15 @@ class _NpzReader(ArrayReader):
         self._z.close()
 
 
-_SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I32": np.int32, "I64": np.int64, "U8": np.uint8, "I8": np.int8}
+_SAFETENSORS_DTYPES = {
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "I32": np.int32,
+    "I64": np.int64,
+    "U8": np.uint8,
+    "I8": np.int8,
+}
 
 
 class _SafetensorsReader(ArrayReader):
@@ -107,7 +115,11 @@ class _SafetensorsReader(ArrayReader):
             if info["dtype"] not in _SAFETENSORS_DTYPES:
                 self._file.close()
                 raise ValueError(f"tensor {name!r} has dtype {info['dtype']}, not a weights dtype")
-            self._entries[name] = (np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<"), tuple(info["shape"]), info["data_offsets"])
+            self._entries[name] = (
+                np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<"),
+                tuple(info["shape"]),
+                info["data_offsets"],
+            )
 
     def __getitem__(self, name: str) -> np.ndarray:
         dtype, shape, (begin, end) = self._entries[name]
