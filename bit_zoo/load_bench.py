@@ -6,7 +6,8 @@ Builds (once; reused when present) random weights of the model's default record 
 layouts: the upstream .npz (TF names, HWIO), a mindcv-named MindSpore .ckpt and timm's
 state_dict as .safetensors (the hub's layout). Then, for each file, creates the model in a fresh
 subprocess per library and reports that process's peak RSS (VmHWM: imports included) and the
-wall time of the creation call alone. timm (optional) runs when importable; it cannot read the
+wall time of the creation call alone (the file is read once beforehand, so both start from the
+page cache). timm (optional) runs when importable; it cannot read the
 mindcv .ckpt. The files are written array by array, so building them needs about one array of
 memory, not the whole model.
 
@@ -215,7 +216,16 @@ def _worker(lib: str, model_name: str, path: str, fmt: str) -> dict:
     return {"lib": lib, "format": fmt, "seconds": seconds, "peak_rss_mib": peak, "rss_after_import_mib": after_import, "params": n}
 
 
+def _warm(path: Path) -> None:
+    """Read the file once so that every measurement starts from the page cache: whichever library ran
+    first would otherwise pay for the disk alone."""
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
+
+
 def _measure(lib: str, model_name: str, path: Path, fmt: str) -> dict:
+    _warm(path)
     cmd = [sys.executable, "-m", "bit_zoo.load_bench", "--worker", lib, "--model", model_name, "--file", str(path), "--format", fmt]
     r = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
