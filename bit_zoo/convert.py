@@ -11,8 +11,8 @@ Face hub), mindcv .ckpt, bit_zoo .ckpt/.safetensors (training checkpoints too; -
 EMA weights). Without --input the model's pretrained weights are used (fetched into the cache).
 
 Outputs, by suffix: .ckpt, .safetensors (bit_zoo names, with the meta.json entry), .npz (the
-upstream layout), .onnx and .mindir (an export-only form of the network, see export.py, with a
-dynamic batch axis; ONNX also dynamic height and width). Every output is written under a
+upstream layout), .onnx and .mindir (an export-only form of the network, see export.py, with
+dynamic batch, height and width axes). Every output is written under a
 temporary name and renamed when complete.
 
 The architecture comes from --model (a registered name, or resnetv2 with --layers and

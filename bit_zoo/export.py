@@ -145,14 +145,14 @@ def export_model(
     in_channels: int = 3,
     batch_size: int = 1,
 ) -> Path:
-    """Export to .onnx or .mindir with a dynamic batch axis (and, for ONNX, dynamic height and width)."""
+    """Export to .onnx or .mindir with dynamic batch, height and width axes (img_size: ONNX's example input)."""
     output = Path(output)
     fmt = {".onnx": "ONNX", ".mindir": "MINDIR"}.get(output.suffix)
     if fmt is None:
         raise ValueError(f"export output {output} must end in .onnx or .mindir")
     net = ExportResNetV2(params, layers)
     if fmt == "MINDIR":
-        x = ms.Tensor(shape=[None, in_channels, img_size, img_size], dtype=ms.float32)  # dynamic batch
+        x = ms.Tensor(shape=[None, in_channels, None, None], dtype=ms.float32)  # dynamic batch, height and width
     else:
         x = ms.Tensor(np.zeros((batch_size, in_channels, img_size, img_size), np.float32))
     with atomic_path(output, suffix=output.suffix) as tmp:
@@ -164,7 +164,7 @@ def export_model(
             _name_output_batch(tmp)
         else:
             ms.export(net, x, file_name=str(tmp.with_suffix("")), file_format=fmt)  # export appends .mindir
-    _logger.info("exported %s (%s, %dx%d, dynamic batch) to %s", fmt, "x".join(map(str, layers)), img_size, img_size, output)
+    _logger.info("exported %s (units %s, dynamic batch, height and width) to %s", fmt, ",".join(map(str, layers)), output)
     return output
 
 

@@ -64,12 +64,12 @@ def test_onnx_dynamic_batch_and_size(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]
 
 
-def test_mindir_dynamic_batch(tiny, tmp_path):
+def test_mindir_dynamic_batch_and_size(tiny, tmp_path):
     model, params = tiny
     out = export_model(params, TINY, tmp_path / "tiny.mindir", img_size=64)
     net = ms.nn.GraphCell(ms.load(str(out)))
-    for batch, seed in [(1, 4), (5, 5)]:
-        x = _x(batch, 64, seed)
+    for batch, size, seed in [(1, 64, 4), (5, 64, 5), (2, 96, 6)]:  # two batch sizes, then another resolution
+        x = _x(batch, size, seed)
         _close(net(ms.Tensor(x)).asnumpy(), model(ms.Tensor(x)).asnumpy())
 
 
