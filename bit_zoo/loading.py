@@ -304,8 +304,16 @@ def load_checkpoint(model: ms.nn.Cell, path: str | os.PathLike, *, ema: bool = F
 
 
 def verify_structure(path: Path, weights: Weights) -> None:
-    """Raise unless `path` converts to a complete parameter set of the record's architecture and classes."""
-    state = read_weights_file(path, weights.layers)
+    """Raise unless `path` converts to a complete parameter set of the record's architecture and classes.
+
+    Names and shapes only (the readers check that every array's bytes are in the file): reading a
+    2 GB download in full just to look at it would double the memory of pretrained=True.
+    """
+    fmt, reader = open_arrays(path)
+    with reader:
+        state = lazy_weights(reader, fmt, weights.layers, path=path)
+    if "head.fc.bias" not in state:
+        raise ValueError(f"{path.name}: no classifier, the weights record says {weights.num_classes} classes")
     classes = state["head.fc.bias"].shape[0]
     if classes != weights.num_classes:
         raise ValueError(f"{path.name}: head has {classes} classes, the weights record says {weights.num_classes}")

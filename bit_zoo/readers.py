@@ -132,6 +132,10 @@ class _SafetensorsReader(ArrayReader):
             raise ValueError(f"not a safetensors file ({e})") from e
         header.pop("__metadata__", None)
         self._base = 8 + n
+        end = max((info["data_offsets"][1] for info in header.values()), default=0)
+        if self._base + end > os.fstat(self._file.fileno()).st_size:
+            self._file.close()
+            raise ValueError(f"truncated: the header describes {self._base + end} bytes, the file has fewer")
         self._entries = {}
         for name, info in header.items():
             if info["dtype"] not in _SAFETENSORS_DTYPES:

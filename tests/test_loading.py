@@ -229,3 +229,13 @@ def test_loading_hands_each_array_to_its_parameter_without_a_copy(npz_r50_1000, 
     head = next(p for p in model.get_parameters() if p.name == "head.fc.weight")
     assert head.asnumpy().ctypes.data == seen[(1000, 2048)]
     assert_params_equal(model, params)
+
+
+def test_truncated_safetensors_is_a_clear_error(tmp_path, npz_r50_1000):
+    """The structure check reads names and shapes only; the reader still notices missing bytes."""
+    _, params = npz_r50_1000
+    good = save_weights(params, tmp_path / "good.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(good.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*truncated"):
+        bit_zoo.create_model("bit_s_r50x1", checkpoint_path=str(bad))
