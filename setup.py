@@ -30,11 +30,13 @@ setup(
         "scikit-learn>=1.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "fsspec>=2023.1", "s3fs>=2023.1", "moto[server]>=5"],
+        "test": ["pytest>=7", "onnx>=1.14", "onnxruntime>=1.16", "fsspec>=2023.1", "s3fs>=2023.1", "moto[server]>=5"],
         # remote data and outputs: s3:// (OBS, any S3 store) and other fsspec protocols; see bit_zoo/remote.py
         "cloud": ["fsspec>=2023.1", "s3fs>=2023.1"],
         # the independent reference for the parity tests (torch + timm); see README
         "parity": ["timm>=0.9"],
+        # ONNX export (python -m bit_zoo.convert --output model.onnx) and running the result
+        "onnx": ["onnx>=1.14", "onnxruntime>=1.16"],
     },
     entry_points={"console_scripts": ["bit-zoo-convert=bit_zoo.convert:main"]},
     classifiers=[

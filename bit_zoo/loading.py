@@ -1,11 +1,18 @@
 """Read weights files of every supported format and load them into a model, loudly.
 
-Formats, detected from the file's content (not its extension):
+Container formats are detected from the file's bytes (not its extension), then the layout from
+its names:
     npz          upstream BiT release: TF names, HWIO kernels
+    timm         timm's resnetv2_*_bit state_dict (the Hugging Face hub's model.safetensors:
+                 PyTorch names, OIHW, 1x1-conv classifier); also as a .ckpt or .npz
     mindcv_ckpt  mindcv's BiT_resnet* MindSpore checkpoints
     ckpt         bit_zoo's own MindSpore checkpoint (our parameter names; a training
-                 checkpoint also holds "ema." weights and "optim."/"state." entries)
+                 checkpoint also holds "ema." weights and "optim."/"state."/"meta." entries)
     safetensors  bit_zoo's parameters in safetensors
+
+Loading is lean: arrays are read one at a time from a lazy reader (readers.py), converted and
+handed to their parameter without a second copy, largest first, so the peak stays near the size
+of the weights (`python -m bit_zoo.load_bench` measures it).
 
 Only the classifier may be left out, and only when the class count differs (it is then zero,
 BiT's zero head); a 3-channel stem is adapted to other in_channels. Anything else missing,
@@ -25,11 +32,14 @@ import mindspore as ms
 import numpy as np
 
 from .atomic import atomic_path
-from .formats import convert_mindcv, convert_npz
+from .formats import check_keys, converted_shape, is_timm_layout, mindcv_plan, npz_plan, timm_plan
+from .hub import HF_ENDPOINT_ENV, SOURCE_ENV, candidates
 from .pretrained import Weights, download_weights
+from .readers import ArrayReader, open_reader
 
 __all__ = [
     "detect_format",
+    "detect_layout",
     "read_arrays",
     "read_weights_file",
     "load_state",
@@ -37,6 +47,7 @@ __all__ = [
     "save_weights",
     "load_checkpoint",
     "load_pretrained",
+    "fetch_pretrained",
     "model_state",
     "adapt_input_conv",
 ]
@@ -68,21 +79,117 @@ def detect_format(path: str | os.PathLike) -> str:
     return "ckpt"
 
 
-def read_arrays(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray]]:
-    """(format, name -> float array) of a weights file; an unreadable file raises with its path."""
+class _LoadedReader(ArrayReader):
+    """A whole mapping behind the reader interface (MindSpore's own parser, the fallback for .ckpt)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        self._arrays = arrays
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._arrays[name]
+
+    def __iter__(self):
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._arrays[name].shape)
+
+
+def open_arrays(path: str | os.PathLike) -> tuple[str, ArrayReader]:
+    """(container format, lazy reader) of a weights file; an unreadable file raises with its path."""
     fmt = detect_format(path)
     try:
-        if fmt == "npz":
-            with np.load(path, allow_pickle=False) as z:
-                return fmt, {k: z[k] for k in z.files}
-        if fmt == "safetensors":
-            from safetensors.numpy import load_file
-
-            return fmt, dict(load_file(str(path)))
-        params = ms.load_checkpoint(str(path))
-        return fmt, {k: v.asnumpy() for k, v in params.items()}
+        try:
+            return fmt, open_reader(path, fmt)
+        except ValueError:
+            if fmt != "ckpt":
+                raise
+            # not the plain protobuf layout (e.g. an encrypted checkpoint): MindSpore's own parser decides
+            params = ms.load_checkpoint(str(path))
+            return fmt, _LoadedReader({k: v.asnumpy() for k, v in params.items()})
     except Exception as e:  # noqa: BLE001 - every reader's failure means the same thing to the user
         raise ValueError(f"cannot read {path} as {fmt}: {e}. The file is corrupt or truncated; download or convert it again.") from e
+
+
+def read_arrays(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray]]:
+    """(format, name -> array) of a whole weights file; an unreadable file raises with its path."""
+    fmt, reader = open_arrays(path)
+    with reader:
+        try:
+            return fmt, {k: reader[k] for k in reader}
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cannot read {path} as {fmt}: {e}. The file is corrupt or truncated; download or convert it again.") from e
+
+
+def detect_layout(fmt: str, keys) -> str:
+    """The naming layout of a file's keys: 'npz' (upstream), 'timm', 'mindcv' or 'bit_zoo'."""
+    keys = list(keys)
+    if fmt == "npz" and any(k.startswith("resnet/") for k in keys):
+        return "npz"
+    if is_timm_layout(keys):
+        return "timm"
+    if _is_mindcv(keys):
+        return "mindcv"
+    return "bit_zoo"
+
+
+class _Lazy:
+    """One converted array, read from the file only when asked for (np.asarray)."""
+
+    __slots__ = ("_reader", "_src", "_fn", "shape")
+
+    def __init__(self, reader: ArrayReader, src: str, fn) -> None:
+        self._reader, self._src, self._fn = reader, src, fn
+        self.shape = converted_shape(fn, reader.shape(src))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self._fn(self._reader[self._src])
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+
+def _plan(layout: str, keys, layers: tuple[int, ...], path, *, ema: bool) -> dict:
+    """Our name -> (source key, transform) for a file of this layout."""
+    if layout == "npz":
+        return npz_plan(layers)
+    if layout == "timm":
+        return timm_plan(layers)
+    if layout == "mindcv":
+        return mindcv_plan(keys, layers)
+    has_ema = any(k.startswith(EMA_PREFIX) for k in keys)
+    if ema and not has_ema:
+        raise ValueError(f"{path} holds no EMA weights ('ema.*' keys); load it without ema=True")
+    if ema:
+        return {k[len(EMA_PREFIX) :]: (k, _as_is) for k in keys if k.startswith(EMA_PREFIX)}
+    return {k: (k, _as_is) for k in keys if not k.startswith((EMA_PREFIX,) + TRAIN_STATE_PREFIXES)}
+
+
+def _as_is(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+_as_is.out_shape = tuple
+
+
+def lazy_weights(reader: ArrayReader, fmt: str, layers: tuple[int, ...], *, path="weights", ema: bool = False) -> dict[str, _Lazy]:
+    """Our name -> lazily converted array, checked against the layout's key set (names only, nothing read)."""
+    keys = list(reader)
+    layout = detect_layout(fmt, keys)
+    plan = _plan(layout, keys, layers, path, ema=ema)
+    expected = {src for src, _ in plan.values()}
+    if layout in ("npz", "timm"):
+        check_keys("the .npz" if layout == "npz" else "the timm state_dict", {k: None for k in keys}, expected)
+    return {dst: _Lazy(reader, src, fn) for dst, (src, fn) in plan.items()}
 
 
 def _is_mindcv(keys) -> bool:
@@ -90,18 +197,10 @@ def _is_mindcv(keys) -> bool:
 
 
 def read_weights_file(path: str | os.PathLike, layers: tuple[int, ...], *, ema: bool = False) -> dict[str, np.ndarray]:
-    """Any supported file -> bit_zoo parameter arrays for the architecture with `layers`."""
-    fmt, arrays = read_arrays(path)
-    if fmt == "npz":
-        return convert_npz(arrays, layers)
-    if _is_mindcv(arrays):
-        return convert_mindcv(arrays, layers)
-    has_ema = any(k.startswith(EMA_PREFIX) for k in arrays)
-    if ema and not has_ema:
-        raise ValueError(f"{path} holds no EMA weights ('ema.*' keys); load it without ema=True")
-    if ema:
-        return {k[len(EMA_PREFIX) :]: v for k, v in arrays.items() if k.startswith(EMA_PREFIX)}
-    return {k: v for k, v in arrays.items() if not k.startswith((EMA_PREFIX,) + TRAIN_STATE_PREFIXES)}
+    """Any supported file -> bit_zoo parameter arrays for the architecture with `layers` (all in memory)."""
+    fmt, reader = open_arrays(path)
+    with reader:
+        return {k: np.asarray(v) for k, v in lazy_weights(reader, fmt, layers, path=path, ema=ema).items()}
 
 
 def adapt_input_conv(weight: np.ndarray, in_channels: int) -> np.ndarray:
@@ -160,19 +259,27 @@ def _head(keys: list[str], n: int = 8) -> str:
 
 
 def load_state(model: ms.nn.Cell, state: Mapping[str, np.ndarray], *, source: str = "weights") -> None:
-    """Load converted parameters into model; only a differing classifier may be left out."""
+    """Load converted parameters into model; only a differing classifier may be left out.
+
+    Values may be lazy (read on np.asarray): each array is converted and handed to its parameter
+    (sharing its memory, no second copy) before the next is read, the largest first, so the
+    temporary copies of a transpose happen while little else is resident.
+    """
     state = match_state(model, state, source=source)
-    dtypes = {p.name: p.dtype for p in model.get_parameters()}
-    to_load = {k: ms.Parameter(ms.Tensor(np.asarray(v, dtype=np.float32)).astype(dtypes[k]), name=k) for k, v in state.items()}
+    params = {p.name: p for p in model.get_parameters()}
     head_left_out = not any(k.startswith("head.fc.") for k in state)
     if head_left_out:  # BiT's zero head for a new class count
-        for p in model.get_parameters():
-            if p.name.startswith("head.fc."):
+        for name, p in params.items():
+            if name.startswith("head.fc."):
                 p.set_data(ms.Tensor(np.zeros(p.shape, np.float32)).astype(p.dtype))
-    not_loaded, _ = ms.load_param_into_net(model, to_load, strict_load=True)
-    not_loaded = [k for k in not_loaded if not (head_left_out and k.startswith("head.fc."))]
-    if not_loaded:  # load_param_into_net reports instead of raising: look at it
-        raise RuntimeError(f"MindSpore did not load {_head(sorted(not_loaded))} from {source}")
+    for name in sorted(state, key=lambda k: -int(np.prod(state[k].shape))):
+        p = params[name]
+        a = np.ascontiguousarray(np.asarray(state.pop(name)), dtype=np.float32)
+        if not a.flags.writeable:  # a read-only view (e.g. of a mapped file) must not back a parameter
+            a = a.copy()
+        t = ms.Tensor.from_numpy(a)
+        p.set_data(t if p.dtype == ms.float32 else t.astype(p.dtype))
+        del a, t
 
 
 def _layers_of(model) -> tuple[int, ...]:
@@ -183,22 +290,57 @@ def _layers_of(model) -> tuple[int, ...]:
 
 
 def load_checkpoint(model: ms.nn.Cell, path: str | os.PathLike, *, ema: bool = False) -> None:
-    """Load a local file of any supported format (detected from its bytes) into model."""
-    state = read_weights_file(path, _layers_of(model), ema=ema)
-    load_state(model, state, source=str(path))
+    """Load a local file of any supported format (detected from its bytes) into model, one array at a time."""
+    layers = _layers_of(model)
+    fmt, reader = open_arrays(path)
+    with reader:
+        state: dict = lazy_weights(reader, fmt, layers, path=path, ema=ema)
+        if "stem.conv.weight" in state:  # small, and adapt_input_conv needs the values
+            state["stem.conv.weight"] = np.asarray(state["stem.conv.weight"])
+        try:
+            load_state(model, state, source=str(path))
+        except (OSError, KeyError, zipfile.BadZipFile, RuntimeError) as e:
+            raise ValueError(f"cannot read {path} as {fmt}: {e}. The file is corrupt or truncated; download or convert it again.") from e
 
 
 def verify_structure(path: Path, weights: Weights) -> None:
-    """Raise unless `path` converts to a complete parameter set of the record's architecture and classes."""
-    state = read_weights_file(path, weights.layers)
+    """Raise unless `path` converts to a complete parameter set of the record's architecture and classes.
+
+    Names and shapes only (the readers check that every array's bytes are in the file): reading a
+    2 GB download in full just to look at it would double the memory of pretrained=True.
+    """
+    fmt, reader = open_arrays(path)
+    with reader:
+        state = lazy_weights(reader, fmt, weights.layers, path=path)
+    if "head.fc.bias" not in state:
+        raise ValueError(f"{path.name}: no classifier, the weights record says {weights.num_classes} classes")
     classes = state["head.fc.bias"].shape[0]
     if classes != weights.num_classes:
         raise ValueError(f"{path.name}: head has {classes} classes, the weights record says {weights.num_classes}")
 
 
 def fetch_pretrained(weights: Weights) -> Path:
-    """The cached file of `weights`, downloaded first if needed and checked against its architecture."""
-    return download_weights(weights, verify=lambda p: verify_structure(p, weights))
+    """The cached file of `weights`, downloaded first if needed and checked against its architecture.
+
+    Sources are tried in the order hub.candidates gives ($BIT_ZOO_WEIGHTS_SOURCE); the first that
+    yields a verified file wins, and when all fail the error names each source and its failure.
+    """
+    errors = []
+    tries = candidates(weights)
+    for source, record in tries:
+        try:
+            return download_weights(record, verify=lambda p, r=record: verify_structure(p, r))
+        except (RuntimeError, ValueError, OSError) as e:
+            if len(tries) == 1:  # one source: its own error already names the URL and the mirror variable
+                raise
+            _logger.warning("weights source %s failed for %s: %s", source, weights.filename, e)
+            errors.append(f"[{source}] {e}")
+    tried = "\n".join(errors)
+    raise RuntimeError(
+        f"could not fetch the weights {weights.filename} from any source:\n{tried}\n"
+        f"Choose the sources with ${SOURCE_ENV} (auto, google, hub, or e.g. 'hub,google'), a mirror of Google's bucket "
+        f"with $BIT_ZOO_BASE_URL, of the Hugging Face hub with ${HF_ENDPOINT_ENV}; or pass checkpoint_path= a local file."
+    )
 
 
 def load_pretrained(model: ms.nn.Cell, weights: Weights | None = None) -> None:
@@ -210,17 +352,27 @@ def load_pretrained(model: ms.nn.Cell, weights: Weights | None = None) -> None:
 
 
 def save_weights(params: Mapping[str, np.ndarray], path: str | os.PathLike, *, fmt: str | None = None) -> Path:
-    """Write parameters as .ckpt or .safetensors (by fmt or suffix), atomically."""
+    """Write parameters as .ckpt or .safetensors (by fmt or suffix), atomically.
+
+    Float arrays are written as float32; other dtypes (the uint8 meta.json entry, integer
+    training state) keep theirs.
+    """
     path = Path(path)
     fmt = fmt or path.suffix.lstrip(".")
     if fmt not in ("ckpt", "safetensors"):
         raise ValueError(f"unsupported output format {fmt!r} for {path}: use a .ckpt or .safetensors name")
+    arrays = {k: _storable(v) for k, v in params.items()}
     # save_checkpoint appends .ckpt to names that lack it: the temporary name keeps the format's suffix
     with atomic_path(path, suffix=f".{fmt}") as tmp:
         if fmt == "safetensors":
             from safetensors.numpy import save_file
 
-            save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()}, str(tmp), metadata={"format": "bit_zoo"})
+            save_file(arrays, str(tmp), metadata={"format": "bit_zoo"})
         else:
-            ms.save_checkpoint([{"name": k, "data": ms.Tensor(np.asarray(v, dtype=np.float32))} for k, v in params.items()], str(tmp))
+            ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in arrays.items()], str(tmp))
     return path
+
+
+def _storable(v) -> np.ndarray:
+    a = np.asarray(v)
+    return np.ascontiguousarray(a, dtype=np.float32 if np.issubdtype(a.dtype, np.floating) else a.dtype)

@@ -1,13 +1,21 @@
-"""python -m bit_zoo.convert: .npz / mindcv .ckpt -> .ckpt / .safetensors / .npz, and MINDIR export."""
+"""python -m bit_zoo.convert: every input format -> .ckpt / .safetensors / .npz / .onnx / .mindir, keeping the classifier."""
 
 from __future__ import annotations
 
+import logging
+
+import mindspore as ms
 import numpy as np
 import pytest
 
 import bit_zoo
 from bit_zoo.convert import main
-from bit_zoo.loading import model_state, read_arrays
+from bit_zoo.loading import load_checkpoint, load_state, model_state, read_arrays, save_weights
+from bit_zoo.meta import META_KEY, decode_meta, encode_meta
+from bit_zoo.resnetv2 import ResNetV2
+
+TINY = (1, 1, 1, 1)
+SIZE = 64
 
 
 @pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
@@ -17,9 +25,11 @@ def test_npz_to_mindspore_formats(tmp_path, npz_r50_1000, suffix, capsys):
     assert main(["--model", "bit_s_r50x1", "--input", str(path), "--output", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     fmt, arrays = read_arrays(out)
-    assert fmt == suffix.lstrip(".") and set(arrays) == set(params)
+    assert fmt == suffix.lstrip(".") and set(arrays) == set(params) | {META_KEY}
     for k in params:
         np.testing.assert_array_equal(arrays[k], params[k])
+    meta = decode_meta(arrays)
+    assert meta["model"] == "bit_s_r50x1" and meta["num_classes"] == 1000 and meta["layers"] == [3, 4, 6, 3]
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
 
 
@@ -39,10 +49,16 @@ def test_bad_requests_are_clear_and_write_nothing(tmp_path, npz_r50_1000, capsys
     path, _ = npz_r50_1000
     assert main(["--model", "bit_s_r101x1", "--input", str(path), "--output", str(tmp_path / "x.ckpt")]) == 2
     assert "missing keys" in capsys.readouterr().err
-    assert main(["--model", "bit_s_r50x1", "--input", str(path), "--output", str(tmp_path / "x.onnx")]) == 2
-    assert ".ckpt, .safetensors or .npz" in capsys.readouterr().err
+    assert main(["--model", "bit_s_r50x1", "--input", str(path), "--output", str(tmp_path / "x.pt")]) == 2
+    assert "must end in one of .ckpt, .safetensors, .npz, .onnx, .mindir" in capsys.readouterr().err
     assert main(["--model", "bit_s_r50x1", "--input", str(tmp_path / "missing.npz"), "--output", str(tmp_path / "x.ckpt")]) == 2
     assert "not found" in capsys.readouterr().err
+    assert main(["--input", str(path), "--output", str(tmp_path / "x.ckpt")]) == 2  # an upstream file says nothing of its model
+    assert "name its architecture with --model" in capsys.readouterr().err
+    assert main(["--model", "resnetv2", "--input", str(path), "--output", str(tmp_path / "x.ckpt")]) == 2
+    assert "needs --layers" in capsys.readouterr().err
+    assert main(["--model", "bit_s_r50x9", "--input", str(path), "--output", str(tmp_path / "x.ckpt")]) == 2
+    assert "unknown model 'bit_s_r50x9'" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -54,15 +70,94 @@ def test_existing_output_survives_a_failed_conversion(tmp_path, npz_r50_1000):
     assert out.read_bytes() == b"precious"
 
 
-def test_mindir_export(tmp_path, npz_r50_1000):
-    import mindspore as ms
+# ----------------------------------------------------------------------------------------------
+# A fine-tuned 6-class checkpoint, as train.py writes it (parameters + meta.json), to every format.
 
-    path, _ = npz_r50_1000
-    out = tmp_path / "r50.mindir"
-    assert main(["--model", "bit_s_r50x1", "--input", str(path), "--output", str(out), "--img-size", "64", "--num-classes", "10"]) == 0
-    assert out.is_file() and out.stat().st_size > 90e6  # the weights travel with the graph
-    graph = ms.load(str(out))
-    net = ms.nn.GraphCell(graph)
-    y = net(ms.Tensor(np.zeros((1, 3, 64, 64), np.float32)))
-    assert y.shape == (1, 10)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """(checkpoint path, original model, parameters) of a tiny 6-class ResNetV2 with non-trivial weights."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    rng = np.random.default_rng(6)
+    model = ResNetV2(TINY, 1, num_classes=6)
+    params = {}
+    for k, v in model_state(model).items():
+        a = rng.standard_normal(v.shape).astype(np.float32)
+        params[k] = 1.0 + 0.2 * a if k.endswith("gamma") else (0.2 * a if v.ndim < 4 else a)
+    load_state(model, params)
+    model.set_train(False)
+    meta = {
+        "model": "resnetv2",
+        "layers": list(TINY),
+        "width_factor": 1,
+        "num_classes": 6,
+        "in_channels": 3,
+        "class_names": ["a", "b", "c", "d", "e", "f"],
+        "preprocess": {"image_size": SIZE, "eval_size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3},
+    }
+    path = save_weights({**params, META_KEY: encode_meta(meta)}, tmp_path_factory.mktemp("ft") / "best.ckpt")
+    return path, model, params
+
+
+def _inputs(batch: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
+
+
+def assert_logits_match(got: np.ndarray, ref: np.ndarray) -> None:
+    """Max difference at most 1e-4 of the largest logit, and the same top-5."""
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), np.abs(got - ref).max()
+    np.testing.assert_array_equal(np.argsort(-got, axis=1)[:, :5], np.argsort(-ref, axis=1)[:, :5])
+
+
+def _run(out, batch_inputs):
+    if out.suffix == ".onnx":
+        ort = pytest.importorskip("onnxruntime")
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        return [session.run(None, {"image": x})[0] for x in batch_inputs]
+    if out.suffix == ".mindir":
+        net = ms.nn.GraphCell(ms.load(str(out)))
+        return [net(ms.Tensor(x)).asnumpy() for x in batch_inputs]
+    model = ResNetV2(TINY, 1, num_classes=6)
+    load_checkpoint(model, out)
+    model.set_train(False)
+    return [model(ms.Tensor(x)).asnumpy() for x in batch_inputs]
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors", ".npz", ".onnx", ".mindir"])
+def test_finetuned_checkpoint_converts_to_every_format_with_its_head(tmp_path, finetuned, suffix):
+    if suffix == ".onnx":
+        pytest.importorskip("onnxruntime")
+    path, model, _ = finetuned
+    out = tmp_path / f"ft{suffix}"
+    assert main(["--input", str(path), "--output", str(out)]) == 0  # no --model, no --num_classes
+    xs = [_inputs(1, 0), _inputs(3, 1)]  # two batch sizes: the exported graphs' batch axis is dynamic
+    for x, got in zip(xs, _run(out, xs)):
+        ref = model(ms.Tensor(x)).asnumpy()
+        assert np.abs(ref).max() > 1.0  # a zero head would pass a loose check; the input's head is non-trivial
+        assert_logits_match(got, ref)
+    if suffix in (".ckpt", ".safetensors"):
+        meta = decode_meta(read_arrays(out)[1])
+        assert meta["class_names"] == ["a", "b", "c", "d", "e", "f"] and meta["layers"] == list(TINY)
+
+
+def test_explicit_geometry_and_hyphen_aliases(tmp_path, finetuned):
+    path, _, params = finetuned
+    out = tmp_path / "explicit.safetensors"
+    argv = ["--model", "resnetv2", "--layers", "1,1,1,1", "--width-factor", "1", "--input", str(path), "--output", str(out)]
+    assert main(argv) == 0
+    arrays = read_arrays(out)[1]
+    np.testing.assert_array_equal(arrays["head.fc.weight"], params["head.fc.weight"])
+
+
+def test_other_num_classes_zeroes_the_head_and_says_so(tmp_path, finetuned, caplog):
+    path, _, params = finetuned
+    out = tmp_path / "ten.ckpt"
+    with caplog.at_level(logging.WARNING, logger="bit_zoo.convert"):
+        assert main(["--input", str(path), "--output", str(out), "--num_classes", "10"]) == 0
+    assert "has 6 classes; --num_classes 10: the classifier is replaced by a zero head" in caplog.text
+    arrays = read_arrays(out)[1]
+    assert arrays["head.fc.weight"].shape == (10, 2048) and not arrays["head.fc.weight"].any() and not arrays["head.fc.bias"].any()
+    np.testing.assert_array_equal(arrays["norm.gamma"], params["norm.gamma"])
+    meta = decode_meta(arrays)
+    assert meta["num_classes"] == 10 and meta["class_names"] is None

@@ -130,3 +130,112 @@ def test_checkpoint_size_check_counts_reclaimable_cache(monkeypatch):
     monkeypatch.setattr(compat, "open", fake_open, raising=False)
     assert serialization._get_available_memory is compat._mem_available
     assert serialization._get_available_memory() == 20000000 * 1024  # MemAvailable, not MemFree (100000 kB)
+
+
+# ----------------------------------------------------------------------------------------------
+# The lazy readers (readers.py) against the libraries' own parsers
+
+
+def _pb(number: int, payload: bytes) -> bytes:
+    from bit_zoo.load_bench import _field
+
+    return _field(number, payload)
+
+
+def test_ckpt_reader_agrees_with_mindspore(tmp_path):
+    """Names, dtypes, shapes and values of a MindSpore-written .ckpt, read in place, equal load_checkpoint's."""
+    import mindspore as ms
+
+    from bit_zoo.meta import META_KEY, encode_meta
+    from bit_zoo.readers import open_reader
+
+    rng = np.random.default_rng(0)
+    entries = {
+        "w": rng.standard_normal((5, 3, 3, 3)).astype(np.float32),
+        "half": rng.standard_normal((4,)).astype(np.float16),
+        "state.step": np.asarray(7, np.int64),
+        META_KEY: encode_meta({"model": "resnetv2", "layers": [1, 1, 1, 1]}),
+    }
+    path = tmp_path / "x.ckpt"
+    ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in entries.items()], str(path))
+    theirs = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path)).items()}
+    with open_reader(path, "ckpt") as reader:
+        assert list(reader) == list(theirs)
+        for k in theirs:
+            got = reader[k]
+            assert got.dtype == theirs[k].dtype and got.shape == theirs[k].shape == reader.shape(k), k
+            np.testing.assert_array_equal(got, theirs[k])
+
+
+def test_ckpt_reader_joins_the_slices_of_a_big_tensor(tmp_path):
+    """MindSpore writes a tensor over 512 MB as consecutive entries with one name; both parsers join them."""
+    import mindspore as ms
+
+    from bit_zoo.load_bench import _varint
+    from bit_zoo.readers import open_reader
+
+    a = np.arange(24, dtype=np.float32).reshape(6, 4)
+    dims = b"".join(_varint(1 << 3) + _varint(d) for d in a.shape)
+    parts = [a[:4], a[4:]]
+    data = b"".join(_pb(1, _pb(1, b"big") + _pb(2, dims + _pb(2, b"Float32") + _pb(3, p.tobytes()))) for p in parts)
+    path = tmp_path / "sliced.ckpt"
+    path.write_bytes(data)
+    np.testing.assert_array_equal(ms.load_checkpoint(str(path))["big"].asnumpy(), a)
+    with open_reader(path, "ckpt") as reader:
+        assert len(reader) == 1 and reader.shape("big") == (6, 4)
+        np.testing.assert_array_equal(reader["big"], a)
+
+
+def test_truncated_ckpt_is_a_clear_error(tmp_path, npz_r50_1000):
+    _, params = npz_r50_1000
+    good = save_weights(params, tmp_path / "good.ckpt")
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match="bad.ckpt"):
+        bit_zoo.create_model("bit_s_r50x1", checkpoint_path=str(bad))
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".npz"])
+def test_timm_layout_is_read_from_any_container(tmp_path, npz_r50_1000, suffix):
+    """timm's names are recognised by their keys, whatever the file type (a .ckpt written by a converter, an .npz)."""
+    import mindspore as ms
+
+    from bit_zoo.formats import to_timm
+
+    _, params = npz_r50_1000
+    arrays = to_timm(params, (3, 4, 6, 3))
+    path = tmp_path / f"timm{suffix}"
+    if suffix == ".npz":
+        np.savez(path, **arrays)
+    else:
+        ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in arrays.items()], str(path))
+    assert_params_equal(bit_zoo.create_model("bit_s_r50x1", checkpoint_path=str(path)), params)
+
+
+def test_loading_hands_each_array_to_its_parameter_without_a_copy(npz_r50_1000, monkeypatch):
+    """Lean loading: the array converted from the file becomes the parameter's memory (no second full copy)."""
+    import mindspore as ms
+
+    seen = {}
+    real = ms.Tensor.from_numpy
+
+    def spy(a):
+        seen[a.shape] = a.ctypes.data
+        return real(a)
+
+    monkeypatch.setattr(ms.Tensor, "from_numpy", staticmethod(spy))
+    path, params = npz_r50_1000
+    model = bit_zoo.create_model("bit_s_r50x1", checkpoint_path=str(path))
+    head = next(p for p in model.get_parameters() if p.name == "head.fc.weight")
+    assert head.asnumpy().ctypes.data == seen[(1000, 2048)]
+    assert_params_equal(model, params)
+
+
+def test_truncated_safetensors_is_a_clear_error(tmp_path, npz_r50_1000):
+    """The structure check reads names and shapes only; the reader still notices missing bytes."""
+    _, params = npz_r50_1000
+    good = save_weights(params, tmp_path / "good.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(good.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*truncated"):
+        bit_zoo.create_model("bit_s_r50x1", checkpoint_path=str(bad))
