@@ -26,6 +26,8 @@ def _workdir(tmp_path, monkeypatch):
     monkeypatch.setenv("BIT_ZOO_HOME", str(tmp_path / "bit_zoo_home"))
     monkeypatch.delenv("BIT_ZOO_BASE_URL", raising=False)
     monkeypatch.delenv("BIT_ZOO_MINDCV_BASE_URL", raising=False)
+    monkeypatch.delenv("BIT_ZOO_WEIGHTS_SOURCE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # never the real hub from a test
 
 
 def random_params(model_name: str, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
