@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import mindspore as ms
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["DistInfo", "launched_by_mpirun", "bridge_mpirun_to_dynamic_cluster", "init_distributed"]
 
