@@ -19,6 +19,7 @@ __all__ = [
     "val_split_arg",
     "mean_std",
     "default_image_size",
+    "hyperrule_sizes",
     "train_preprocessing",
     "eval_preprocessing",
     "build_train_loader",
@@ -104,9 +105,14 @@ def mean_std(data: DataConfig, weights) -> tuple[tuple[float, ...], tuple[float,
     return mean, std
 
 
+def hyperrule_sizes(dataset: str) -> tuple[int, int]:
+    """HyperRule's (resize, crop) for the dataset's source images."""
+    return hyperrule_resolution(*SOURCE_IMAGE_SIZE.get(dataset, (96, 96)))
+
+
 def default_image_size(dataset: str) -> int:
     """HyperRule's crop for the dataset's source images."""
-    return hyperrule_resolution(*SOURCE_IMAGE_SIZE.get(dataset, (96, 96)))[1]
+    return hyperrule_sizes(dataset)[1]
 
 
 def build_eval_loader(
