@@ -39,7 +39,7 @@ EXACT = TINY + ["--transform", "eval", "--batch_size", "8"]
 
 def params_of(path: Path, prefix: str = "") -> dict[str, np.ndarray]:
     data = ms.load_checkpoint(str(path))
-    return {k: v.asnumpy() for k, v in data.items() if not k.startswith(("ema.", "optim.", "state.")) or prefix and k.startswith(prefix)}
+    return {k: v.asnumpy() for k, v in data.items() if not k.startswith(("ema.", "optim.", "state.", META_KEY)) or prefix and k.startswith(prefix)}
 
 
 def assert_same_params(a: dict, b: dict, *, atol: float = 0.0) -> None:
