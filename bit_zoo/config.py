@@ -269,7 +269,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(script: str) -> argparse.ArgumentParser:
     """The command line of train.py or validate.py, generated from the option groups."""
     parser = _Parser(
-        prog=f"{script}.py", description=SCRIPT_DESCRIPTIONS[script], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog=f"{script}.py",
+        description=SCRIPT_DESCRIPTIONS[script],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # exact names, as in the YAML
     )
     parser.add_argument("-c", "--config", default=None, help=CONFIG_HELP[script])
     argument_groups = {name: parser.add_argument_group(name) for name, _ in GROUPS}

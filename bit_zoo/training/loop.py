@@ -155,7 +155,7 @@ class TrainLoop:
                 else "no checkpoint was written"
             )
             raise TrainingStopped(
-                f"the loss was non-finite for {limit} consecutive steps ({self.bad_steps[0]}-{state.step}, "
+                f"the loss or its gradients were non-finite for {limit} consecutive steps ({self.bad_steps[0]}-{state.step}, "
                 f"lr {self.plan.lr[state.step - 1]:.3g}, loss {loss}): training stopped; {kept}. "
                 "Lower lr, set clip_grad_norm, or check the data; max_nonfinite_steps sets the patience"
             )
