@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = Trainer(net, optimizer, cfg.step, soft_labels=soft_labels, distributed=dist.distributed)
     state = TrainState(total_steps=total_steps, global_batch=cfg.data.batch_size)
     if resume_path is not None:
-        state = restore(resume_path, trainer=trainer, model=model, total_steps=total_steps, global_batch=cfg.data.batch_size, accum_steps=accum)
+        state = restore(
+            resume_path, trainer=trainer, model=model, total_steps=total_steps, global_batch=cfg.data.batch_size, accum_steps=accum
+        )
         train_data, _ = build_train_loader(cfg.data, prep, start_step=state.micro_step, hyperrule_mixup=hyperrule_mixup, **loader_args)
 
     # ---- first writes

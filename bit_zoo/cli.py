@@ -72,7 +72,9 @@ def check_weights_source(m: ModelConfig, path: str | None, *, flag: str, require
             "or run the training that writes it first (the config's header names it)"
         )
     if m.model == "resnetv2" and m.pretrained:
-        raise ConfigError("--model resnetv2 (a custom --layers network) has no pretrained weights: use a registered name or pretrained false")
+        raise ConfigError(
+            "--model resnetv2 (a custom --layers network) has no pretrained weights: use a registered name or pretrained false"
+        )
     if m.model != "resnetv2" and (list(m.layers) != [1, 1, 1, 1] or m.width_factor != 1):
         _logger.warning("layers/width_factor apply to --model resnetv2 only: %s has its own geometry", m.model)
 

@@ -35,7 +35,7 @@ from .atomic import write_text_atomic
 from .data.from_config import DataConfig
 from .errors import ConfigError
 from .layers import CONV_IMPLS
-from .options import SCRIPTS, at_least, check_group, default_of, non_negative, option, positive, unit_interval
+from .options import SCRIPTS, at_least, check_group, each, default_of, non_negative, option, positive, unit_interval
 from .training.checkpoint import CheckpointConfig
 from .training.optim import OptimConfig
 from .training.schedules import ScheduleConfig
@@ -78,11 +78,8 @@ class SystemConfig:
 
 @dataclass
 class ModelConfig:
-    model: str = option(
-        "bit_m_r50x1", "a registered name (bit_zoo.list_models()), name.tag, or 'resnetv2' with --layers", scripts=BOTH
-    )
-    layers: list[int] = option([1, 1, 1, 1], "units per stage, for --model resnetv2 only", check=(lambda v: None if v and all(
-        isinstance(x, int) and x >= 1 for x in v) else "a list of whole numbers >= 1"), scripts=BOTH)  # fmt: skip
+    model: str = option("bit_m_r50x1", "a registered name (bit_zoo.list_models()), name.tag, or 'resnetv2' with --layers", scripts=BOTH)
+    layers: list[int] = option([1, 1, 1, 1], "units per stage, for --model resnetv2 only", check=each(at_least(1)), scripts=BOTH)
     width_factor: int = option(1, "width factor, for --model resnetv2 only", check=at_least(1), scripts=BOTH)
     num_classes: int | None = option(None, "classifier outputs; default: the dataset's class count", check=at_least(1), scripts=BOTH)
     conv_impl: str = option("auto", "convolution implementation (auto: by device)", choices=("auto",) + CONV_IMPLS, scripts=BOTH)
@@ -364,7 +361,7 @@ def parse_config(script: str, argv: Sequence[str] | None = None) -> Config:
             raise _unknown_key_error("option", key, flags, "the command line")
         raise ConfigError(f"unexpected argument {first!r} on the command line: options take the form --key value")
     cfg = Config(source=known.config)
-    for name, group in cfg.groups():
+    for _, group in cfg.groups():
         for f in fields(group):
             if f.name in mine:
                 setattr(group, f.name, getattr(args, f.name))

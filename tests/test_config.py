@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import bit_zoo
-from bit_zoo.config import Config, build_parser, config_dict, parse_config, save_config, script_keys
+from bit_zoo.config import build_parser, config_dict, parse_config, save_config, script_keys
 from bit_zoo.data import default_train_resize
 from bit_zoo.data.from_config import default_image_size
 from bit_zoo.errors import ConfigError
@@ -108,7 +108,7 @@ def test_bad_yaml_is_a_clear_error(tmp_path, content, message):
         ("randaugment", [2], "randaugment=[2]: must be a list of 2 values"),
         ("adam_betas", [0.9, 1.0], "adam_betas=[0.9, 1.0]: must be a list of which every value is a number in [0, 1)"),
         ("milestones", [3, -1], "milestones=[3.0, -1.0]: must be a list of which every value is a finite number >= 0"),
-        ("layers", [1, 0, 1, 1], "layers=[1, 0, 1, 1]: must be a list of whole numbers >= 1"),
+        ("layers", [1, 0, 1, 1], "layers=[1, 0, 1, 1]: must be a list of which every value is a whole number >= 1"),
         ("std", [0.5, 0, 0.5], "std=[0.5, 0.0, 0.5]: must be a list of which every value is a finite number > 0"),
     ],
 )
@@ -225,7 +225,10 @@ def test_one_hyperrule_resolution_rule():
     assert default_train_resize(128) == 160 and default_train_resize(480) == 512 and default_train_resize(160) == 192
     for path in (ROOT / "configs" / "hyperrule").glob("*.yaml"):
         cfg = parse_config("train", ["-c", str(path)])
-        assert (cfg.data.resize_size, cfg.data.image_size) == (default_train_resize(default_image_size(cfg.data.dataset)), default_image_size(cfg.data.dataset))
+        assert (cfg.data.resize_size, cfg.data.image_size) == (
+            default_train_resize(default_image_size(cfg.data.dataset)),
+            default_image_size(cfg.data.dataset),
+        )
 
 
 # ---------------------------------------------------------------------------------- schedules

@@ -25,7 +25,7 @@ import pytest
 import train
 from bit_zoo.config import parse_config
 from bit_zoo.errors import ConfigError, TrainingStopped
-from bit_zoo.meta import META_KEY, decode_meta, verify_digest
+from bit_zoo.meta import META_KEY, verify_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,11 @@ EXACT = TINY + ["--transform", "eval", "--batch_size", "8"]
 
 def params_of(path: Path, prefix: str = "") -> dict[str, np.ndarray]:
     data = ms.load_checkpoint(str(path))
-    return {k: v.asnumpy() for k, v in data.items() if not k.startswith(("ema.", "optim.", "state.", META_KEY)) or prefix and k.startswith(prefix)}
+    return {
+        k: v.asnumpy()
+        for k, v in data.items()
+        if not k.startswith(("ema.", "optim.", "state.", META_KEY)) or prefix and k.startswith(prefix)
+    }
 
 
 def assert_same_params(a: dict, b: dict, *, atol: float = 0.0) -> None:
@@ -228,7 +232,9 @@ def _error_lines(err: str, prog: str) -> list[str]:
 def test_cli_exit_code_and_message(tmp_path, capsys):
     assert train.cli(EXACT + ["--ema_decy", "0.1"]) == 2
     lines = _error_lines(capsys.readouterr().err, "train.py")
-    assert len(lines) == 1 and lines[0].startswith("train.py: error: unknown option '--ema_decy' in the command line. Did you mean: --ema_decay")
+    assert len(lines) == 1 and lines[0].startswith(
+        "train.py: error: unknown option '--ema_decy' in the command line. Did you mean: --ema_decay"
+    )
 
 
 def test_oserrors_are_one_line(tmp_path, capsys):
@@ -238,7 +244,12 @@ def test_oserrors_are_one_line(tmp_path, capsys):
         (root / cls).mkdir(parents=True)
     (root / "a" / "loop.jpg").symlink_to(root / "a" / "loop.jpg")
     (root / "b" / "loop").symlink_to(root / "b" / "loop")
-    assert train.cli(EXACT + ["--dataset", "folder", "--data_dir", str(tmp_path / "folder"), "--steps", "1", "--output_dir", str(tmp_path / "o")]) == 2
+    assert (
+        train.cli(
+            EXACT + ["--dataset", "folder", "--data_dir", str(tmp_path / "folder"), "--steps", "1", "--output_dir", str(tmp_path / "o")]
+        )
+        == 2
+    )
     lines = _error_lines(capsys.readouterr().err, "train.py")
     assert len(lines) == 1 and "loop" in lines[0], lines
     blocker = tmp_path / "file"
@@ -253,10 +264,14 @@ def test_nonfinite_loss_stops_the_run(tmp_path, capsys):
     """lr 1e30 blows the weights up after the first step: the run stops after 3 non-finite steps, exit 3, one line,
     and last.ckpt stays the checkpoint of the last step before them."""
     out = tmp_path / "run"
-    code = train.cli(EXACT + ["--lr", "1e30", "--steps", "10", "--save_interval", "1", "--max_nonfinite_steps", "3", "--output_dir", str(out)])
+    code = train.cli(
+        EXACT + ["--lr", "1e30", "--steps", "10", "--save_interval", "1", "--max_nonfinite_steps", "3", "--output_dir", str(out)]
+    )
     lines = _error_lines(capsys.readouterr().err, "train.py")
     assert code == 3 and len(lines) == 1, lines
-    first, last, kept = map(int, re.search(r"non-finite for 3 consecutive steps \((\d+)-(\d+),.*last.ckpt \(step (\d+)\)", lines[0]).groups())
+    first, last, kept = map(
+        int, re.search(r"non-finite for 3 consecutive steps \((\d+)-(\d+),.*last.ckpt \(step (\d+)\)", lines[0]).groups()
+    )
     assert last == first + 2 < 10 and kept == first - 1
     assert int(ms.load_checkpoint(str(out / "last.ckpt"))["state.step"].asnumpy()) == kept
 
@@ -456,9 +471,19 @@ def _loop(tmp_path, script, *, total_steps, monkeypatch, loss_scale="none", scal
 
 def test_loop_stops_after_consecutive_nonfinite_losses(tmp_path, monkeypatch):
     nan = float("nan")
-    script = [(1.0, True, 1.0), (0.9, True, 1.0), (nan, False, nan), (2.0, True, 1.0), (nan, False, nan), (nan, False, nan), (nan, False, nan)]
+    script = [
+        (1.0, True, 1.0),
+        (0.9, True, 1.0),
+        (nan, False, nan),
+        (2.0, True, 1.0),
+        (nan, False, nan),
+        (nan, False, nan),
+        (nan, False, nan),
+    ]
     loop, manager, state = _loop(tmp_path, script + [(1.0, True, 1.0)] * 5, total_steps=12, monkeypatch=monkeypatch)
-    with pytest.raises(TrainingStopped, match=r"were non-finite for 3 consecutive steps \(5-7.*last good checkpoint is .*last.ckpt \(step 4\)"):
+    with pytest.raises(
+        TrainingStopped, match=r"were non-finite for 3 consecutive steps \(5-7.*last good checkpoint is .*last.ckpt \(step 4\)"
+    ):
         loop.run(state)
     assert manager.saved == [1, 2, 4], "no checkpoint is written while the loss is non-finite"
 

@@ -66,8 +66,12 @@ class DataConfig:
     eval_resize_size: int | None = option(
         None, "resize before a center crop to eval_size; default none (BiT: resize straight)", check=at_least(1), scripts=BOTH
     )
-    interpolation: str | None = option(None, "resize filter; default bilinear (seed recipe: bicubic)", choices=(None,) + INTERPOLATIONS, scripts=BOTH)
-    mean: list[float] | None = option(None, "per-channel mean in [0, 1] pixel units; default the weights record's ([-1, 1] for BiT)", scripts=BOTH)
+    interpolation: str | None = option(
+        None, "resize filter; default bilinear (seed recipe: bicubic)", choices=(None,) + INTERPOLATIONS, scripts=BOTH
+    )
+    mean: list[float] | None = option(
+        None, "per-channel mean in [0, 1] pixel units; default the weights record's ([-1, 1] for BiT)", scripts=BOTH
+    )
     std: list[float] | None = option(None, "per-channel std; default the weights record's", check=each(positive), scripts=BOTH)
     batch_size: int = option(
         512,
@@ -154,13 +158,21 @@ def train_preprocessing(data: DataConfig, weights) -> dict:
     """Training resolution and normalisation: the config's, else HyperRule's crop and the weights record's mean/std."""
     image_size = data.image_size or default_image_size(data.dataset)
     mean, std = mean_std(data, weights)
-    return {"image_size": image_size, "eval_size": data.eval_size or image_size, "mean": mean, "std": std, "interpolation": data.interpolation}
+    return {
+        "image_size": image_size,
+        "eval_size": data.eval_size or image_size,
+        "mean": mean,
+        "std": std,
+        "interpolation": data.interpolation,
+    }
 
 
 def eval_preprocessing(data: DataConfig, weights, meta: dict | None) -> dict:
     """Evaluation preprocessing: the config's, else the checkpoint's (meta.json), else the weights record's, else BiT's."""
     saved = (meta or {}).get("preprocess") or {}
-    size = data.eval_size or data.image_size or saved.get("eval_size") or (weights.input_size if weights else default_image_size(data.dataset))
+    size = (
+        data.eval_size or data.image_size or saved.get("eval_size") or (weights.input_size if weights else default_image_size(data.dataset))
+    )
     mean = data.mean or saved.get("mean")
     std = data.std or saved.get("std")
     fallback_mean, fallback_std = mean_std(data, weights)
@@ -175,6 +187,7 @@ def eval_preprocessing(data: DataConfig, weights, meta: dict | None) -> dict:
 def build_train_loader(data: DataConfig, prep: dict, *, micro_batch: int, shard: tuple[int, int], seed: int, start_step: int,
                        num_classes: int, hyperrule_mixup: bool) -> tuple[DataInfo, float]:  # fmt: skip
     """The training pipeline and its MixUp alpha (unset: HyperRule's by training-set size when hyperrule_mixup, else 0)."""
+
     def make(mixup_alpha: float) -> DataInfo:
         return create_loader(
             data.dataset,
