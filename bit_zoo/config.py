@@ -35,7 +35,7 @@ from .atomic import write_text_atomic
 from .data.from_config import DataConfig
 from .errors import ConfigError
 from .layers import CONV_IMPLS
-from .options import SCRIPTS, at_least, check_group, each, default_of, non_negative, option, positive, unit_interval
+from .options import SCRIPTS, at_least, check_group, default_of, each, non_negative, option, positive, unit_interval
 from .training.checkpoint import CheckpointConfig
 from .training.optim import OptimConfig
 from .training.schedules import ScheduleConfig
