@@ -221,37 +221,46 @@ def _parser_for(hint) -> Any:
 
 @dataclass(frozen=True)
 class _Option:
+    """One field of one group, as the parser and the YAML check see it."""
+
     group: str
     name: str
     parse: Any
     default: Any
-    help: str
-    choices: tuple | None
-    scripts: tuple[str, ...]
+    meta: Any  # the field's metadata (bit_zoo.options.option)
 
-    def default_for(self, script: str, f) -> Any:
-        return f.metadata["script_defaults"].get(script, self.default)
+    def default_for(self, script: str) -> Any:
+        return self.meta["script_defaults"].get(script, self.default)
+
+    def help_for(self, script: str) -> str:
+        return self.meta["script_help"].get(script, self.meta["help"])
+
+    @property
+    def choices(self) -> tuple | None:
+        return self.meta["choices"]
+
+    @property
+    def scripts(self) -> tuple[str, ...]:
+        return self.meta["scripts"]
 
 
-def _schema() -> dict[str, tuple[_Option, Any]]:
-    """name -> (option, dataclass field) over every group; a name may appear once only."""
-    out: dict[str, tuple[_Option, Any]] = {}
+def _schema() -> dict[str, _Option]:
+    """name -> option over every group; a name may appear once only."""
+    out: dict[str, _Option] = {}
     for group, cls in GROUPS:
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
             if f.name in out:
-                raise TypeError(f"option {f.name} is declared twice ({out[f.name][0].group} and {group})")
-            meta = f.metadata
-            scripts = meta.get("scripts", ())
-            if not set(scripts) <= set(SCRIPTS):
-                raise TypeError(f"option {f.name}: unknown script in {scripts}")
-            opt = _Option(group, f.name, _parser_for(hints[f.name]), default_of(f), meta["help"], meta["choices"], scripts)
-            out[f.name] = (opt, f)
+                raise TypeError(f"option {f.name} is declared twice ({out[f.name].group} and {group})")
+            opt = _Option(group, f.name, _parser_for(hints[f.name]), default_of(f), f.metadata)
+            if not opt.scripts or not set(opt.scripts) <= set(SCRIPTS):
+                raise TypeError(f"option {f.name}: declare it with bit_zoo.options.option(..., scripts=<some of {SCRIPTS}>)")
+            out[f.name] = opt
     return out
 
 
 def script_keys(script: str) -> list[str]:
-    return [name for name, (opt, _) in _schema().items() if script in opt.scripts]
+    return [name for name, opt in _schema().items() if script in opt.scripts]
 
 
 class _ArgumentError(Exception):
@@ -273,12 +282,12 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("-c", "--config", default=None, help=CONFIG_HELP[script])
     argument_groups = {name: parser.add_argument_group(name) for name, _ in GROUPS}
-    for name, (opt, f) in _schema().items():
+    for name, opt in _schema().items():
         if script not in opt.scripts:
             continue
         group = argument_groups[opt.group]
         kind = dict(dest=name, type=opt.parse, choices=opt.choices)
-        group.add_argument(f"--{name}", default=opt.default_for(script, f), help=f.metadata["script_help"].get(script, opt.help), **kind)
+        group.add_argument(f"--{name}", default=opt.default_for(script), help=opt.help_for(script), **kind)
         if "_" in name:  # --num-classes as an alias of --num_classes (the convention of convert and benchmark)
             group.add_argument(f"--{name.replace('_', '-')}", default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kind)
     return parser
@@ -350,7 +359,7 @@ def parse_config(script: str, argv: Sequence[str] | None = None) -> Config:
                 if key in schema and script == "validate":
                     continue  # a training config: training-only keys do not matter here
                 raise _unknown_key_error("config key", key, sorted(mine), source)
-            defaults[key] = _coerce(schema[key][0], value, source)
+            defaults[key] = _coerce(schema[key], value, source)
         parser.set_defaults(**defaults)
     args, extra = _parse_args(parser, argv)
     if extra:
