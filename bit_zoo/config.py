@@ -1,13 +1,20 @@
-"""YAML + argparse: a YAML file sets the parser's defaults, the command line overrides them.
+"""One config schema for train.py and validate.py: groups of options declared once, as dataclasses.
 
-Shared by train.py and validate.py, which each build their own small parser in argument groups.
+    cfg = parse_config("train", argv)        # Config: cfg.system, cfg.model, cfg.data, cfg.optim, ...
+    create_optimizer(params, cfg.optim, lr)  # the library takes the groups as they are
 
-* ``-c/--config FILE``: a YAML mapping of option names (the parser's dests) to values.
-* Unknown keys, in the YAML or on the command line, are an error listing the close matches.
-* YAML values are checked against the option's type and choices, as command-line values are.
-* :func:`grouped` turns the flat namespace into one namespace per argument group, so the
-  scripts pass grouped config objects down instead of loose keyword arguments.
-* :func:`save_config` writes the resolved config (YAML) next to the outputs.
+Each option is a field of one group, declared with bit_zoo.options.option (type, default, help,
+choices from the module that uses it, value check, and the scripts that take it). Everything
+else is generated from those fields:
+
+* the argparse parser (``--name`` and the alias ``--name-with-hyphens``; every help shows its default);
+* the YAML validation of ``-c FILE`` (unknown key -> error with close matches, wrong type or
+  value -> error naming the key and the fix); validate.py ignores the keys only training uses;
+* the saved config (config.yaml, loadable again with -c).
+
+Adding an option is one field in its group. The groups: SystemConfig, ModelConfig, StepConfig
+(here), DataConfig (data/from_config.py), OptimConfig (training/optim.py), ScheduleConfig
+(training/schedules.py), CheckpointConfig (training/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -15,20 +22,124 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
-from collections.abc import Callable, Sequence
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import yaml
 
 from .atomic import write_text_atomic
+from .data.from_config import DataConfig
+from .errors import ConfigError
+from .layers import CONV_IMPLS
+from .options import SCRIPTS, at_least, check_group, default_of, each, non_negative, option, positive, unit_interval
+from .training.checkpoint import CheckpointConfig
+from .training.optim import OptimConfig
+from .training.schedules import ScheduleConfig
+from .training.train_step import LOSS_SCALES
 
-__all__ = ["ConfigError", "str2bool", "int_list", "float_list", "parse_with_config", "grouped", "save_config", "load_yaml"]
+__all__ = [
+    "ConfigError",
+    "Config",
+    "SystemConfig",
+    "ModelConfig",
+    "StepConfig",
+    "str2bool",
+    "int_list",
+    "float_list",
+    "build_parser",
+    "parse_config",
+    "save_config",
+    "load_yaml",
+    "script_keys",
+]
+
+DEVICE_TARGETS = ("auto", "CPU", "GPU", "Ascend")
+MODES = ("graph", "pynative")
+AMP_LEVELS = ("O0", "O2", "O3")
+BOTH = ("train", "validate")
 
 
-class ConfigError(ValueError):
-    """A bad config file, key or value; the message names the problem and the fix."""
+@dataclass
+class SystemConfig:
+    device_target: str = option("auto", "auto: what this MindSpore build runs on", choices=DEVICE_TARGETS, scripts=BOTH)
+    mode: str = option("graph", "graph (compiled) or pynative (eager)", choices=MODES, scripts=BOTH)
+    seed: int = option(0, "seed of every random choice (data order, augmentation, init)", check=at_least(0), scripts=BOTH)
+    progress: bool = option(True, "tqdm bars on a terminal (plain lines otherwise)", scripts=BOTH)
+    distribute: str = option("auto", "auto: on when started by msrun/mpirun", choices=("auto", "on", "off"))
+    output_dir: str = option("outputs/run", "checkpoints, metrics.jsonl, curves.png, config.yaml, summary.json")
+    overwrite: bool = option(False, "allow a fresh run in an output_dir that holds a previous run")
+    rank_weights: bool = option(False, "every rank also writes its final weights to weights_rank<R>.ckpt")
+    output_json: str | None = option(None, "also write the results here", scripts=("validate",))
+
+
+@dataclass
+class ModelConfig:
+    model: str = option("bit_m_r50x1", "a registered name (bit_zoo.list_models()), name.tag, or 'resnetv2' with --layers", scripts=BOTH)
+    layers: list[int] = option([1, 1, 1, 1], "units per stage, for --model resnetv2 only", check=each(at_least(1)), scripts=BOTH)
+    width_factor: int = option(1, "width factor, for --model resnetv2 only", check=at_least(1), scripts=BOTH)
+    num_classes: int | None = option(None, "classifier outputs; default: the dataset's class count", check=at_least(1), scripts=BOTH)
+    conv_impl: str = option("auto", "convolution implementation (auto: by device)", choices=("auto",) + CONV_IMPLS, scripts=BOTH)
+    amp_level: str = option("O0", "O2/O3: fp16 (no bf16 kernels on CPU)", choices=AMP_LEVELS, scripts=BOTH)
+    pretrained: bool = option(
+        False,
+        "download and load the model's weights record",
+        scripts=BOTH,
+        script_help={"validate": "evaluate the model's own weights record (downloads)"},
+    )
+    checkpoint_path: str | None = option(None, "initial weights file (.npz, mindcv .ckpt, bit_zoo .ckpt or .safetensors)")
+    recompute: bool = option(False, "recompute activations in backward (less memory)")
+    ckpt_path: str | None = option(None, "training checkpoint, upstream .npz or mindcv .ckpt", scripts=("validate",))
+    ema: bool | None = option(None, "use the EMA weights of a training checkpoint (None: when it has them)", scripts=("validate",))
+
+
+@dataclass
+class StepConfig:
+    """The "step" group. Trainer (training/train_step.py) reads its first eight fields, the loop the rest."""
+
+    accum_steps: int = option(1, "micro-batches per optimizer step (upstream batch split)", check=at_least(1))
+    clip_grad_norm: float = option(0.0, "clip by global norm; 0 = off", check=non_negative)
+    loss_scale: str = option("none", "loss scaling (for fp16)", choices=LOSS_SCALES)
+    loss_scale_value: float = option(2.0**24, "(initial) loss scale", check=positive)
+    loss_scale_factor: int = option(2, "dynamic: divide / multiply the scale by this", check=at_least(2))
+    loss_scale_window: int = option(2000, "dynamic: grow the scale after this many finite steps", check=at_least(1))
+    ema_decay: float = option(0.0, "EMA decay of the weights; 0 = no EMA", check=unit_interval)
+    ema_warmup: bool = option(True, "decay min(d, (1+n)/(10+n)) as TF's num_updates")
+    ema_eval: bool = option(True, "evaluate (and pick best) with the EMA weights")
+    max_nonfinite_steps: int = option(
+        10, "stop after this many consecutive steps with a non-finite loss (or unfixable gradients); 0 = never", check=at_least(0)
+    )
+
+
+@dataclass
+class Config:
+    """Every option, by group; ``source`` is the YAML file read (or None)."""
+
+    system: SystemConfig = field(default_factory=SystemConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    step: StepConfig = field(default_factory=StepConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    source: str | None = None
+
+    def groups(self) -> list[tuple[str, Any]]:
+        return [(f.name, getattr(self, f.name)) for f in fields(self) if f.name != "source"]
+
+
+GROUPS = [(f.name, f.default_factory) for f in fields(Config) if f.name != "source"]
+SCRIPT_DESCRIPTIONS = {
+    "train": "Fine-tune a BiT model: YAML config (-c) sets defaults, --key value overrides.",
+    "validate": "Evaluate a checkpoint: top-1, top-5, loss and image count over every eval image.",
+}
+CONFIG_HELP = {"train": "YAML config (configs/)", "validate": "a training YAML config (its training-only keys are ignored)"}
+
+
+# ----------------------------------------------------------------------------------- value parsers
 
 
 def str2bool(value: str | bool) -> bool:
@@ -42,12 +153,36 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
+def _number(kind):
+    def parse(value):
+        if isinstance(value, bool):  # YAML true/false are not numbers
+            raise ValueError(f"expected a number, got {value!r}")
+        if kind is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(f"expected a whole number, got {value!r}")
+            return int(value)
+        if kind is int and isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                number = float(value)  # "1e3" -> 1000; "2.5" stays an error
+                if not number.is_integer():
+                    raise ValueError(f"expected a whole number, got {value!r}") from None
+                return int(number)
+        return kind(value)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _list_of(kind):
+    item = _number(kind)
+
     def parse(value):
         if isinstance(value, (list, tuple)):
-            return [kind(v) for v in value]
+            return [item(v) for v in value]
         text = str(value).strip().strip("[]()")
-        return [kind(v) for v in text.replace(",", " ").split()] if text else []
+        return [item(v) for v in text.replace(",", " ").split()] if text else []
 
     parse.__name__ = f"{kind.__name__}_list"
     return parse
@@ -57,23 +192,127 @@ int_list = _list_of(int)
 float_list = _list_of(float)
 
 
+def _optional(parse):
+    def parse_optional(value):
+        if value is None or str(value).strip().lower() in ("none", "null", ""):
+            return None
+        return parse(value)
+
+    parse_optional.__name__ = f"optional {parse.__name__}"
+    return parse_optional
+
+
+_PARSERS = {bool: str2bool, int: _number(int), float: _number(float), str: str, list[int]: int_list, list[float]: float_list}
+
+
+def _parser_for(hint) -> Any:
+    """The value parser of a field's type annotation (X | None -> also accepts none/null)."""
+    args = typing.get_args(hint)
+    if (typing.get_origin(hint) in (typing.Union, types.UnionType)) and type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        return _optional(_parser_for(inner))
+    if hint not in _PARSERS:
+        raise TypeError(f"option type {hint} has no parser: use int, float, str, bool, list[int], list[float] or X | None")
+    return _PARSERS[hint]
+
+
+# ------------------------------------------------------------------------------------ the schema
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One field of one group, as the parser and the YAML check see it."""
+
+    group: str
+    name: str
+    parse: Any
+    default: Any
+    meta: Any  # the field's metadata (bit_zoo.options.option)
+
+    def default_for(self, script: str) -> Any:
+        return self.meta["script_defaults"].get(script, self.default)
+
+    def help_for(self, script: str) -> str:
+        return self.meta["script_help"].get(script, self.meta["help"])
+
+    @property
+    def choices(self) -> tuple | None:
+        return self.meta["choices"]
+
+    @property
+    def scripts(self) -> tuple[str, ...]:
+        return self.meta["scripts"]
+
+
+def _schema() -> dict[str, _Option]:
+    """name -> option over every group; a name may appear once only."""
+    out: dict[str, _Option] = {}
+    for group, cls in GROUPS:
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if f.name in out:
+                raise TypeError(f"option {f.name} is declared twice ({out[f.name].group} and {group})")
+            opt = _Option(group, f.name, _parser_for(hints[f.name]), default_of(f), f.metadata)
+            if not opt.scripts or not set(opt.scripts) <= set(SCRIPTS):
+                raise TypeError(f"option {f.name}: declare it with bit_zoo.options.option(..., scripts=<some of {SCRIPTS}>)")
+            out[f.name] = opt
+    return out
+
+
+def script_keys(script: str) -> list[str]:
+    return [name for name, opt in _schema().items() if script in opt.scripts]
+
+
+class _ArgumentError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one ConfigError instead of argparse's usage dump and exit
+        raise _ArgumentError(message)
+
+
+def build_parser(script: str) -> argparse.ArgumentParser:
+    """The command line of train.py or validate.py, generated from the option groups."""
+    parser = _Parser(
+        prog=f"{script}.py",
+        description=SCRIPT_DESCRIPTIONS[script],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # exact names, as in the YAML
+    )
+    parser.add_argument("-c", "--config", default=None, help=CONFIG_HELP[script])
+    argument_groups = {name: parser.add_argument_group(name) for name, _ in GROUPS}
+    for name, opt in _schema().items():
+        if script not in opt.scripts:
+            continue
+        group = argument_groups[opt.group]
+        kind = dict(dest=name, type=opt.parse, choices=opt.choices)
+        group.add_argument(f"--{name}", default=opt.default_for(script), help=opt.help_for(script), **kind)
+        if "_" in name:  # --num-classes as an alias of --num_classes (the convention of convert and benchmark)
+            group.add_argument(f"--{name.replace('_', '-')}", default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kind)
+    return parser
+
+
+# --------------------------------------------------------------------------------- YAML + argv
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist: pass an existing YAML file to -c (see configs/)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist: pass an existing YAML file to -c (see configs/)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}. Pass a readable YAML file to -c") from e
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}. Fix the syntax at the line shown.") from e
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}. Fix the syntax at the line shown.") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must be a mapping of option: value, got a {type(data).__name__}")
     return data
-
-
-def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {a.dest: a for a in parser._actions if a.dest not in ("help", "config") and a.dest != argparse.SUPPRESS}
 
 
 def _unknown_key_error(kind: str, key: str, known: Sequence[str], source: str) -> ConfigError:
@@ -82,261 +321,90 @@ def _unknown_key_error(kind: str, key: str, known: Sequence[str], source: str) -
     return ConfigError(f"unknown {kind} {key!r} in {source}.{hint} Run with --help for every option.")
 
 
-def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
-    """Check a YAML value with the option's own type and choices."""
-    if value is None:
-        return None
-    kind = action.type
+def _coerce(opt: _Option, value: Any, source: str) -> Any:
+    """A YAML value checked with the option's own parser and choices."""
+    if isinstance(value, (list, tuple)) and not opt.parse.__name__.endswith("_list"):
+        raise ConfigError(f"{source}: {opt.name} takes one value, got the list {value!r}")
+    if isinstance(value, dict):
+        raise ConfigError(f"{source}: {opt.name} takes a value, got the mapping {value!r}")
     try:
-        if action.nargs in ("+", "*") and isinstance(value, (list, tuple)):
-            value = [kind(v) if kind else v for v in value]
-        elif kind is not None and not (isinstance(value, (list, tuple)) and kind in (int, float, str)):
-            value = kind(value)
+        value = opt.parse(value)
     except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-        raise ConfigError(f"{source}: {key}: {value!r} is not a valid {getattr(kind, '__name__', 'value')} ({e})") from e
-    if isinstance(value, (list, tuple)) and kind in (int, float, str) and action.nargs is None:
-        raise ConfigError(f"{source}: {key} takes one value, got the list {value!r}")
-    if action.choices is not None:
-        values = value if isinstance(value, list) else [value]
-        bad = [v for v in values if v not in action.choices]
-        if bad:
-            raise ConfigError(f"{source}: {key}: {bad[0]!r} is not one of {list(action.choices)}")
+        raise ConfigError(f"{source}: {opt.name}: {value!r} is not a valid {getattr(opt.parse, '__name__', 'value')} ({e})") from e
+    if opt.choices is not None and value not in opt.choices:
+        raise ConfigError(f"{source}: {opt.name}: {value!r} is not one of {list(opt.choices)}")
     return value
 
 
-def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, *, ignore_keys=()) -> argparse.Namespace:
-    """Parse argv with the YAML file named by -c/--config as defaults.
+def parse_config(script: str, argv: Sequence[str] | None = None) -> Config:
+    """Parse argv with the YAML file named by -c/--config as defaults; check every value.
 
-    ``ignore_keys``: YAML keys that are valid for another script and skipped here.
-
-    Raises ConfigError for a missing or malformed file, an unknown key in it or on the command
-    line (listing close matches), or a value of the wrong type.
+    validate.py skips the YAML keys only training uses. Raises ConfigError for a missing or
+    malformed file, an unknown key (listing close matches), a value of the wrong type or out of
+    range (naming the fix).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(script)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("-c", "--config", default=None)
     known, _ = pre.parse_known_args(argv)
-    options = _options(parser)
+    schema = _schema()
+    mine = set(script_keys(script))
     if known.config:
         source = str(known.config)
         defaults = {}
         for key, value in load_yaml(known.config).items():
-            if key in ignore_keys:
-                continue
-            if key not in options:
-                raise _unknown_key_error("config key", key, list(options), source)
-            defaults[key] = _coerce(options[key], key, value, source)
+            key = str(key).replace("-", "_")
+            if key not in mine:
+                if key in schema and script == "validate":
+                    continue  # a training config: training-only keys do not matter here
+                raise _unknown_key_error("config key", key, sorted(mine), source)
+            defaults[key] = _coerce(schema[key], value, source)
         parser.set_defaults(**defaults)
-    args, extra = parser.parse_known_args(argv)
+    args, extra = _parse_args(parser, argv)
     if extra:
-        flags = [f"--{o.lstrip('-')}" for o in options]
+        flags = [f"--{k}" for k in sorted(mine)]
         first = next((e for e in extra if e.startswith("-")), extra[0])
         key = first.split("=")[0]
         if key.startswith("-"):
             raise _unknown_key_error("option", key, flags, "the command line")
         raise ConfigError(f"unexpected argument {first!r} on the command line: options take the form --key value")
-    args.config = known.config
-    return args
+    cfg = Config(source=known.config)
+    for _, group in cfg.groups():
+        for f in fields(group):
+            if f.name in mine:
+                setattr(group, f.name, getattr(args, f.name))
+        check_group(group)
+    return cfg
 
 
-def grouped(parser: argparse.ArgumentParser, args: argparse.Namespace) -> SimpleNamespace:
-    """One SimpleNamespace per argument group (by the group's title), e.g. cfg.optim.lr."""
-    out = {}
-    for group in parser._action_groups:
-        if group.title in ("positional arguments", "options", "optional arguments"):
-            continue
-        fields = {a.dest: getattr(args, a.dest) for a in group._group_actions if a.dest != "help"}
-        out[group.title] = SimpleNamespace(**fields)
-    return SimpleNamespace(**out)
+def _parse_args(parser: argparse.ArgumentParser, argv: list[str]):
+    try:
+        return parser.parse_known_args(argv)
+    except _ArgumentError as e:
+        raise ConfigError(f"{e}. Run with --help for every option and its default.") from None
+
+
+# --------------------------------------------------------------------------------------- saving
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     return value
 
 
-def save_config(args: argparse.Namespace, path: str | Path) -> Path:
+def config_dict(cfg: Config, script: str = "train") -> dict[str, Any]:
+    """The flat option: value mapping of a script's options (the YAML keys), in group order."""
+    mine = set(script_keys(script))
+    return {f.name: _plain(getattr(group, f.name)) for _, group in cfg.groups() for f in fields(group) if f.name in mine}
+
+
+def save_config(cfg: Config, path: str | Path, *, script: str = "train", command: str | None = None) -> Path:
     """Write the resolved config as YAML (loadable again with -c), atomically."""
-    data = {k: _plain(v) for k, v in sorted(vars(args).items()) if k != "config"}
-    header = f"# resolved config (from {args.config or 'defaults'} + command line)\n"
-    return write_text_atomic(path, header + yaml.safe_dump(data, sort_keys=False))
-
-
-# ----------------------------------------------------------------------------------------------
-# The two command lines. Both read the same YAML files: validate.py accepts a training config
-# and ignores the keys only training uses.
-
-DEVICE_TARGETS = ("auto", "CPU", "GPU", "Ascend")
-MODES = ("graph", "pynative")
-AMP_LEVELS = ("O0", "O2", "O3")
-DATASETS = ("cifar10", "cifar100", "imagenet", "folder", "digits")
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
-
-
-def _optional(kind):
-    def parse(value):
-        if value is None or str(value).strip().lower() in ("none", "null", ""):
-            return None
-        return kind(value)
-
-    parse.__name__ = f"optional_{getattr(kind, '__name__', 'value')}"
-    return parse
-
-
-def _system_group(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    g = parser.add_argument_group("system")
-    g.add_argument("--device_target", default="auto", choices=DEVICE_TARGETS, help="auto: what this MindSpore build runs on")
-    g.add_argument("--mode", default="graph", choices=MODES, help="graph (compiled) or pynative (eager)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--progress", type=str2bool, default=True, help="tqdm bars on a terminal (plain lines otherwise)")
-    return g
-
-
-def _model_group(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    g = parser.add_argument_group("model")
-    g.add_argument(
-        "--model", default="bit_m_r50x1", help="a registered name (bit_zoo.list_models()), name.tag, or 'resnetv2' with --layers"
-    )
-    g.add_argument("--layers", type=int_list, default=[1, 1, 1, 1], help="units per stage, for --model resnetv2 only")
-    g.add_argument("--width_factor", type=int, default=1, help="width factor, for --model resnetv2 only")
-    g.add_argument("--num_classes", type=_optional(int), default=None, help="default: the dataset's class count")
-    g.add_argument("--conv_impl", default="auto", choices=("auto", "native", "unfold"))
-    g.add_argument("--amp_level", default="O0", choices=AMP_LEVELS, help="O2/O3: fp16 (no bf16 kernels on CPU)")
-    return g
-
-
-def _data_group(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10", choices=DATASETS)
-    g.add_argument("--data_dir", type=_optional(str), default=None, help="not needed for digits")
-    g.add_argument("--classes", type=_optional(int_list), default=None, help="keep only these label ids, relabelled 0..n-1 in this order")
-    g.add_argument(
-        "--image_size", type=_optional(int), default=None, help="train crop; default: HyperRule's (128 below 96x96 px, else 480)"
-    )
-    g.add_argument("--eval_size", type=_optional(int), default=None, help="eval resolution; default image_size")
-    g.add_argument(
-        "--eval_resize_size",
-        type=_optional(int),
-        default=None,
-        help="resize before a center crop to eval_size; default none (BiT: resize straight)",
-    )
-    g.add_argument("--interpolation", type=_optional(str), default=None, choices=(None,) + INTERPOLATIONS)
-    g.add_argument("--mean", type=_optional(float_list), default=None, help="default: the weights record's ([-1, 1] for BiT)")
-    g.add_argument("--std", type=_optional(float_list), default=None)
-    g.add_argument("--batch_size", type=int, default=512, help="train: GLOBAL batch (all devices, all micro-batches); eval: per step")
-    g.add_argument("--num_workers", type=int, default=2)
-    g.add_argument("--val_split", type=float, default=0, help="hold out this fraction (or count) of train as the eval split")
-    g.add_argument("--eval_samples", type=_optional(int), default=None, help="evaluate on the first N eval images only")
-    return g
-
-
-def build_train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="train.py",
-        description="Fine-tune a BiT model: YAML config (-c) sets defaults, --key value overrides.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("-c", "--config", default=None, help="YAML config (configs/)")
-    g = _system_group(parser)
-    g.add_argument("--distribute", default="auto", choices=("auto", "on", "off"), help="auto: on when started by msrun/mpirun")
-    g.add_argument("--output_dir", default="outputs/run", help="checkpoints, metrics.jsonl, curves.png, config.yaml, summary.json")
-    g.add_argument("--overwrite", type=str2bool, default=False, help="allow a fresh run in an output_dir that holds a previous run")
-    g.add_argument("--rank_weights", type=str2bool, default=False, help="every rank also writes its final weights to weights_rank<R>.ckpt")
-
-    m = _model_group(parser)
-    m.add_argument("--pretrained", type=str2bool, default=False, help="download and load the model's weights record")
-    m.add_argument("--checkpoint_path", type=_optional(str), default=None, help="initial weights file (.npz, mindcv .ckpt, bit_zoo .ckpt)")
-    m.add_argument("--recompute", type=str2bool, default=False, help="recompute activations in backward (less memory)")
-
-    d = _data_group(parser)
-    d.add_argument("--resize_size", type=_optional(int), default=None, help="train resize before the random crop (HyperRule 160/512)")
-    d.add_argument("--transform", default="hyperrule", choices=("hyperrule", "seed", "eval"))
-    d.add_argument("--hflip", type=str2bool, default=True)
-    d.add_argument("--randaugment", type=_optional(int_list), default=None, help="num_ops magnitude, e.g. [2, 20]")
-    d.add_argument("--mixup_alpha", type=_optional(float), default=None, help="default: HyperRule's (0.1 from 20k images, else 0)")
-    d.add_argument("--label_smoothing", type=float, default=0.0)
-    d.add_argument("--few_shot", type=_optional(int), default=None, help="k training images per class")
-    d.add_argument("--num_samples", type=_optional(int), default=None, help="train on the first N records only")
-
-    o = parser.add_argument_group("optim")
-    o.add_argument("--opt", default="sgd", choices=("sgd", "rmsprop", "adamw"))
-    o.add_argument("--lr", type=float, default=0.003)
-    o.add_argument("--momentum", type=float, default=0.9)
-    o.add_argument("--nesterov", type=str2bool, default=False)
-    o.add_argument("--weight_decay", type=float, default=0.0)
-    o.add_argument("--weight_decay_filter", default="none", choices=("none", "conv", "no_norm_bias", "all"))
-    o.add_argument("--rmsprop_decay", type=float, default=0.9)
-    o.add_argument("--rmsprop_eps", type=float, default=1.0)
-    o.add_argument("--adam_betas", type=float_list, default=[0.9, 0.999])
-    o.add_argument("--adam_eps", type=float, default=1e-8)
-
-    s = parser.add_argument_group("schedule")
-    s.add_argument("--scheduler", default="hyperrule", choices=("hyperrule", "staircase", "multistep", "cosine", "constant"))
-    s.add_argument("--epochs", type=_optional(float), default=None, help="training length in epochs (not with hyperrule's default)")
-    s.add_argument("--steps", type=_optional(int), default=None, help="training length in optimizer steps; hyperrule: by dataset size")
-    s.add_argument("--warmup_steps", type=_optional(int), default=None, help="hyperrule: by dataset size")
-    s.add_argument("--warmup_epochs", type=float, default=0.0)
-    s.add_argument("--decay_steps", type=_optional(int_list), default=None, help="hyperrule: by dataset size")
-    s.add_argument("--decay_rate", type=float, default=0.1)
-    s.add_argument("--decay_epochs", type=float, default=1.0, help="staircase: decay every this many epochs")
-    s.add_argument("--milestones", type=float_list, default=[], help="multistep: epochs")
-    s.add_argument("--min_lr", type=float, default=0.0)
-
-    t = parser.add_argument_group("step")
-    t.add_argument("--accum_steps", type=int, default=1, help="micro-batches per optimizer step (upstream batch split)")
-    t.add_argument("--clip_grad_norm", type=float, default=0.0, help="clip by global norm; 0 = off")
-    t.add_argument("--loss_scale", default="none", choices=("none", "static", "dynamic"))
-    t.add_argument("--loss_scale_value", type=float, default=2.0**24)
-    t.add_argument("--loss_scale_factor", type=int, default=2)
-    t.add_argument("--loss_scale_window", type=int, default=2000)
-    t.add_argument("--ema_decay", type=float, default=0.0, help="0 = no EMA")
-    t.add_argument("--ema_warmup", type=str2bool, default=True, help="decay min(d, (1+n)/(10+n)) as TF's num_updates")
-    t.add_argument("--ema_eval", type=str2bool, default=True, help="evaluate (and pick best) with the EMA weights")
-
-    k = parser.add_argument_group("checkpoint")
-    k.add_argument("--resume", type=_optional(str), default=None, help="a training checkpoint, or 'auto' for <output_dir>/last.ckpt")
-    k.add_argument("--save_interval", type=int, default=0, help="also save every N optimizer steps (step_N.ckpt); 0 = epoch ends only")
-    k.add_argument("--keep_max", type=int, default=3, help="periodic checkpoints kept")
-    k.add_argument("--eval_interval", type=int, default=1, help="evaluate every N epochs (and at the end); 0 = at the end only")
-    k.add_argument("--log_interval", type=int, default=20, help="progress lines every N steps when not a terminal")
-    return parser
-
-
-def build_validate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="validate.py",
-        description="Evaluate a checkpoint: top-1, top-5, loss and image count over every eval image.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("-c", "--config", default=None, help="a training YAML config (its training-only keys are ignored)")
-    g = _system_group(parser)
-    g.add_argument("--output_json", type=_optional(str), default=None, help="also write the results here")
-    m = _model_group(parser)
-    m.add_argument("--ckpt_path", type=_optional(str), default=None, help="training checkpoint, upstream .npz or mindcv .ckpt")
-    m.add_argument("--ema", type=str2bool, default=None, help="use the EMA weights of a training checkpoint (default: if it has them)")
-    m.add_argument("--pretrained", type=str2bool, default=False, help="evaluate the model's own weights record (downloads)")
-    d = _data_group(parser)
-    d.add_argument(
-        "--split", default="val", choices=("val", "test"), help="val: held-out part of train with val_split, else the test split"
-    )
-    parser.set_defaults(batch_size=64)
-    return parser
-
-
-def train_only_keys() -> set[str]:
-    return set(_options(build_train_parser())) - set(_options(build_validate_parser()))
-
-
-def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None, *, prog: str) -> int:
-    """Run a script's main(argv): bad input prints one clear line and exits 2, not a traceback."""
-    try:
-        main(argv)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    header = f"# resolved config (from {cfg.source or 'defaults'} + command line)\n"
+    if command:
+        header += f"# command: {command}\n"
+    return write_text_atomic(path, header + yaml.safe_dump(config_dict(cfg, script), sort_keys=False))

@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .registry import get_weights
 
 __all__ = [
     "Geometry",
@@ -50,16 +51,6 @@ __all__ = [
 
 GB = 1e9  # decimal GB: "32 GB" devices are quoted so (Ascend 910: 32 GB HBM)
 
-# Units per stage and width factor of the BiT architectures (bit_zoo.resnetv2.ARCHS, copied so this
-# command imports neither MindSpore nor the model code).
-ARCHS: dict[str, tuple[tuple[int, int, int, int], int]] = {
-    "r50x1": ((3, 4, 6, 3), 1),
-    "r50x3": ((3, 4, 6, 3), 3),
-    "r101x1": ((3, 4, 23, 3), 1),
-    "r101x3": ((3, 4, 23, 3), 3),
-    "r152x2": ((3, 8, 36, 3), 2),
-    "r152x4": ((3, 8, 36, 3), 4),
-}
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10, "imagenet": 1000}
 OPTIMIZER_SLOTS = {"sgd": 1, "rmsprop": 2, "adamw": 2}
 # train.py's defaults for the options a config may leave out.
@@ -90,11 +81,8 @@ def geometry(model: str, *, num_classes: int, layers=None, width_factor: int = 1
     """The architecture of a registered name (bit_m_r101x3, name.tag) or of 'resnetv2' with layers."""
     if model == "resnetv2":
         return Geometry(tuple(layers or DEFAULTS["layers"]), int(width_factor), num_classes, in_channels)
-    found = re.search(r"(r\d+x\d+)", model.split(".")[0])
-    if not found or found.group(1) not in ARCHS:
-        raise ValueError(f"model {model!r}: not a BiT architecture name (r50x1 ... r152x4 in it) nor 'resnetv2' with layers")
-    layers, wf = ARCHS[found.group(1)]
-    return Geometry(layers, wf, num_classes, in_channels)
+    weights = get_weights(model)  # the record states the geometry; an unknown name lists close matches
+    return Geometry(tuple(weights.layers), weights.width_factor, num_classes, in_channels)
 
 
 def _units(g: Geometry, image_size: int):

@@ -15,15 +15,16 @@ import sys
 from pathlib import Path
 
 import bit_zoo
+from bit_zoo.data.from_config import hyperrule_sizes
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "hyperrule"
 
 DATASETS = {
-    # name: (crop, resize, data_dir placeholder, schedule note)
-    "cifar10": (128, 160, "/path/to/cifar-10-batches-bin", "50k images: warmup 500, decays at 3000/6000/9000, 10000 steps, MixUp 0.1"),
-    "cifar100": (128, 160, "/path/to/cifar-100-binary", "50k images: warmup 500, decays at 3000/6000/9000, 10000 steps, MixUp 0.1"),
-    "imagenet": (480, 512, "/path/to/imagenet", "1.28M images: warmup 500, decays at 6000/12000/18000, 20000 steps, MixUp 0.1"),
+    # name: (data_dir placeholder, schedule note); the resolution is HyperRule's for the dataset (hyperrule_sizes)
+    "cifar10": ("/path/to/cifar-10-batches-bin", "50k images: warmup 500, decays at 3000/6000/9000, 10000 steps, MixUp 0.1"),
+    "cifar100": ("/path/to/cifar-100-binary", "50k images: warmup 500, decays at 3000/6000/9000, 10000 steps, MixUp 0.1"),
+    "imagenet": ("/path/to/imagenet", "1.28M images: warmup 500, decays at 6000/12000/18000, 20000 steps, MixUp 0.1"),
 }
 
 # Reported top-1 of HyperRule fine-tuning (upstream PyTorch release / paper); others are not reported.
@@ -42,7 +43,8 @@ RECOMPUTE = ("r101x3", "r152x2", "r152x4")
 
 
 def render(model: str, dataset: str) -> str:
-    crop, resize, data_dir, note = DATASETS[dataset]
+    data_dir, note = DATASETS[dataset]
+    resize, crop = hyperrule_sizes(dataset)
     arch = model.split("_")[-1]
     accum = (ACCUM_480 if crop == 480 else ACCUM)[arch]
     source = "ImageNet-21k (BiT-M)" if model.startswith("bit_m") else "ILSVRC-2012 (BiT-S)"

@@ -6,18 +6,22 @@ from pathlib import Path
 
 import pytest
 
+import bit_zoo
 from bit_zoo import memory
-from bit_zoo.resnetv2 import ARCHS, NUM_PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = ROOT / "configs" / "seed" / "bit_m_r101x3_cifar10.yaml"
 
 
 def test_parameter_counts_are_the_models():
-    assert memory.ARCHS == ARCHS
-    for arch, (layers, wf) in ARCHS.items():
-        for classes, count in NUM_PARAMS[arch].items():
-            assert memory.param_count(memory.Geometry(layers, wf, classes))[0] == count, (arch, classes)
+    from mindspore.nn.utils import no_init_parameters
+
+    for name in bit_zoo.list_models():
+        for classes in (10, 1000, 21843):
+            with no_init_parameters():
+                model = bit_zoo.create_model(name, num_classes=classes)
+            count = sum(int(p.size) for p in model.get_parameters())
+            assert memory.param_count(memory.geometry(name, num_classes=classes))[0] == count, (name, classes)
 
 
 def test_seed_config_at_32_gb(capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,7 +23,9 @@ import numpy as np
 import pytest
 
 import train
-from bit_zoo.config import ConfigError
+from bit_zoo.config import parse_config
+from bit_zoo.errors import ConfigError, TrainingStopped
+from bit_zoo.meta import META_KEY, verify_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +40,11 @@ EXACT = TINY + ["--transform", "eval", "--batch_size", "8"]
 
 def params_of(path: Path, prefix: str = "") -> dict[str, np.ndarray]:
     data = ms.load_checkpoint(str(path))
-    return {k: v.asnumpy() for k, v in data.items() if not k.startswith(("ema.", "optim.", "state.")) or prefix and k.startswith(prefix)}
+    return {
+        k: v.asnumpy()
+        for k, v in data.items()
+        if not k.startswith(("ema.", "optim.", "state.", META_KEY)) or prefix and k.startswith(prefix)
+    }
 
 
 def assert_same_params(a: dict, b: dict, *, atol: float = 0.0) -> None:
@@ -68,8 +75,55 @@ def test_outputs_of_a_run(reference_run):
     keys = ms.load_checkpoint(str(out / "last.ckpt")).keys()
     assert "state.step" in keys and "optim.global_step" in keys and any(k.startswith("optim.moments.") for k in keys)
     # the resolved config reproduces the run's settings
-    again = train.build_train_parser()
-    assert train.parse_with_config(again, ["-c", str(out / "config.yaml")]).steps == 6
+    assert parse_config("train", ["-c", str(out / "config.yaml")]).schedule.steps == 6
+    assert json.loads((out / "summary.json").read_text())["class_names"] == [str(i) for i in range(10)]
+
+
+def test_every_checkpoint_carries_meta_and_digest(reference_run):
+    out, _ = reference_run
+    for name in ("last.ckpt", "best.ckpt", "step_6.ckpt"):
+        arrays = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(out / name)).items()}
+        assert next(iter(arrays)) == META_KEY, "meta.json must be the first entry (a truncated file keeps it)"
+        meta = verify_digest(out / name, arrays)
+        assert meta["model"] == "resnetv2" and meta["layers"] == [1, 1, 1, 1] and meta["width_factor"] == 1
+        assert meta["num_classes"] == 10 and meta["in_channels"] == 3 and meta["class_names"] == [str(i) for i in range(10)]
+        assert meta["preprocess"] == {
+            "image_size": 32, "eval_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "crop_pct": 1.0
+        }  # fmt: skip
+
+
+def _entry_ends(data: bytes) -> list[int]:
+    """Byte offsets where the entries of a MindSpore checkpoint (protobuf: repeated field 1) end."""
+    ends, pos = [], 0
+    while pos < len(data):
+        assert data[pos] == 0x0A
+        pos, length, shift = pos + 1, 0, 0
+        while True:
+            byte = data[pos]
+            length |= (byte & 0x7F) << shift
+            pos, shift = pos + 1, shift + 7
+            if byte < 0x80:
+                break
+        pos += length
+        ends.append(pos)
+    return ends
+
+
+def test_digest_catches_a_checkpoint_cut_at_an_entry_boundary(reference_run, tmp_path):
+    """Cut after whole entries, the file still loads; the digest is what tells it is incomplete."""
+    ref_out, _ = reference_run
+    data = (ref_out / "last.ckpt").read_bytes()
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(data[: _entry_ends(data)[-2]])  # every entry but the last (a state.* value)
+    assert len(ms.load_checkpoint(str(cut))) == len(_entry_ends(data)) - 1  # MindSpore reads it without complaint
+    flipped = tmp_path / "flipped.ckpt"
+    raw = bytearray(data)
+    raw[_entry_ends(data)[3] - 5] ^= 0x01  # one bit inside a weight's bytes
+    flipped.write_bytes(bytes(raw))
+    for bad in (cut, flipped):
+        with pytest.raises(ValueError, match=f"{bad.name} does not match the digest written with it: the file is truncated or corrupted"):
+            train.main(EXACT + ["--steps", "6", "--output_dir", str(tmp_path / "run"), "--resume", str(bad)])
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_after_kill_mid_epoch(reference_run, tmp_path):
@@ -122,9 +176,20 @@ def test_fp16_dynamic_loss_scale_ema_clip_accumulation(tmp_path):
     assert any(k.startswith("optim.mean_square.") for k in data) and float(data["state.loss_scale"].asnumpy()) == epoch["loss_scale"]
 
 
-def test_recompute_flag_trains(tmp_path):
+def test_recompute_flag_trains(tmp_path, monkeypatch):
+    built = []
+
+    def build_model(*args, **kwargs):
+        built.append(train_build_model(*args, **kwargs)[0])
+        return built[-1], None, False
+
+    train_build_model = train.build_model
+    monkeypatch.setattr(train, "build_model", build_model)
     summary = train.main(EXACT + ["--steps", "1", "--recompute", "true", "--mode", "pynative", "--output_dir", str(tmp_path / "run")])
     assert summary["steps"] == 1 and np.isfinite(summary["final"]["loss"])
+    blocks = [block for stage in built[0].stages for block in stage.blocks]
+    # Cell.recompute() wraps the cell for the backward pass: every unit of the trained model carries the wrapper
+    assert blocks and all(getattr(b, "_recompute_cell", None) is not None for b in blocks)
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -144,6 +209,10 @@ def test_errors_before_anything_is_overwritten(reference_run, tmp_path):
         (["--model", "bit_s_r50x2", "--overwrite", "true"], "Did you mean"),
         (["--resume", str(tmp_path / "nope.ckpt")], "no such file"),
         (["--checkpoint_path", str(tmp_path / "nope.npz"), "--overwrite", "true"], "nope.npz: no such file"),
+        (["--lr", "-1", "--overwrite", "true"], r"lr=-1.0: must be a finite number > 0"),
+        (["--lr", "nan", "--overwrite", "true"], r"lr=nan: must be a finite number > 0"),
+        (["--batch_size", "-8", "--overwrite", "true"], r"batch_size=-8: must be a whole number >= 1"),
+        (["--image_size", "0", "--overwrite", "true"], r"image_size=0: must be a whole number >= 1"),
     ]
     for extra, message in cases:
         with pytest.raises((ConfigError, ValueError, FileNotFoundError), match=message):
@@ -155,9 +224,56 @@ def test_errors_before_anything_is_overwritten(reference_run, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def _error_lines(err: str, prog: str) -> list[str]:
+    assert "Traceback" not in err, err
+    return [line for line in err.splitlines() if line.startswith(f"{prog}: ")]
+
+
 def test_cli_exit_code_and_message(tmp_path, capsys):
     assert train.cli(EXACT + ["--ema_decy", "0.1"]) == 2
-    assert "Did you mean: --ema_decay" in capsys.readouterr().err
+    lines = _error_lines(capsys.readouterr().err, "train.py")
+    assert len(lines) == 1 and lines[0].startswith(
+        "train.py: error: unknown option '--ema_decy' in the command line. Did you mean: --ema_decay"
+    )
+
+
+def test_oserrors_are_one_line(tmp_path, capsys):
+    """A symlink loop in data_dir and an output_dir that cannot be created: one line each, exit 2."""
+    root = tmp_path / "folder" / "train"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+    (root / "a" / "loop.jpg").symlink_to(root / "a" / "loop.jpg")
+    (root / "b" / "loop").symlink_to(root / "b" / "loop")
+    assert (
+        train.cli(
+            EXACT + ["--dataset", "folder", "--data_dir", str(tmp_path / "folder"), "--steps", "1", "--output_dir", str(tmp_path / "o")]
+        )
+        == 2
+    )
+    lines = _error_lines(capsys.readouterr().err, "train.py")
+    assert len(lines) == 1 and "loop" in lines[0], lines
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert train.cli(EXACT + ["--steps", "1", "--output_dir", str(blocker / "run")]) == 2
+    lines = _error_lines(capsys.readouterr().err, "train.py")
+    assert len(lines) == 1 and "Not a directory" in lines[0] and str(blocker) in lines[0], lines
+
+
+@pytest.mark.heavy
+def test_nonfinite_loss_stops_the_run(tmp_path, capsys):
+    """lr 1e30 blows the weights up after the first step: the run stops after 3 non-finite steps, exit 3, one line,
+    and last.ckpt stays the checkpoint of the last step before them."""
+    out = tmp_path / "run"
+    code = train.cli(
+        EXACT + ["--lr", "1e30", "--steps", "10", "--save_interval", "1", "--max_nonfinite_steps", "3", "--output_dir", str(out)]
+    )
+    lines = _error_lines(capsys.readouterr().err, "train.py")
+    assert code == 3 and len(lines) == 1, lines
+    first, last, kept = map(
+        int, re.search(r"non-finite for 3 consecutive steps \((\d+)-(\d+),.*last.ckpt \(step (\d+)\)", lines[0]).groups()
+    )
+    assert last == first + 2 < 10 and kept == first - 1
+    assert int(ms.load_checkpoint(str(out / "last.ckpt"))["state.step"].asnumpy()) == kept
 
 
 # ------------------------------------------------------------------------------- data parallel
@@ -295,3 +411,106 @@ def test_quickstart_as_in_the_readme(tmp_path):
     pre, fine, _ = _run_quickstart(tmp_path, [], [])
     assert pre["final"]["top1"] >= 98.0 and pre["final"]["images"] == 216
     assert fine["final"]["top1"] >= 90.0 and fine["final"]["images"] == 143
+
+
+# ------------------------------------------------------------------ the loop itself, with a scripted trainer
+
+
+class _ScriptedTrainer:
+    """Trainer's interface as the loop uses it; step() returns the scripted (loss, finite, grad_norm)."""
+
+    def __init__(self, script, loss_scale: float = 1.0) -> None:
+        self.script = iter(script)
+        self.loss_scale = loss_scale
+        self.net = type("Net", (), {"set_train": lambda self, mode=True: None})()
+        self.optimizer = self.ema = self.scaler = None
+
+    def step(self, micro_batches):
+        assert len(micro_batches) == 1
+        return next(self.script)
+
+
+class _Batches:
+    batches_per_epoch = 4
+
+    def __init__(self) -> None:
+        self.dataset = self
+
+    def create_tuple_iterator(self, num_epochs):
+        return self
+
+    def __iter__(self):
+        return iter([("images", "labels")] * self.batches_per_epoch)
+
+
+class _Manager:
+    def __init__(self, directory) -> None:
+        self.directory = directory
+        self.saved = []
+
+    def save(self, *, periodic, best, state, **kwargs):
+        self.saved.append(state.step)
+
+
+def _loop(tmp_path, script, *, total_steps, monkeypatch, loss_scale="none", scale=1.0, limit=3):
+    from bit_zoo.config import StepConfig
+    from bit_zoo.training import loop as loop_mod
+    from bit_zoo.training.checkpoint import CheckpointConfig, TrainState
+    from bit_zoo.training.metrics import MetricsLog
+
+    monkeypatch.setattr(loop_mod, "evaluate", lambda *a, **k: {"top1": 50.0, "top5": 90.0, "loss": 1.0, "images": 8, "seconds": 0.1})
+    manager = _Manager(tmp_path)
+    plan = loop_mod.Plan(lr=np.full(total_steps, 0.1, np.float32), total_steps=total_steps, steps_per_epoch=4, global_batch=8)
+    loop = loop_mod.TrainLoop(
+        _ScriptedTrainer(script, scale), None, plan=plan, train_data=_Batches(), eval_data=_Batches(),
+        step=StepConfig(loss_scale=loss_scale, max_nonfinite_steps=limit), checkpoint=CheckpointConfig(save_interval=1, log_interval=1),
+        manager=manager, metrics=MetricsLog(tmp_path / "m.jsonl"), is_main=True, progress=True,
+    )  # fmt: skip
+    return loop, manager, TrainState(total_steps=total_steps)
+
+
+def test_loop_stops_after_consecutive_nonfinite_losses(tmp_path, monkeypatch):
+    nan = float("nan")
+    script = [
+        (1.0, True, 1.0),
+        (0.9, True, 1.0),
+        (nan, False, nan),
+        (2.0, True, 1.0),
+        (nan, False, nan),
+        (nan, False, nan),
+        (nan, False, nan),
+    ]
+    loop, manager, state = _loop(tmp_path, script + [(1.0, True, 1.0)] * 5, total_steps=12, monkeypatch=monkeypatch)
+    with pytest.raises(
+        TrainingStopped, match=r"were non-finite for 3 consecutive steps \(5-7.*last good checkpoint is .*last.ckpt \(step 4\)"
+    ):
+        loop.run(state)
+    assert manager.saved == [1, 2, 4], "no checkpoint is written while the loss is non-finite"
+
+
+def test_loop_lets_a_dynamic_loss_scale_recover(tmp_path, monkeypatch):
+    """Overflowing gradients with a finite loss are the dynamic scaler's business while it can still shrink."""
+    script = [(1.0, False, float("inf"))] * 5 + [(1.0, True, 1.0)] * 3
+    loop, _, state = _loop(tmp_path, script, total_steps=8, monkeypatch=monkeypatch, loss_scale="dynamic", scale=2.0**10)
+    assert loop.run(state)["steps"] == 8
+    loop, _, state = _loop(tmp_path, script, total_steps=8, monkeypatch=monkeypatch, loss_scale="dynamic", scale=1.0)
+    with pytest.raises(TrainingStopped, match="3 consecutive steps"):
+        loop.run(state)
+
+
+def test_loop_logs_the_same_train_loss_as_the_bar_and_no_epoch_zero(tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO")
+    losses = [4.0, 2.0, 3.0, 1.0, 5.0, 7.0]  # epoch 1: mean 2.5; then 2 steps of epoch 2: mean 6.0
+    loop, _, state = _loop(tmp_path, [(x, True, 1.0) for x in losses], total_steps=6, monkeypatch=monkeypatch)
+    loop.run(state)
+    lines = [r.getMessage() for r in caplog.records]
+    bar = [line for line in lines if line.startswith("train ")]
+    assert "train 4/6 loss=2.5000 lr=1.00e-01" in bar and "train 6/6 loss=6.0000 lr=1.00e-01" in bar
+    epoch_lines = [line for line in lines if "train loss" in line]
+    assert epoch_lines[0].startswith("epoch 1 step 4/6: train loss 2.5000")
+    assert epoch_lines[1].startswith("1.50 epochs step 6/6: train loss 6.0000")
+    assert not any(line.startswith("epoch 0") for line in lines)
+    caplog.clear()
+    loop, _, state = _loop(tmp_path, [(1.0, True, 1.0)] * 2, total_steps=2, monkeypatch=monkeypatch)
+    loop.run(state)
+    assert [r.getMessage() for r in caplog.records if "train loss" in r.getMessage()][0].startswith("0.50 epochs step 2/2")

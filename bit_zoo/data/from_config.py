@@ -1,13 +1,100 @@
-"""`create_loader` arguments from a config's data group: what train.py and validate.py share.
+"""The "data" option group and what train.py and validate.py build from it: eval pipeline, preprocessing.
 
-`data` is the "data" namespace of `bit_zoo.config.grouped` (the options of `_data_group`).
+`DataConfig` is declared with bit_zoo.options: the command line, YAML validation and saved
+config of both scripts are generated from it (choices come from loader.py and transforms.py).
 """
 
 from __future__ import annotations
 
-from .loader import DataInfo, create_loader
+from dataclasses import dataclass
 
-BIT_MEAN_STD = (0.5, 0.5, 0.5)  # inputs in [-1, 1], as every BiT weights record says
+from ..options import at_least, each, length, non_negative, option, positive, unit_interval
+from ..pretrained import BIT_MEAN_STD
+from ..training.schedules import hyperrule, hyperrule_resolution
+from .loader import DATASETS, DataInfo, create_loader
+from .transforms import _INTERPOLATION, TRANSFORMS
+
+__all__ = [
+    "DataConfig",
+    "val_split_arg",
+    "mean_std",
+    "default_image_size",
+    "hyperrule_sizes",
+    "train_preprocessing",
+    "eval_preprocessing",
+    "build_train_loader",
+    "build_eval_loader",
+]
+
+INTERPOLATIONS = tuple(_INTERPOLATION)
+BOTH = ("train", "validate")
+
+# Source image size (height, width) of the datasets whose size is known without reading them; the
+# others (imagenet, folder) are taken as photos of at least 96x96 px.
+SOURCE_IMAGE_SIZE = {"cifar10": (32, 32), "cifar100": (32, 32), "digits": (8, 8)}
+
+
+def _val_split(v):
+    if non_negative(v):
+        return non_negative(v)
+    return None if v < 1 or float(v).is_integer() else "a fraction in [0, 1) or a whole number of images"
+
+
+@dataclass
+class DataConfig:
+    """The "data" option group (see bit_zoo.options)."""
+
+    dataset: str = option("cifar10", "dataset", choices=DATASETS, scripts=BOTH)
+    data_dir: str | None = option(None, "the folder with the data (not needed for digits)", scripts=BOTH)
+    classes: list[int] | None = option(
+        None, "keep only these label ids, relabelled 0..n-1 in this order", check=each(at_least(0)), scripts=BOTH
+    )
+    image_size: int | None = option(
+        None,
+        "train crop; default: HyperRule's (128 below 96x96 px source images, else 480)",
+        check=at_least(1),
+        scripts=BOTH,
+        script_help={"validate": "eval resolution when eval_size is unset (a training config's image_size)"},
+    )
+    eval_size: int | None = option(
+        None,
+        "eval resolution; default image_size",
+        check=at_least(1),
+        scripts=BOTH,
+        script_help={"validate": "eval resolution; default: image_size, else the checkpoint's, else the weights record's"},
+    )
+    eval_resize_size: int | None = option(
+        None, "resize before a center crop to eval_size; default none (BiT: resize straight)", check=at_least(1), scripts=BOTH
+    )
+    interpolation: str | None = option(
+        None, "resize filter; default bilinear (seed recipe: bicubic)", choices=(None,) + INTERPOLATIONS, scripts=BOTH
+    )
+    mean: list[float] | None = option(
+        None, "per-channel mean in [0, 1] pixel units; default the weights record's ([-1, 1] for BiT)", scripts=BOTH
+    )
+    std: list[float] | None = option(None, "per-channel std; default the weights record's", check=each(positive), scripts=BOTH)
+    batch_size: int = option(
+        512,
+        "GLOBAL batch: all devices, all micro-batches of one optimizer step",
+        check=at_least(1),
+        scripts=BOTH,
+        script_defaults={"validate": 64},
+        script_help={"validate": "images per eval step"},
+    )
+    num_workers: int = option(2, "data pipeline workers", check=at_least(1), scripts=BOTH)
+    val_split: float = option(0.0, "hold out this fraction (or count) of train as the eval split", check=_val_split, scripts=BOTH)
+    eval_samples: int | None = option(None, "evaluate on the first N eval images only", check=at_least(1), scripts=BOTH)
+    split: str = option(
+        "val", "val: held-out part of train with val_split, else the test split", choices=("val", "test"), scripts=("validate",)
+    )
+    resize_size: int | None = option(None, "train resize before the random crop (HyperRule 160/512)", check=at_least(1))
+    transform: str = option("hyperrule", "train augmentation recipe", choices=TRANSFORMS)
+    hflip: bool = option(True, "random horizontal flip in training")
+    randaugment: list[int] | None = option(None, "num_ops magnitude, e.g. [2, 20]", check=length(2, at_least(0)))
+    mixup_alpha: float | None = option(None, "default: HyperRule's (0.1 from 20k images, else 0)", check=non_negative)
+    label_smoothing: float = option(0.0, "label smoothing", check=unit_interval)
+    few_shot: int | None = option(None, "k training images per class", check=at_least(1))
+    num_samples: int | None = option(None, "train on the first N records only", check=at_least(1))
 
 
 def val_split_arg(value: float) -> float | int:
@@ -15,15 +102,25 @@ def val_split_arg(value: float) -> float | int:
     return int(value) if float(value).is_integer() else float(value)
 
 
-def mean_std(data, weights) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def mean_std(data: DataConfig, weights) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Normalisation: the config's, else the weights record's, else BiT's [-1, 1]."""
     mean = tuple(data.mean or (weights.mean if weights else BIT_MEAN_STD))
     std = tuple(data.std or (weights.std if weights else BIT_MEAN_STD))
     return mean, std
 
 
+def hyperrule_sizes(dataset: str) -> tuple[int, int]:
+    """HyperRule's (resize, crop) for the dataset's source images."""
+    return hyperrule_resolution(*SOURCE_IMAGE_SIZE.get(dataset, (96, 96)))
+
+
+def default_image_size(dataset: str) -> int:
+    """HyperRule's crop for the dataset's source images."""
+    return hyperrule_sizes(dataset)[1]
+
+
 def build_eval_loader(
-    data,
+    data: DataConfig,
     *,
     split: str,
     batch_size: int,
@@ -55,3 +152,72 @@ def build_eval_loader(
         num_classes=num_classes,
         classes=data.classes,
     )
+
+
+def train_preprocessing(data: DataConfig, weights) -> dict:
+    """Training resolution and normalisation: the config's, else HyperRule's crop and the weights record's mean/std."""
+    image_size = data.image_size or default_image_size(data.dataset)
+    mean, std = mean_std(data, weights)
+    return {
+        "image_size": image_size,
+        "eval_size": data.eval_size or image_size,
+        "mean": mean,
+        "std": std,
+        "interpolation": data.interpolation,
+    }
+
+
+def eval_preprocessing(data: DataConfig, weights, meta: dict | None) -> dict:
+    """Evaluation preprocessing: the config's, else the checkpoint's (meta.json), else the weights record's, else BiT's."""
+    saved = (meta or {}).get("preprocess") or {}
+    size = (
+        data.eval_size or data.image_size or saved.get("eval_size") or (weights.input_size if weights else default_image_size(data.dataset))
+    )
+    mean = data.mean or saved.get("mean")
+    std = data.std or saved.get("std")
+    fallback_mean, fallback_std = mean_std(data, weights)
+    return {
+        "eval_size": size,
+        "mean": tuple(mean or fallback_mean),
+        "std": tuple(std or fallback_std),
+        "interpolation": data.interpolation or saved.get("interpolation") or (weights.interpolation if weights else "bilinear"),
+    }
+
+
+def build_train_loader(data: DataConfig, prep: dict, *, micro_batch: int, shard: tuple[int, int], seed: int, start_step: int,
+                       num_classes: int, hyperrule_mixup: bool) -> tuple[DataInfo, float]:  # fmt: skip
+    """The training pipeline and its MixUp alpha (unset: HyperRule's by training-set size when hyperrule_mixup, else 0)."""
+
+    def make(mixup_alpha: float) -> DataInfo:
+        return create_loader(
+            data.dataset,
+            data.data_dir,
+            "train",
+            batch_size=micro_batch,
+            image_size=prep["image_size"],
+            resize_size=data.resize_size,
+            transform=data.transform,
+            interpolation=prep["interpolation"],
+            mean=prep["mean"],
+            std=prep["std"],
+            randaugment=tuple(data.randaugment) if data.randaugment else None,
+            mixup_alpha=mixup_alpha,
+            label_smoothing=data.label_smoothing,
+            few_shot=data.few_shot,
+            val_split=val_split_arg(data.val_split),
+            num_samples=data.num_samples,
+            num_shards=shard[0],
+            shard_id=shard[1],
+            seed=seed,
+            num_workers=data.num_workers,
+            start_step=start_step,
+            hflip=data.hflip,
+            num_classes=num_classes,
+            classes=data.classes,
+        )
+
+    if data.mixup_alpha is not None:
+        return make(data.mixup_alpha), data.mixup_alpha
+    info = make(0.0)
+    alpha = hyperrule(len(info.indices)).mixup_alpha if hyperrule_mixup else 0.0
+    return (make(alpha) if alpha else info), alpha

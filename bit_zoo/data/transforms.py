@@ -18,6 +18,8 @@ import mindspore.dataset.vision as vision
 import numpy as np
 from mindspore.dataset.vision import Inter
 
+from ..training.schedules import hyperrule_resolution
+
 TRANSFORMS = ("hyperrule", "seed", "eval")
 
 _INTERPOLATION = {
@@ -27,8 +29,8 @@ _INTERPOLATION = {
     "area": Inter.AREA,
 }
 
-# Train resize before the random crop, by crop size: HyperRule's 160 -> 128 and 512 -> 480, the seed's 192 -> 160.
-_TRAIN_RESIZE = {128: 160, 160: 192, 480: 512}
+# Train resize before the random crop, by crop size: HyperRule's two (160 -> 128, 512 -> 480), the seed's 192 -> 160.
+_TRAIN_RESIZE = {crop: resize for resize, crop in (hyperrule_resolution(8, 8), hyperrule_resolution(96, 96))} | {160: 192}
 SEED_RANDAUGMENT = (2, 20)
 _AUGMENT_STREAM = 3  # beside sampling's val / few-shot / epoch streams: augmentation never moves them
 

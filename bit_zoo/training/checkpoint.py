@@ -6,6 +6,9 @@ Layout (the bit_zoo training-checkpoint convention, readable by bit_zoo.loading.
     optim.<name>          optimizer state (moments, global_step; the lr array is rebuilt from the config)
     state.<name>          step, epoch, data position, loss scale and its counter, best top-1
 
+    meta.json             architecture, class names, preprocessing and a digest of the rest (bit_zoo.meta),
+                          written first so a truncated file is detected on load
+
 Files in the output dir: ``last.ckpt`` (every save), ``best.ckpt`` (best eval top-1),
 ``step_<N>.ckpt`` (periodic, at most keep_max kept).
 """
@@ -20,15 +23,37 @@ import mindspore as ms
 import numpy as np
 
 from ..atomic import atomic_path
+from ..errors import ConfigError
+from ..loading import EMA_PREFIX, TRAIN_STATE_PREFIXES, detect_format, read_arrays, read_weights_file, save_weights
+from ..meta import META_KEY, verify_digest, with_meta
+from ..options import at_least, option
 
-__all__ = ["TrainState", "save_training_checkpoint", "load_training_checkpoint", "CheckpointManager"]
+__all__ = [
+    "CheckpointConfig",
+    "TrainState",
+    "save_training_checkpoint",
+    "load_training_checkpoint",
+    "CheckpointManager",
+    "read_model_state",
+    "export_weights",
+]
 
 _logger = logging.getLogger(__name__)
 
 OPTIM_PREFIX = "optim."
 STATE_PREFIX = "state."
-EMA_PREFIX = "ema."
 _SKIP_OPTIM = ("learning_rate",)  # rebuilt from the config on resume
+
+
+@dataclass
+class CheckpointConfig:
+    """The "checkpoint" option group (see bit_zoo.options): what is saved, evaluated and logged when."""
+
+    resume: str | None = option(None, "a training checkpoint, or 'auto' for <output_dir>/last.ckpt")
+    save_interval: int = option(0, "also save every N optimizer steps (step_N.ckpt); 0 = epoch ends only", check=at_least(0))
+    keep_max: int = option(3, "periodic checkpoints kept", check=at_least(0))
+    eval_interval: int = option(1, "evaluate every N epochs (and at the end); 0 = at the end only", check=at_least(0))
+    log_interval: int = option(20, "progress lines every N steps when not a terminal", check=at_least(1))
 
 
 @dataclass
@@ -52,28 +77,58 @@ def _optimizer_state(optimizer, model_names: set[str]) -> dict[str, ms.Parameter
     return out
 
 
-def _atomic_save(entries: list[dict], path: Path) -> None:
+def _atomic_save(arrays: dict[str, np.ndarray], path: Path) -> None:
+    entries = [{"name": k, "data": ms.Tensor(v)} for k, v in arrays.items()]  # dict order: meta.json first
     with atomic_path(path, suffix=".ckpt") as tmp:  # save_checkpoint appends .ckpt to other names
         ms.save_checkpoint(entries, str(tmp))
 
 
-def save_training_checkpoint(path: str | Path, *, model, optimizer, ema, scaler, state: TrainState) -> Path:
+def save_training_checkpoint(path: str | Path, *, model, optimizer, ema, scaler, state: TrainState, meta: dict | None = None) -> Path:
+    """Write everything --resume needs, with `meta` (bit_zoo.meta keys) and the content digest first."""
     path = Path(path)
     model_params = list(model.get_parameters())
     names = {p.name for p in model_params}
-    entries = [{"name": p.name, "data": ms.Tensor(p.asnumpy())} for p in model_params]
+    arrays = {p.name: p.asnumpy() for p in model_params}
     if ema is not None:
-        entries += [{"name": s.name, "data": ms.Tensor(s.asnumpy())} for s in ema.shadow]
-    entries += [{"name": OPTIM_PREFIX + n, "data": ms.Tensor(p.asnumpy())} for n, p in _optimizer_state(optimizer, names).items()]
+        arrays.update({s.name: s.asnumpy() for s in ema.shadow})
+    arrays.update({OPTIM_PREFIX + n: p.asnumpy() for n, p in _optimizer_state(optimizer, names).items()})
     state.loss_scale = float(scaler.scale_value.asnumpy())
     counter = getattr(scaler, "counter", None)
     state.loss_scale_counter = int(counter.asnumpy()) if counter is not None else 0
     for f in fields(state):
         value = getattr(state, f.name)
-        dtype = np.float64 if isinstance(value, float) else np.int64
-        entries.append({"name": STATE_PREFIX + f.name, "data": ms.Tensor(np.asarray(value, dtype=dtype))})
-    _atomic_save(entries, path)
+        arrays[STATE_PREFIX + f.name] = np.asarray(value, dtype=np.float64 if isinstance(value, float) else np.int64)
+    _atomic_save(with_meta(arrays, meta or {}), path)
     return path
+
+
+def export_weights(model, path: str | Path, *, meta: dict) -> Path:
+    """The model's weights alone (float32, .ckpt or .safetensors by suffix), with meta.json and its digest."""
+    arrays = {p.name: p.asnumpy().astype(np.float32) for p in model.get_parameters()}
+    return save_weights(with_meta(arrays, meta), path)
+
+
+def read_model_state(path: str | Path, layers: tuple[int, ...], *, ema: bool | None = None) -> tuple[dict, dict | None, bool]:
+    """(bit_zoo parameter arrays, meta.json or None, EMA used) of any weights file.
+
+    A bit_zoo file is read once and its digest checked; ``ema=None`` takes the EMA weights when the
+    file has them. Upstream .npz and mindcv files are converted by bit_zoo.loading.
+    """
+    if detect_format(path) == "npz":
+        if ema:
+            raise ConfigError(f"--ema true but {path} is an upstream .npz (no EMA weights): pass --ema false")
+        return read_weights_file(path, layers), None, False
+    _, arrays = read_arrays(path)
+    meta = verify_digest(path, arrays)
+    has_ema = any(k.startswith(EMA_PREFIX) for k in arrays)
+    if ema and not has_ema:
+        raise ConfigError(f"--ema true but {path} holds no EMA weights: pass --ema false")
+    if meta is None and not has_ema and not any(k.startswith(TRAIN_STATE_PREFIXES) for k in arrays):
+        return read_weights_file(path, layers), None, False  # mindcv or plain weights: loading.py converts
+    use_ema = has_ema if ema is None else ema
+    if use_ema:
+        return {k[len(EMA_PREFIX) :]: v for k, v in arrays.items() if k.startswith(EMA_PREFIX)}, meta, True
+    return {k: v for k, v in arrays.items() if not k.startswith((EMA_PREFIX, META_KEY) + TRAIN_STATE_PREFIXES)}, meta, False
 
 
 def load_training_checkpoint(path: str | Path, *, model, optimizer, ema, scaler) -> TrainState:
@@ -91,6 +146,7 @@ def load_training_checkpoint(path: str | Path, *, model, optimizer, ema, scaler)
         raise ValueError(
             f"cannot read {path}: {e}. The file is corrupt or truncated; resume from another checkpoint (e.g. step_*.ckpt)."
         ) from e
+    verify_digest(path, {k: v.asnumpy() for k, v in data.items()})
     if STATE_PREFIX + "step" not in data:
         raise ValueError(
             f"{path} is not a bit_zoo training checkpoint (no state.* entries): use it as checkpoint_path to start a new run instead of --resume."
@@ -137,10 +193,11 @@ def load_training_checkpoint(path: str | Path, *, model, optimizer, ema, scaler)
 class CheckpointManager:
     """last.ckpt + best.ckpt + periodic step_<N>.ckpt (at most keep_max); rank 0 only."""
 
-    def __init__(self, directory: str | Path, *, keep_max: int = 3, enabled: bool = True) -> None:
+    def __init__(self, directory: str | Path, *, keep_max: int = 3, enabled: bool = True, meta: dict | None = None) -> None:
         self.directory = Path(directory)
         self.keep_max = keep_max
         self.enabled = enabled
+        self.meta = meta
 
     def periodic(self) -> list[Path]:
         return sorted(self.directory.glob("step_*.ckpt"), key=lambda p: int(p.stem.split("_")[1]))
@@ -149,7 +206,7 @@ class CheckpointManager:
         if not self.enabled:
             return
         state: TrainState = kwargs["state"]
-        last = save_training_checkpoint(self.directory / "last.ckpt", **kwargs)
+        last = save_training_checkpoint(self.directory / "last.ckpt", meta=self.meta, **kwargs)
         if periodic:
             target = self.directory / f"step_{state.step}.ckpt"
             _copy_atomic(last, target)

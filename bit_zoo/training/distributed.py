@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import mindspore as ms
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "DeviceChoice",

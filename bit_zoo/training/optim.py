@@ -13,23 +13,28 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
+from ..options import length, non_negative, option, positive, unit_interval
+
 __all__ = ["OPTIMIZERS", "DECAY_FILTERS", "OptimConfig", "create_optimizer", "decay_filter"]
 
 OPTIMIZERS = ("sgd", "rmsprop", "adamw")
 DECAY_FILTERS = ("none", "conv", "no_norm_bias", "all")
 
 
-@dataclass(frozen=True)
+@dataclass
 class OptimConfig:
-    opt: str = "sgd"
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    weight_decay_filter: str = "none"
-    rmsprop_decay: float = 0.9
-    rmsprop_eps: float = 1.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
+    """The "optim" option group (see bit_zoo.options): train.py's command line is generated from it."""
+
+    opt: str = option("sgd", "optimizer", choices=OPTIMIZERS)
+    lr: float = option(0.003, "base learning rate (the schedule's peak)", check=positive)
+    momentum: float = option(0.9, "SGD / RMSProp momentum", check=unit_interval)
+    nesterov: bool = option(False, "Nesterov momentum (sgd)")
+    weight_decay: float = option(0.0, "weight decay on the parameters weight_decay_filter picks", check=non_negative)
+    weight_decay_filter: str = option("none", "which parameters decay", choices=DECAY_FILTERS)
+    rmsprop_decay: float = option(0.9, "RMSProp decay of the squared-gradient average", check=unit_interval)
+    rmsprop_eps: float = option(1.0, "RMSProp epsilon (TF: inside the sqrt)", check=positive)
+    adam_betas: list[float] = option([0.9, 0.999], "AdamW beta1 beta2", check=length(2, unit_interval))
+    adam_eps: float = option(1e-8, "AdamW epsilon", check=positive)
 
 
 def decay_filter(kind: str):
@@ -46,7 +51,7 @@ def decay_filter(kind: str):
 
 
 def create_optimizer(params: list[ms.Parameter], cfg: OptimConfig, lr: np.ndarray) -> nn.Optimizer:
-    """An optimizer over params with the per-step lr array (indexed by the optimizer's global_step)."""
+    """An optimizer over params with the per-step lr array (indexed by the optimizer's global_step; cfg.lr is its peak)."""
     if cfg.opt not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.opt!r}: choose one of {OPTIMIZERS}")
     learning_rate = ms.Tensor(np.asarray(lr, dtype=np.float32))

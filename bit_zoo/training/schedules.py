@@ -15,11 +15,22 @@ Schedules:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-__all__ = ["SCHEDULERS", "HyperRule", "hyperrule", "hyperrule_resolution", "ScheduleConfig", "build_lr_schedule"]
+from ..errors import ConfigError
+from ..options import at_least, each, non_negative, option, positive
+
+__all__ = [
+    "SCHEDULERS",
+    "HyperRule",
+    "hyperrule",
+    "hyperrule_resolution",
+    "ScheduleConfig",
+    "build_lr_schedule",
+    "resolve_schedule",
+]
 
 SCHEDULERS = ("hyperrule", "staircase", "multistep", "cosine", "constant")
 
@@ -44,47 +55,78 @@ def hyperrule(num_images: int) -> HyperRule:
 
 
 def hyperrule_resolution(height: int, width: int) -> tuple[int, int]:
-    """(resize, crop): images smaller than 96x96 in area train at 160 -> 128, others at 512 -> 480."""
+    """HyperRule's (resize, crop) for source images of height x width px (upstream bit_hyperrule.get_resolution).
+
+    Images smaller than 96x96 in area train at 160 -> 128, others at 512 -> 480. The one place
+    this rule lives: train.py, validate.py, data/transforms.py and configs/generate.py call it.
+    """
     return (160, 128) if height * width < 96 * 96 else (512, 480)
 
 
-@dataclass(frozen=True)
+@dataclass
 class ScheduleConfig:
-    scheduler: str = "hyperrule"
-    lr: float = 0.003
-    warmup_steps: int = 0  # used by hyperrule (and by the others when warmup_epochs is 0)
-    warmup_epochs: float = 0.0
-    decay_steps: tuple[int, ...] = ()  # hyperrule
-    decay_rate: float = 0.1
-    decay_epochs: float = 1.0  # staircase: decay every this many epochs
-    milestones: tuple[float, ...] = ()  # multistep, in epochs
-    min_lr: float = 0.0
+    """The "schedule" option group (see bit_zoo.options). The peak lr is OptimConfig.lr."""
+
+    scheduler: str = option("hyperrule", "learning-rate schedule", choices=SCHEDULERS)
+    epochs: float | None = option(None, "training length in epochs (not with hyperrule's default)", check=positive)
+    steps: int | None = option(None, "training length in optimizer steps; hyperrule: by dataset size", check=at_least(1))
+    warmup_steps: int | None = option(None, "linear warmup steps; hyperrule: by dataset size", check=at_least(0))
+    warmup_epochs: float = option(0.0, "linear warmup in epochs (staircase, multistep, cosine, constant)", check=non_negative)
+    decay_steps: list[int] | None = option(None, "hyperrule: the /10 steps; default by dataset size", check=each(at_least(1)))
+    decay_rate: float = option(0.1, "lr factor at each decay", check=positive)
+    decay_epochs: float = option(1.0, "staircase: decay every this many epochs", check=positive)
+    milestones: list[float] = option([], "multistep: epochs", check=each(non_negative))
+    min_lr: float = option(0.0, "cosine: final lr", check=non_negative)
 
 
-def build_lr_schedule(cfg: ScheduleConfig, *, total_steps: int, steps_per_epoch: int) -> np.ndarray:
-    """float32 array of length total_steps: the lr used by optimizer step i (0-based)."""
+def build_lr_schedule(cfg: ScheduleConfig, *, lr: float, total_steps: int, steps_per_epoch: int) -> np.ndarray:
+    """float32 array of length total_steps: the lr used by optimizer step i (0-based); warmup_steps None = 0."""
     if cfg.scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {cfg.scheduler!r}: choose one of {SCHEDULERS}")
     if total_steps <= 0 or steps_per_epoch <= 0:
         raise ValueError(f"a schedule needs total_steps > 0 and steps_per_epoch > 0, got {total_steps} and {steps_per_epoch}")
     steps = np.arange(total_steps, dtype=np.float64)
     epochs = steps / steps_per_epoch
-    warmup = cfg.warmup_steps if cfg.scheduler == "hyperrule" or not cfg.warmup_epochs else cfg.warmup_epochs * steps_per_epoch
+    warmup_steps = cfg.warmup_steps or 0
+    warmup = warmup_steps if cfg.scheduler == "hyperrule" or not cfg.warmup_epochs else cfg.warmup_epochs * steps_per_epoch
     if cfg.scheduler == "hyperrule":
         # upstream bit_hyperrule.get_lr: base * step / warmup, then /10 for every decay step < step
-        lr = cfg.lr * np.power(cfg.decay_rate, np.sum(steps[:, None] > np.asarray(cfg.decay_steps, dtype=np.float64)[None, :], axis=1))
+        decays = np.asarray(cfg.decay_steps or (), dtype=np.float64)
+        lr_at = lr * np.power(cfg.decay_rate, np.sum(steps[:, None] > decays[None, :], axis=1))
     elif cfg.scheduler == "staircase":
         after = np.maximum(epochs - cfg.warmup_epochs, 0.0)
-        lr = cfg.lr * np.power(cfg.decay_rate, np.floor(after / cfg.decay_epochs))
+        lr_at = lr * np.power(cfg.decay_rate, np.floor(after / cfg.decay_epochs))
     elif cfg.scheduler == "multistep":
         passed = np.sum(np.floor(epochs)[:, None] >= np.asarray(cfg.milestones, dtype=np.float64)[None, :], axis=1) if cfg.milestones else 0
-        lr = cfg.lr * np.power(cfg.decay_rate, passed) * np.ones_like(steps)
+        lr_at = lr * np.power(cfg.decay_rate, passed) * np.ones_like(steps)
     elif cfg.scheduler == "cosine":
         span = max(total_steps - warmup, 1)
         t = np.clip((steps - warmup) / span, 0.0, 1.0)
-        lr = cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + np.cos(math.pi * t))
+        lr_at = cfg.min_lr + 0.5 * (lr - cfg.min_lr) * (1.0 + np.cos(math.pi * t))
     else:
-        lr = np.full_like(steps, cfg.lr)
+        lr_at = np.full_like(steps, lr)
     if warmup > 0:
-        lr = np.where(steps < warmup, cfg.lr * steps / warmup, lr)
-    return lr.astype(np.float32)
+        lr_at = np.where(steps < warmup, lr * steps / warmup, lr_at)
+    return lr_at.astype(np.float32)
+
+
+def resolve_schedule(cfg: ScheduleConfig, *, lr: float, num_images: int, steps_per_epoch: int) -> tuple[np.ndarray, int]:
+    """(per-step lr array, total steps) for a training set of num_images.
+
+    hyperrule: length, warmup and decays by dataset size unless set; a run shortened with
+    epochs/steps scales the rule's warmup and decay points with it. Others need epochs or steps.
+    """
+    if cfg.epochs is not None and cfg.steps is not None:
+        raise ConfigError("epochs and steps both set: keep one")
+    if cfg.scheduler == "hyperrule":
+        rule = hyperrule(num_images)
+        total = cfg.steps or (math.ceil(cfg.epochs * steps_per_epoch) if cfg.epochs else rule.total)
+        scale = total / rule.total
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(rule.warmup * scale)
+        decays = list(cfg.decay_steps) if cfg.decay_steps is not None else [round(x * scale) for x in rule.decays]
+        cfg = replace(cfg, warmup_steps=warmup, decay_steps=decays)
+    elif cfg.epochs is None and cfg.steps is None:
+        raise ConfigError(f"scheduler {cfg.scheduler} needs a training length: set epochs or steps")
+    else:
+        total = cfg.steps or math.ceil(cfg.epochs * steps_per_epoch)
+    return build_lr_schedule(cfg, lr=lr, total_steps=total, steps_per_epoch=steps_per_epoch), total

@@ -1,0 +1,143 @@
+"""What train.py and validate.py share: one-line errors, logging, the checks on data and weights, the model.
+
+Each check is written once here; the scripts call them in order before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import bit_zoo
+
+from . import __version__
+from .config import Config, ModelConfig
+from .data import dataset_num_classes
+from .data.from_config import DataConfig
+from .errors import ConfigError, TrainingStopped
+from .loading import load_state
+from .training.checkpoint import read_model_state
+
+__all__ = ["run_cli", "setup_logging", "check_data", "check_weights_source", "resolve_num_classes", "build_model", "model_meta"]
+
+_logger = logging.getLogger(__name__)
+
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 3
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror and e.filename:  # e.g. a symlink loop or a permission error
+        text = f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+        return f"{text}. Fix the path or its permissions, or point the option at another location"
+    return " ".join(str(e).split())
+
+
+def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None, *, prog: str) -> int:
+    """Run a script's main(argv): bad input prints one line and exits 2; a stopped training exits 3."""
+    try:
+        main(argv)
+    except TrainingStopped as e:
+        print(f"{prog}: stopped: {_one_line(e)}", file=sys.stderr)
+        return EXIT_STOPPED
+    except (ValueError, OSError) as e:  # ConfigError is a ValueError; FileNotFoundError, PermissionError are OSErrors
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def setup_logging(is_main: bool = True) -> None:
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True
+    )
+
+
+def check_data(data: DataConfig) -> None:
+    if data.dataset != "digits" and not data.data_dir:
+        raise ConfigError(f"dataset {data.dataset} needs --data_dir (the folder with the data); only digits needs none")
+
+
+def check_weights_source(m: ModelConfig, path: str | None, *, flag: str, required: bool = False) -> None:
+    """pretrained vs a local file (passed as --flag): not both, an existing file, resnetv2 has no record."""
+    if required and not path and not m.pretrained:
+        raise ConfigError(f"nothing to evaluate: pass --{flag} FILE (training checkpoint, .npz or mindcv .ckpt) or --pretrained true")
+    if m.pretrained and path:
+        raise ConfigError(f"pretrained and {flag} both set: keep one ({flag} loads a local file)")
+    if path and not Path(path).is_file():
+        raise ConfigError(
+            f"{flag} {path}: no such file. Point it at a weights file (.npz, mindcv .ckpt, bit_zoo .ckpt or .safetensors), "
+            "or run the training that writes it first (the config's header names it)"
+        )
+    if m.model == "resnetv2" and m.pretrained:
+        raise ConfigError(
+            "--model resnetv2 (a custom --layers network) has no pretrained weights: use a registered name or pretrained false"
+        )
+    if m.model != "resnetv2" and (list(m.layers) != [1, 1, 1, 1] or m.width_factor != 1):
+        _logger.warning("layers/width_factor apply to --model resnetv2 only: %s has its own geometry", m.model)
+
+
+def resolve_num_classes(cfg: Config) -> int:
+    """The data's class count, which an explicit num_classes must equal."""
+    d = cfg.data
+    num_classes = dataset_num_classes(d.dataset, d.data_dir, d.classes)
+    if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
+        subset = f" (classes: {d.classes})" if d.classes is not None else ""
+        raise ConfigError(
+            f"num_classes={cfg.model.num_classes} in the config but {d.dataset} at {d.data_dir} has {num_classes} classes{subset}: "
+            f"set num_classes: {num_classes} (or null to take it from the data)"
+        )
+    return num_classes
+
+
+def build_model(m: ModelConfig, num_classes: int, *, weights: str | None, ema: bool | None = False, recompute: bool = False,
+                same_classes: bool = False) -> tuple[Any, dict | None, bool]:  # fmt: skip
+    """(model, the weights file's meta.json or None, EMA weights used).
+
+    `weights` is read once (digest checked). With same_classes its classifier must have
+    num_classes outputs (validate.py); otherwise another class count gets BiT's zero head.
+    """
+    if m.model == "resnetv2":
+        model = bit_zoo.ResNetV2(tuple(m.layers), m.width_factor, num_classes=num_classes, conv_impl=m.conv_impl, recompute=recompute)
+    else:
+        if same_classes and m.pretrained and bit_zoo.get_weights(m.model).num_classes != num_classes:
+            _refuse_head(f"pretrained:{m.model}", bit_zoo.get_weights(m.model).num_classes, num_classes)
+        model = bit_zoo.create_model(m.model, pretrained=m.pretrained, num_classes=num_classes, conv_impl=m.conv_impl, recompute=recompute)
+    if not weights:
+        return model, None, False
+    state, meta, used_ema = read_model_state(weights, model.layers, ema=ema)
+    head = state.get("head.fc.weight")
+    if same_classes and head is not None and head.shape[0] != num_classes:
+        _refuse_head(weights, head.shape[0], num_classes)
+    load_state(model, state, source=str(weights))
+    return model, meta, used_ema
+
+
+def _refuse_head(source: str, file_classes: int, data_classes: int) -> None:
+    raise ConfigError(
+        f"{source} has a {file_classes}-class classifier but the evaluated data has {data_classes} classes: "
+        f"evaluate it on data with its {file_classes} classes, or fine-tune it first (train.py --checkpoint_path)"
+    )
+
+
+def model_meta(m: ModelConfig, model, *, class_names: list[str] | None, prep: dict, eval_resize_size: int | None = None) -> dict:
+    """The meta.json entry of the checkpoints a run writes (bit_zoo.meta)."""
+    return {
+        "model": m.model,
+        "layers": list(model.layers),
+        "width_factor": int(getattr(model, "width_factor", m.width_factor)),
+        "num_classes": int(model.num_classes),
+        "in_channels": int(getattr(model, "in_channels", 3)),
+        "class_names": list(class_names) if class_names is not None else None,
+        "preprocess": {
+            "image_size": prep["image_size"],
+            "eval_size": prep["eval_size"],
+            "mean": list(prep["mean"]),
+            "std": list(prep["std"]),
+            "interpolation": prep["interpolation"] or "bilinear",
+            "crop_pct": prep["eval_size"] / eval_resize_size if eval_resize_size else 1.0,
+        },
+        "bit_zoo_version": __version__,
+    }

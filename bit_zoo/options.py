@@ -1,0 +1,109 @@
+"""Declaring options once: a dataclass field with its help, choices, value check and scripts.
+
+The option groups (``OptimConfig`` in training/optim.py, ``ScheduleConfig`` in
+training/schedules.py, ...) are plain dataclasses whose fields are declared with :func:`option`.
+bit_zoo.config generates the command line, the YAML validation and the saved config from them;
+the library receives the same objects. A field's type annotation gives its parser:
+``int``, ``float``, ``str``, ``bool``, ``list[int]``, ``list[float]``, and ``X | None``.
+
+Value checks (``check=``) are small functions ``value -> problem or None``; :func:`check_group`
+runs them and raises one ConfigError naming the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["option", "check_group", "positive", "non_negative", "at_least", "unit_interval", "each", "length"]
+
+SCRIPTS = ("train", "validate")
+
+
+def option(
+    default: Any,
+    help: str,  # noqa: A002 - the argparse word
+    *,
+    choices: tuple | None = None,
+    check=None,
+    scripts: tuple[str, ...] = ("train",),
+    script_defaults: dict[str, Any] | None = None,
+    script_help: dict[str, str] | None = None,
+):
+    """A dataclass field that is also a command-line option and YAML key of the named scripts."""
+    meta = {
+        "help": help,
+        "choices": choices,
+        "check": check,
+        "scripts": scripts,
+        "script_defaults": script_defaults or {},
+        "script_help": script_help or {},
+    }
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def default_of(f) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+# --------------------------------------------------------------------------------- value checks
+# Each returns None when the value is fine, else what the value must be (the message's "must be ...").
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def positive(v):
+    return None if _finite(v) and v > 0 else "a finite number > 0"
+
+
+def non_negative(v):
+    return None if _finite(v) and v >= 0 else "a finite number >= 0"
+
+
+def at_least(low):
+    def check(v):
+        return None if _finite(v) and v >= low else f"a whole number >= {low}"
+
+    return check
+
+
+def unit_interval(v):
+    """[0, 1): momentum-like decay values and fractions."""
+    return None if _finite(v) and 0 <= v < 1 else "a number in [0, 1)"
+
+
+def each(check):
+    def check_all(values):
+        bad = [x for x in values if check(x)]
+        return f"a list of which every value is {check(bad[0])}" if bad else None
+
+    return check_all
+
+
+def length(n: int, check=None):
+    def check_list(values):
+        if len(values) != n:
+            return f"a list of {n} values"
+        return each(check)(values) if check else None
+
+    return check_list
+
+
+def check_group(group) -> None:
+    """Run every field's check; raise ConfigError for the first bad value (None means "unset" and passes)."""
+    for f in fields(group):
+        check = f.metadata.get("check")
+        value = getattr(group, f.name)
+        if check is None or value is None:
+            continue
+        problem = check(value)
+        if problem:
+            default = "" if f.metadata.get("script_defaults") else f" (default: {default_of(f)!r})"
+            raise ConfigError(f"{f.name}={value!r}: must be {problem}. Fix it in the config or with --{f.name}{default}")

@@ -1,0 +1,214 @@
+"""The training loop: optimizer steps, epoch records, evaluation, checkpoints, a non-finite-loss stop.
+
+    loop = TrainLoop(trainer, model, plan=plan, train_data=..., eval_data=..., step=cfg.step,
+                     checkpoint=cfg.checkpoint, manager=manager, metrics=metrics)
+    result = loop.run(state)
+
+Each optimizer step is one ``trainer.step(micro_batches) -> (loss, finite, grad_norm)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..errors import TrainingStopped
+from .checkpoint import CheckpointConfig, CheckpointManager, TrainState
+from .metrics import MetricsLog, Progress, evaluate
+
+__all__ = ["Plan", "TrainLoop", "epoch_label"]
+
+_logger = logging.getLogger("train")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how fast: the per-step lr, total optimizer steps, steps per epoch, global batch."""
+
+    lr: np.ndarray
+    total_steps: int
+    steps_per_epoch: int
+    global_batch: int
+
+
+def epoch_label(step: int, steps_per_epoch: int) -> str:
+    """'epoch 3' at an epoch boundary, '0.25 epochs' for a run that ends inside one (never 'epoch 0')."""
+    if step % steps_per_epoch == 0:
+        return f"epoch {step // steps_per_epoch}"
+    return f"{step / steps_per_epoch:.2f} epochs"
+
+
+def _stream(dataset, num_epochs: int):
+    """One iterator over num_epochs epochs; a MindSpore iterator stops at each epoch's end."""
+    iterator = dataset.create_tuple_iterator(num_epochs=num_epochs)
+    for _ in range(num_epochs):
+        yield from iterator
+
+
+class _EpochMeter:
+    """Running train loss, throughput and overflow count of the current epoch (reset at its end)."""
+
+    def __init__(self) -> None:
+        self.loss, self.steps, self.images, self.seconds, self.overflows = 0.0, 0, 0, 0.0, 0
+
+    def add(self, loss: float, finite: bool, images: int, seconds: float) -> None:
+        if math.isfinite(loss):
+            self.loss += loss
+            self.steps += 1
+        self.overflows += not finite
+        self.images += images
+        self.seconds += seconds
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / self.steps if self.steps else float("nan")
+
+
+class TrainLoop:
+    """Runs the steps of `plan` from a TrainState; rank 0 evaluates, logs and saves."""
+
+    def __init__(
+        self,
+        trainer,
+        model,
+        *,
+        plan: Plan,
+        train_data,
+        eval_data,
+        step,
+        checkpoint: CheckpointConfig,
+        manager: CheckpointManager,
+        metrics: MetricsLog,
+        is_main: bool = True,
+        progress: bool = False,
+    ) -> None:
+        self.trainer, self.model, self.plan = trainer, model, plan
+        self.train_data, self.eval_data = train_data, eval_data
+        self.step_cfg, self.ckpt_cfg = step, checkpoint
+        self.manager, self.metrics = manager, metrics
+        self.is_main, self.progress = is_main, progress
+        self.last_eval: dict = {}
+        self.saved_step: int | None = None
+        self.bad_steps: list[int] = []  # the current run of consecutive non-finite steps
+
+    # ---------------------------------------------------------------------------------------
+    def run(self, state: TrainState) -> dict:
+        plan, accum = self.plan, self.step_cfg.accum_steps
+        remaining_micro = (plan.total_steps - state.step) * accum
+        num_epochs = max(1, math.ceil(remaining_micro / self.train_data.batches_per_epoch))
+        batches = _stream(self.train_data.dataset, num_epochs) if remaining_micro > 0 else iter(())
+        start = time.perf_counter()
+        meter = _EpochMeter()
+        progress = Progress(
+            range(state.step, plan.total_steps),
+            total=plan.total_steps - state.step,
+            desc="train",
+            enabled=self.is_main and self.progress,
+            every=self.ckpt_cfg.log_interval,
+        )
+        self.trainer.net.set_train(True)
+        for _ in progress:
+            t0 = time.perf_counter()
+            loss, finite, grad_norm = self.trainer.step([next(batches) for _ in range(accum)])
+            state.micro_step += accum
+            state.step += 1
+            meter.add(loss, finite, plan.global_batch, time.perf_counter() - t0)
+            self._watch_finite(state, loss, finite)
+            # the bar shows the epoch's running mean: the number the epoch line reports at its end
+            progress.set_postfix(loss=f"{meter.mean_loss:.4f}", lr=f"{plan.lr[state.step - 1]:.2e}")
+            end_of_epoch = state.step % plan.steps_per_epoch == 0 or state.step == plan.total_steps
+            periodic = self.ckpt_cfg.save_interval > 0 and state.step % self.ckpt_cfg.save_interval == 0
+            if end_of_epoch:
+                state.epoch += 1 if state.step % plan.steps_per_epoch == 0 else 0
+                best = self._end_epoch(state, meter, grad_norm)
+                self._save(state, periodic=periodic, best=best)
+                meter = _EpochMeter()
+            elif periodic:
+                self._save(state, periodic=True, best=False)
+        return {
+            "steps": state.step,
+            "epochs": state.epoch,
+            "train_seconds": time.perf_counter() - start,
+            "final": {k: v for k, v in self.last_eval.items() if k != "seconds"},
+            "best_top1": state.best_top1,
+            "train_state": asdict(state),
+        }
+
+    # ---------------------------------------------------------------------------------------
+    def _watch_finite(self, state: TrainState, loss: float, finite: bool) -> None:
+        """Stop after max_nonfinite_steps consecutive steps whose loss is not finite, or whose
+        gradients are not and the loss scale cannot shrink any further to fix them."""
+        scaler_can_recover = self.step_cfg.loss_scale == "dynamic" and self.trainer.loss_scale > 1.0
+        if math.isfinite(loss) and (finite or scaler_can_recover):
+            self.bad_steps = []
+            return
+        self.bad_steps.append(state.step)
+        limit = self.step_cfg.max_nonfinite_steps
+        if limit and len(self.bad_steps) >= limit:
+            kept = (
+                f"the last good checkpoint is {self.manager.directory / 'last.ckpt'} (step {self.saved_step})"
+                if self.saved_step is not None
+                else "no checkpoint was written"
+            )
+            raise TrainingStopped(
+                f"the loss or its gradients were non-finite for {limit} consecutive steps ({self.bad_steps[0]}-{state.step}, "
+                f"lr {self.plan.lr[state.step - 1]:.3g}, loss {loss}): training stopped; {kept}. "
+                "Lower lr, set clip_grad_norm, or check the data; max_nonfinite_steps sets the patience"
+            )
+
+    def _save(self, state: TrainState, *, periodic: bool, best: bool) -> None:
+        if self.bad_steps:  # keep the last good checkpoint rather than one taken inside a non-finite run
+            _logger.warning("step %d: loss non-finite for %d step(s): checkpoint not saved", state.step, len(self.bad_steps))
+            return
+        t = self.trainer
+        self.manager.save(periodic=periodic, best=best, state=state, model=self.model, optimizer=t.optimizer, ema=t.ema, scaler=t.scaler)
+        self.saved_step = state.step
+
+    def _evaluate(self) -> dict:
+        ema = self.trainer.ema if self.step_cfg.ema_eval else None
+        if ema is not None:
+            ema.swap()
+        try:
+            result = evaluate(self.trainer.net, self.eval_data.dataset, progress=self.progress, desc="eval")
+        finally:
+            if ema is not None:
+                ema.swap()
+            self.trainer.net.set_train(True)
+        result["weights"] = "raw" if ema is None else "ema"
+        return result
+
+    def _end_epoch(self, state: TrainState, meter: _EpochMeter, grad_norm: float) -> bool:
+        """Write the epoch record (evaluating when due); True when this is the best eval so far."""
+        plan = self.plan
+        record = {
+            "kind": "epoch",
+            "epoch": state.epoch,
+            "step": state.step,
+            "train_loss": meter.mean_loss if meter.steps else None,
+            "lr": float(plan.lr[state.step - 1]),
+            "img_per_s": meter.images / meter.seconds,
+            "loss_scale": self.trainer.loss_scale,
+            "grad_norm": grad_norm if math.isfinite(grad_norm) else None,  # JSON has no NaN
+            "overflow_steps": meter.overflows,
+        }
+        interval = self.ckpt_cfg.eval_interval
+        due = state.step == plan.total_steps or (interval > 0 and state.step % plan.steps_per_epoch == 0 and state.epoch % interval == 0)
+        best = False
+        where = f"{epoch_label(state.step, plan.steps_per_epoch)} step {state.step}/{plan.total_steps}"
+        if self.is_main and due:
+            ev = self.last_eval = self._evaluate()
+            record.update(top1=ev["top1"], top5=ev["top5"], eval_loss=ev["loss"], eval_images=ev["images"])
+            best = ev["top1"] > state.best_top1
+            state.best_top1 = max(state.best_top1, ev["top1"])
+            _logger.info(
+                "%s: train loss %.4f, eval top-1 %.2f top-5 %.2f loss %.4f (%d images, %s weights), %.1f img/s",
+                where, meter.mean_loss, ev["top1"], ev["top5"], ev["loss"], ev["images"], ev["weights"], record["img_per_s"],
+            )  # fmt: skip
+        elif self.is_main:
+            _logger.info("%s: train loss %.4f, %.1f img/s", where, meter.mean_loss, record["img_per_s"])
+        self.metrics.write(record)
+        return best
