@@ -23,12 +23,13 @@ import mindspore.dataset as ds
 import numpy as np
 
 from bit_zoo.atomic import write_text_atomic
-from bit_zoo.cli import build_model, check_data, check_weights_source, model_meta, resolve_num_classes, run_cli, setup_logging
+from bit_zoo.cli import build_model, check_data, check_weights_source, localize, model_meta, resolve_num_classes, run_cli, setup_logging
 from bit_zoo.config import parse_config, save_config
+from bit_zoo.data import require_same_data
 from bit_zoo.data.from_config import build_eval_loader, build_train_loader, train_preprocessing
 from bit_zoo.errors import ConfigError
 from bit_zoo.training.checkpoint import CheckpointManager, TrainState, export_weights
-from bit_zoo.training.distributed import init_distributed, set_device
+from bit_zoo.training.distributed import init_distributed, log_device, set_device
 from bit_zoo.training.loop import Plan, TrainLoop
 from bit_zoo.training.metrics import MetricsLog, plot_curves
 from bit_zoo.training.optim import create_optimizer
@@ -56,7 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config("train", argv)
     dist = init_distributed(set_device(cfg.system.device_target, cfg.system.mode), distribute=cfg.system.distribute)
     setup_logging(dist.is_main)
+    log_device(dist)
     micro = check_batch_split(cfg, dist.world_size)
+    mirror = localize(cfg)  # remote data/weights staged, a remote output_dir mirrored
     check_weights_source(cfg.model, cfg.model.checkpoint_path, flag="checkpoint_path")
     check_data(cfg.data)
     for seed in (ms.set_seed, np.random.seed, ds.config.set_seed):
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     plan = Plan(lr=lr, total_steps=total_steps, steps_per_epoch=steps_per_epoch, global_batch=cfg.data.batch_size)
     eval_data = build_eval_loader(
         cfg.data, split="val", batch_size=micro, image_size=prep["eval_size"], interpolation=prep["interpolation"],
-        mean=prep["mean"], std=prep["std"], seed=cfg.system.seed, num_classes=num_classes,
+        mean=prep["mean"], std=prep["std"], seed=cfg.system.seed, num_classes=num_classes, shard=(dist.world_size, dist.rank),
     )  # fmt: skip
 
     net = ms.amp.auto_mixed_precision(model, cfg.model.amp_level) if cfg.model.amp_level != "O0" else model
@@ -89,12 +92,14 @@ def main(argv: list[str] | None = None) -> dict:
     state = TrainState(total_steps=total_steps, global_batch=cfg.data.batch_size)
     if resume_path is not None:
         state = restore(
-            resume_path, trainer=trainer, model=model, total_steps=total_steps, global_batch=cfg.data.batch_size, accum_steps=accum
-        )
+            resume_path, trainer=trainer, model=model, total_steps=total_steps, global_batch=cfg.data.batch_size, accum_steps=accum,
+            check_meta=lambda meta: require_same_data(meta, train_data.fingerprint, train_data.class_names),
+        )  # fmt: skip
         train_data, _ = build_train_loader(cfg.data, prep, start_step=state.micro_step, hyperrule_mixup=hyperrule_mixup, **loader_args)
 
     # ---- first writes
     meta = model_meta(cfg.model, model, class_names=train_data.class_names, prep=prep, eval_resize_size=cfg.data.eval_resize_size)
+    meta["data_fingerprint"] = train_data.fingerprint  # a resume compares it: see training/resume.py
     manager = CheckpointManager(out, keep_max=cfg.checkpoint.keep_max, enabled=dist.is_main, meta=meta)
     metrics = MetricsLog(out / "metrics.jsonl", enabled=dist.is_main, append=resume_path is not None)
     if dist.is_main:
@@ -106,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     loop = TrainLoop(
         trainer, model, plan=plan, train_data=train_data, eval_data=eval_data, step=cfg.step, checkpoint=cfg.checkpoint,
-        manager=manager, metrics=metrics, is_main=dist.is_main, progress=cfg.system.progress,
+        manager=manager, metrics=metrics, dist=dist, progress=cfg.system.progress,
+        on_save=mirror.sync if mirror is not None and dist.is_main else None,
     )  # fmt: skip
     result = loop.run(state)
     summary = {
@@ -115,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dataset": cfg.data.dataset,
         "num_classes": model.num_classes,
         "class_names": train_data.class_names,
+        "bad_images": sorted(set(train_data.bad_images.paths) | set(eval_data.bad_images.paths)),
         "global_batch": cfg.data.batch_size,
         "devices": dist.world_size,
         **result,
@@ -126,6 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
         plot_curves(metrics.records(), out / "curves.png")
         summary["outputs"] = str(out)
         write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+        if mirror is not None:
+            mirror.sync()
         print_summary(summary)
     return summary
 

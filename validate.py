@@ -20,7 +20,7 @@ import mindspore as ms
 import numpy as np
 
 from bit_zoo.atomic import write_text_atomic
-from bit_zoo.cli import build_model, check_data, check_weights_source, resolve_num_classes, run_cli, setup_logging
+from bit_zoo.cli import build_model, check_data, check_weights_source, localize, resolve_num_classes, run_cli, setup_logging
 from bit_zoo.config import parse_config
 from bit_zoo.data.from_config import build_eval_loader, eval_preprocessing
 from bit_zoo.training.distributed import set_device
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config("validate", argv)
     setup_logging()
     set_device(cfg.system.device_target, cfg.system.mode)
+    localize(cfg)  # a remote ckpt_path / data_dir staged into the cache
     m, d = cfg.model, cfg.data
     check_weights_source(m, m.ckpt_path, flag="ckpt_path", required=True)
     check_data(d)

@@ -19,9 +19,10 @@ from .data import dataset_num_classes
 from .data.from_config import DataConfig
 from .errors import ConfigError, TrainingStopped
 from .loading import load_state
+from .remote import Mirror, fetch, is_remote, stage
 from .training.checkpoint import read_model_state
 
-__all__ = ["run_cli", "setup_logging", "check_data", "check_weights_source", "resolve_num_classes", "build_model", "model_meta"]
+__all__ = ["run_cli", "localize", "setup_logging", "check_data", "check_weights_source", "resolve_num_classes", "build_model", "model_meta"]
 
 _logger = logging.getLogger(__name__)
 
@@ -47,6 +48,39 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None, *, 
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+def _staged_files(dataset: str):
+    """Which files of a remote data_dir a run reads: CIFAR's binary batches and label names; for
+    class folders, every file (the split and class folders are chosen after the listing)."""
+    if dataset.startswith("cifar"):
+        return lambda rel: rel.endswith((".bin", ".txt"))
+    return None
+
+
+def localize(cfg: Config) -> Mirror | None:
+    """Replace remote locations (s3://..., see bit_zoo.remote) in cfg by local ones, in place.
+
+    Inputs (data_dir, checkpoint_path, ckpt_path, resume) are staged into the cache; a remote
+    output_dir becomes a local folder whose files the returned Mirror uploads (``--resume auto``
+    first brings the remote last.ckpt back, for a fresh node).
+    """
+    data = cfg.data
+    if is_remote(data.data_dir):
+        data.data_dir = str(stage(data.data_dir, include=_staged_files(data.dataset)))
+    for group, key in ((cfg.model, "checkpoint_path"), (cfg.model, "ckpt_path"), (cfg.checkpoint, "resume")):
+        value = getattr(group, key, None)
+        if value is not None and is_remote(value):
+            setattr(group, key, fetch(value))
+    url = getattr(cfg.system, "output_dir", None)
+    if not is_remote(url):
+        return None
+    mirror = Mirror(url)
+    cfg.system.output_dir = str(mirror.local)
+    if getattr(cfg.checkpoint, "resume", None) == "auto":
+        mirror.restore("last.ckpt")
+    _logger.info("output_dir %s: written to %s, uploaded after every checkpoint", url, mirror.local)
+    return mirror
 
 
 def setup_logging(is_main: bool = True) -> None:

@@ -70,7 +70,11 @@ class SystemConfig:
     seed: int = option(0, "seed of every random choice (data order, augmentation, init)", check=at_least(0), scripts=BOTH)
     progress: bool = option(True, "tqdm bars on a terminal (plain lines otherwise)", scripts=BOTH)
     distribute: str = option("auto", "auto: on when started by msrun/mpirun", choices=("auto", "on", "off"))
-    output_dir: str = option("outputs/run", "checkpoints, metrics.jsonl, curves.png, config.yaml, summary.json")
+    output_dir: str = option(
+        "outputs/run",
+        "checkpoints, metrics.jsonl, curves.png, config.yaml, summary.json; a URL (s3://...) is written locally, then uploaded",
+        aliases=("train_url",),
+    )
     overwrite: bool = option(False, "allow a fresh run in an output_dir that holds a previous run")
     rank_weights: bool = option(False, "every rank also writes its final weights to weights_rank<R>.ckpt")
     output_json: str | None = option(None, "also write the results here", scripts=("validate",))
@@ -90,7 +94,9 @@ class ModelConfig:
         scripts=BOTH,
         script_help={"validate": "evaluate the model's own weights record (downloads)"},
     )
-    checkpoint_path: str | None = option(None, "initial weights file (.npz, mindcv .ckpt, bit_zoo .ckpt or .safetensors)")
+    checkpoint_path: str | None = option(
+        None, "initial weights file (.npz, mindcv .ckpt, bit_zoo .ckpt or .safetensors; local or a URL)", aliases=("ckpt_url",)
+    )
     recompute: bool = option(False, "recompute activations in backward (less memory)")
     ckpt_path: str | None = option(None, "training checkpoint, upstream .npz or mindcv .ckpt", scripts=("validate",))
     ema: bool | None = option(None, "use the EMA weights of a training checkpoint (None: when it has them)", scripts=("validate",))
@@ -243,6 +249,10 @@ class _Option:
     def scripts(self) -> tuple[str, ...]:
         return self.meta["scripts"]
 
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        return self.meta.get("aliases", ())
+
 
 def _schema() -> dict[str, _Option]:
     """name -> option over every group; a name may appear once only."""
@@ -288,8 +298,9 @@ def build_parser(script: str) -> argparse.ArgumentParser:
         group = argument_groups[opt.group]
         kind = dict(dest=name, type=opt.parse, choices=opt.choices)
         group.add_argument(f"--{name}", default=opt.default_for(script), help=opt.help_for(script), **kind)
-        if "_" in name:  # --num-classes as an alias of --num_classes (the convention of convert and benchmark)
-            group.add_argument(f"--{name.replace('_', '-')}", default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kind)
+        hidden = [a for a in opt.aliases] + ([name.replace("_", "-")] if "_" in name else [])  # --num-classes for --num_classes
+        for alias in hidden:
+            group.add_argument(f"--{alias}", default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kind)
     return parser
 
 
@@ -353,8 +364,10 @@ def parse_config(script: str, argv: Sequence[str] | None = None) -> Config:
     if known.config:
         source = str(known.config)
         defaults = {}
+        aliases = {a: name for name, opt in schema.items() for a in opt.aliases}
         for key, value in load_yaml(known.config).items():
             key = str(key).replace("-", "_")
+            key = aliases.get(key, key)
             if key not in mine:
                 if key in schema and script == "validate":
                     continue  # a training config: training-only keys do not matter here

@@ -31,7 +31,7 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_path, save_checkpoint_atomic
 from .formats import check_keys, converted_shape, is_timm_layout, mindcv_plan, npz_plan, timm_plan
 from .hub import HF_ENDPOINT_ENV, SOURCE_ENV, candidates
 from .pretrained import Weights, download_weights
@@ -362,14 +362,13 @@ def save_weights(params: Mapping[str, np.ndarray], path: str | os.PathLike, *, f
     if fmt not in ("ckpt", "safetensors"):
         raise ValueError(f"unsupported output format {fmt!r} for {path}: use a .ckpt or .safetensors name")
     arrays = {k: _storable(v) for k, v in params.items()}
-    # save_checkpoint appends .ckpt to names that lack it: the temporary name keeps the format's suffix
-    with atomic_path(path, suffix=f".{fmt}") as tmp:
-        if fmt == "safetensors":
-            from safetensors.numpy import save_file
+    if fmt == "ckpt":  # space checked first, MindSpore's own .tmp cleaned up, one DiskFullError
+        save_checkpoint_atomic([{"name": k, "data": ms.Tensor(v)} for k, v in arrays.items()], path)
+        return path
+    from safetensors.numpy import save_file
 
-            save_file(arrays, str(tmp), metadata={"format": "bit_zoo"})
-        else:
-            ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in arrays.items()], str(tmp))
+    with atomic_path(path, suffix=".safetensors", expected_bytes=sum(a.nbytes for a in arrays.values())) as tmp:
+        save_file(arrays, str(tmp), metadata={"format": "bit_zoo"})
     return path
 
 

@@ -32,9 +32,14 @@ def option(
     scripts: tuple[str, ...] = ("train",),
     script_defaults: dict[str, Any] | None = None,
     script_help: dict[str, str] | None = None,
+    aliases: tuple[str, ...] = (),
 ):
-    """A dataclass field that is also a command-line option and YAML key of the named scripts."""
+    """A dataclass field that is also a command-line option and YAML key of the named scripts.
+
+    `aliases`: other names accepted for it on the command line and in YAML (e.g. the MindSpore
+    model zoo's data_url for data_dir)."""
     meta = {
+        "aliases": aliases,
         "help": help,
         "choices": choices,
         "check": check,

@@ -29,12 +29,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["RemoteError", "is_remote", "local_cache", "stage", "fetch", "Mirror", "SEED_ALIASES"]
+__all__ = ["RemoteError", "is_remote", "local_cache", "stage", "fetch", "Mirror"]
 
 _logger = logging.getLogger(__name__)
-
-# The MindSpore model zoo's (and the seed recipe's) launch names for the same locations.
-SEED_ALIASES = {"data_url": "data_dir", "train_url": "output_dir", "ckpt_url": "checkpoint_path"}
 
 
 class RemoteError(RuntimeError):

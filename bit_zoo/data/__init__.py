@@ -15,7 +15,7 @@ keyed augmentation for exact resume), `mixup` (batch MixUp + label smoothing), `
 from .loader import DATASETS, DataInfo, check_num_classes, create_loader, dataset_num_classes
 from .mixup import BatchMixup
 from .sampling import EpochSampler, few_shot_indices, val_split_indices
-from .sources import BadImageError, BadImages, describe_change
+from .sources import BadImageError, BadImages, describe_change, require_same_data
 from .transforms import TrainAugment, build_transforms, default_train_resize
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "dataset_num_classes",
     "default_train_resize",
     "describe_change",
+    "require_same_data",
     "few_shot_indices",
     "val_split_indices",
 ]

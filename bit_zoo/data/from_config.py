@@ -45,7 +45,10 @@ class DataConfig:
     """The "data" option group (see bit_zoo.options)."""
 
     dataset: str = option("cifar10", "dataset", choices=DATASETS, scripts=BOTH)
-    data_dir: str | None = option(None, "the folder with the data (not needed for digits)", scripts=BOTH)
+    data_dir: str | None = option(
+        None, "the folder with the data (not needed for digits); a URL (s3://...) is staged into the cache once", scripts=BOTH,
+        aliases=("data_url",),
+    )  # fmt: skip
     classes: list[int] | None = option(
         None, "keep only these label ids, relabelled 0..n-1 in this order", check=each(at_least(0)), scripts=BOTH
     )
@@ -82,6 +85,9 @@ class DataConfig:
         script_help={"validate": "images per eval step"},
     )
     num_workers: int = option(2, "data pipeline workers", check=at_least(1), scripts=BOTH)
+    strict_images: bool = option(
+        False, "stop before the first step at an image that cannot be decoded (default: skip it with a warning)", scripts=BOTH
+    )
     val_split: float = option(0.0, "hold out this fraction (or count) of train as the eval split", check=_val_split, scripts=BOTH)
     eval_samples: int | None = option(None, "evaluate on the first N eval images only", check=at_least(1), scripts=BOTH)
     split: str = option(
@@ -130,8 +136,12 @@ def build_eval_loader(
     std,
     seed: int,
     num_classes: int,
+    shard: tuple[int, int] = (1, 0),
 ) -> DataInfo:
-    """The evaluation pipeline: every image of the split in order (no shuffle, last partial batch kept)."""
+    """The evaluation pipeline: every image of the split in order (no shuffle, last partial batch kept).
+
+    shard = (ranks, rank): this rank's disjoint share, for an evaluation every rank takes part in.
+    """
     return create_loader(
         data.dataset,
         data.data_dir,
@@ -151,6 +161,9 @@ def build_eval_loader(
         num_workers=data.num_workers,
         num_classes=num_classes,
         classes=data.classes,
+        num_shards=shard[0],
+        shard_id=shard[1],
+        strict_images=data.strict_images,
     )
 
 
@@ -214,6 +227,7 @@ def build_train_loader(data: DataConfig, prep: dict, *, micro_batch: int, shard:
             hflip=data.hflip,
             num_classes=num_classes,
             classes=data.classes,
+            strict_images=data.strict_images,
         )
 
     if data.mixup_alpha is not None:

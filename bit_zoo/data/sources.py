@@ -467,6 +467,14 @@ def fingerprint(source: Source, indices: np.ndarray) -> dict:
     return {"images": int(len(indices)), "per_class": counts.tolist(), "digest": digest.hexdigest()[:16]}
 
 
+def require_same_data(saved_meta: dict, fingerprint: dict, class_names: list[str] | None = None) -> None:
+    """Raise ValueError saying what changed when a checkpoint's meta.json records other training data."""
+    saved = saved_meta.get("data_fingerprint")
+    change = describe_change(saved, fingerprint, class_names) if saved is not None else None
+    if change:
+        raise ValueError(change)
+
+
 def describe_change(saved: dict, current: dict, class_names: list[str] | None = None) -> str | None:
     """None when the two fingerprints match; else one line saying what changed and how to continue."""
     if saved == current:

@@ -16,16 +16,18 @@ Files in the output dir: ``last.ckpt`` (every save), ``best.ckpt`` (best eval to
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import mindspore as ms
 import numpy as np
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, save_checkpoint_atomic
 from ..errors import ConfigError
 from ..loading import EMA_PREFIX, TRAIN_STATE_PREFIXES, detect_format, read_arrays, read_weights_file, save_weights
-from ..meta import META_KEY, verify_digest, with_meta
+from ..meta import META_KEY, decode_meta, verify_digest, with_meta
 from ..options import at_least, option
 
 __all__ = [
@@ -66,6 +68,10 @@ class TrainState:
     loss_scale_counter: int = 0
     total_steps: int = 0
     global_batch: int = 0
+    # the running sums of the epoch in progress, so a resumed epoch reports the same train loss
+    epoch_loss_sum: float = 0.0
+    epoch_loss_steps: int = 0
+    epoch_overflows: int = 0
 
 
 def _optimizer_state(optimizer, model_names: set[str]) -> dict[str, ms.Parameter]:
@@ -79,8 +85,7 @@ def _optimizer_state(optimizer, model_names: set[str]) -> dict[str, ms.Parameter
 
 def _atomic_save(arrays: dict[str, np.ndarray], path: Path) -> None:
     entries = [{"name": k, "data": ms.Tensor(v)} for k, v in arrays.items()]  # dict order: meta.json first
-    with atomic_path(path, suffix=".ckpt") as tmp:  # save_checkpoint appends .ckpt to other names
-        ms.save_checkpoint(entries, str(tmp))
+    save_checkpoint_atomic(entries, path)  # space checked first; a full disk is one DiskFullError, no temp left
 
 
 def save_training_checkpoint(path: str | Path, *, model, optimizer, ema, scaler, state: TrainState, meta: dict | None = None) -> Path:
@@ -131,11 +136,15 @@ def read_model_state(path: str | Path, layers: tuple[int, ...], *, ema: bool | N
     return {k: v for k, v in arrays.items() if not k.startswith((EMA_PREFIX, META_KEY) + TRAIN_STATE_PREFIXES)}, meta, False
 
 
-def load_training_checkpoint(path: str | Path, *, model, optimizer, ema, scaler) -> TrainState:
+def load_training_checkpoint(
+    path: str | Path, *, model, optimizer, ema, scaler, check_meta: Callable[[dict], None] | None = None
+) -> TrainState:
     """Restore model, optimizer, EMA and loss scale in place; return the TrainState.
 
     Raises ValueError naming the file when it is not a bit_zoo training checkpoint, is corrupt,
     or does not fit the model/optimizer (e.g. a different optimizer or EMA setting).
+    ``check_meta(meta)`` sees the file's meta.json first and raises to refuse it (train.py: the
+    training data must be the one the run started with).
     """
     path = Path(path)
     if not path.is_file():
@@ -146,7 +155,10 @@ def load_training_checkpoint(path: str | Path, *, model, optimizer, ema, scaler)
         raise ValueError(
             f"cannot read {path}: {e}. The file is corrupt or truncated; resume from another checkpoint (e.g. step_*.ckpt)."
         ) from e
-    verify_digest(path, {k: v.asnumpy() for k, v in data.items()})
+    arrays = {k: v.asnumpy() for k, v in data.items()}
+    verify_digest(path, arrays)
+    if check_meta is not None:
+        check_meta(decode_meta(arrays) or {})
     if STATE_PREFIX + "step" not in data:
         raise ValueError(
             f"{path} is not a bit_zoo training checkpoint (no state.* entries): use it as checkpoint_path to start a new run instead of --resume."
@@ -218,5 +230,5 @@ class CheckpointManager:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    with atomic_path(dst) as tmp:
-        tmp.write_bytes(src.read_bytes())
+    with atomic_path(dst, expected_bytes=src.stat().st_size) as tmp:
+        shutil.copyfile(src, tmp)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from ..errors import TrainingStopped
 from .checkpoint import CheckpointConfig, CheckpointManager, TrainState
+from .distributed import DistInfo
 from .metrics import MetricsLog, Progress, evaluate
 
 __all__ = ["Plan", "TrainLoop", "epoch_label"]
@@ -50,22 +52,38 @@ def _stream(dataset, num_epochs: int):
 
 
 class _EpochMeter:
-    """Running train loss, throughput and overflow count of the current epoch (reset at its end)."""
+    """Running train loss, throughput and overflow count of the current epoch (reset at its end).
 
-    def __init__(self) -> None:
-        self.loss, self.steps, self.images, self.seconds, self.overflows = 0.0, 0, 0, 0.0, 0
+    The loss and overflow sums live in the TrainState, so a resumed epoch reports what the
+    uninterrupted one would have."""
+
+    def __init__(self, state: TrainState) -> None:
+        self.state = state
+        self.images, self.seconds = 0, 0.0
 
     def add(self, loss: float, finite: bool, images: int, seconds: float) -> None:
         if math.isfinite(loss):
-            self.loss += loss
-            self.steps += 1
-        self.overflows += not finite
+            self.state.epoch_loss_sum += loss
+            self.state.epoch_loss_steps += 1
+        self.state.epoch_overflows += not finite
         self.images += images
         self.seconds += seconds
 
+    def reset(self) -> None:
+        self.state.epoch_loss_sum, self.state.epoch_loss_steps, self.state.epoch_overflows = 0.0, 0, 0
+        self.images, self.seconds = 0, 0.0
+
+    @property
+    def steps(self) -> int:
+        return self.state.epoch_loss_steps
+
+    @property
+    def overflows(self) -> int:
+        return self.state.epoch_overflows
+
     @property
     def mean_loss(self) -> float:
-        return self.loss / self.steps if self.steps else float("nan")
+        return self.state.epoch_loss_sum / self.steps if self.steps else float("nan")
 
 
 class TrainLoop:
@@ -83,14 +101,17 @@ class TrainLoop:
         checkpoint: CheckpointConfig,
         manager: CheckpointManager,
         metrics: MetricsLog,
-        is_main: bool = True,
+        dist: DistInfo | None = None,
         progress: bool = False,
+        on_save: Callable[[], object] | None = None,
     ) -> None:
         self.trainer, self.model, self.plan = trainer, model, plan
         self.train_data, self.eval_data = train_data, eval_data
         self.step_cfg, self.ckpt_cfg = step, checkpoint
         self.manager, self.metrics = manager, metrics
-        self.is_main, self.progress = is_main, progress
+        self.dist = dist
+        self.on_save = on_save  # e.g. the upload of a remote output_dir (bit_zoo.remote.Mirror.sync)
+        self.is_main, self.progress = (dist is None or dist.is_main), progress
         self.last_eval: dict = {}
         self.saved_step: int | None = None
         self.bad_steps: list[int] = []  # the current run of consecutive non-finite steps
@@ -102,7 +123,7 @@ class TrainLoop:
         num_epochs = max(1, math.ceil(remaining_micro / self.train_data.batches_per_epoch))
         batches = _stream(self.train_data.dataset, num_epochs) if remaining_micro > 0 else iter(())
         start = time.perf_counter()
-        meter = _EpochMeter()
+        meter = _EpochMeter(state)
         progress = Progress(
             range(state.step, plan.total_steps),
             total=plan.total_steps - state.step,
@@ -113,7 +134,7 @@ class TrainLoop:
         self.trainer.net.set_train(True)
         for _ in progress:
             t0 = time.perf_counter()
-            loss, finite, grad_norm = self.trainer.step([next(batches) for _ in range(accum)])
+            loss, finite, grad_norm = self.trainer.step(self._next_batches(batches, accum))
             state.micro_step += accum
             state.step += 1
             meter.add(loss, finite, plan.global_batch, time.perf_counter() - t0)
@@ -125,8 +146,8 @@ class TrainLoop:
             if end_of_epoch:
                 state.epoch += 1 if state.step % plan.steps_per_epoch == 0 else 0
                 best = self._end_epoch(state, meter, grad_norm)
+                meter.reset()
                 self._save(state, periodic=periodic, best=best)
-                meter = _EpochMeter()
             elif periodic:
                 self._save(state, periodic=True, best=False)
         return {
@@ -139,6 +160,14 @@ class TrainLoop:
         }
 
     # ---------------------------------------------------------------------------------------
+    def _next_batches(self, batches, accum: int) -> list:
+        try:
+            return [next(batches) for _ in range(accum)]
+        except RuntimeError:  # MindSpore wraps a strict_images stop in its own RuntimeError: show the clean one
+            if self.train_data.bad_images.error is not None:
+                raise self.train_data.bad_images.error from None
+            raise
+
     def _watch_finite(self, state: TrainState, loss: float, finite: bool) -> None:
         """Stop after max_nonfinite_steps consecutive steps whose loss is not finite, or whose
         gradients are not and the loss scale cannot shrink any further to fix them."""
@@ -167,13 +196,19 @@ class TrainLoop:
         t = self.trainer
         self.manager.save(periodic=periodic, best=best, state=state, model=self.model, optimizer=t.optimizer, ema=t.ema, scaler=t.scaler)
         self.saved_step = state.step
+        if self.on_save is not None:
+            self.on_save()
 
     def _evaluate(self) -> dict:
         ema = self.trainer.ema if self.step_cfg.ema_eval else None
         if ema is not None:
             ema.swap()
         try:
-            result = evaluate(self.trainer.net, self.eval_data.dataset, progress=self.progress, desc="eval")
+            # every rank evaluates its shard; the counts are gathered, so all ranks get the same result
+            result = evaluate(
+                self.trainer.net, self.eval_data.dataset, dist=self.dist, sharded=True, num_images=len(self.eval_data.indices),
+                progress=self.progress and self.is_main, desc="eval",
+            )  # fmt: skip
         finally:
             if ema is not None:
                 ema.swap()
@@ -194,16 +229,18 @@ class TrainLoop:
             "loss_scale": self.trainer.loss_scale,
             "grad_norm": grad_norm if math.isfinite(grad_norm) else None,  # JSON has no NaN
             "overflow_steps": meter.overflows,
+            "bad_images": len(self.train_data.bad_images) + len(self.eval_data.bad_images),
         }
         interval = self.ckpt_cfg.eval_interval
         due = state.step == plan.total_steps or (interval > 0 and state.step % plan.steps_per_epoch == 0 and state.epoch % interval == 0)
         best = False
         where = f"{epoch_label(state.step, plan.steps_per_epoch)} step {state.step}/{plan.total_steps}"
-        if self.is_main and due:
+        if due:  # on every rank: each evaluates its shard of the eval split
             ev = self.last_eval = self._evaluate()
             record.update(top1=ev["top1"], top5=ev["top5"], eval_loss=ev["loss"], eval_images=ev["images"])
             best = ev["top1"] > state.best_top1
             state.best_top1 = max(state.best_top1, ev["top1"])
+        if due and self.is_main:
             _logger.info(
                 "%s: train loss %.4f, eval top-1 %.2f top-5 %.2f loss %.4f (%d images, %s weights), %.1f img/s",
                 where, meter.mean_loss, ev["top1"], ev["top5"], ev["loss"], ev["images"], ev["weights"], record["img_per_s"],
