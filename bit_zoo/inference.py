@@ -121,6 +121,8 @@ def load_model(
         raise ValueError("pass --pretrained or --checkpoint_path, not both")
     if not pretrained and not checkpoint_path and model_name is None:
         raise ValueError("nothing to load: pass --checkpoint_path FILE, or --model NAME[.tag] with --pretrained (or --checkpoint_path)")
+    if model_name == "resnetv2" and not checkpoint_path and not layers:
+        raise ValueError("--model resnetv2 needs --layers (units per stage, e.g. 3 4 6 3)")
     meta = None
     arrays = None
     if checkpoint_path:
@@ -143,6 +145,15 @@ def load_model(
     if pretrained:
         model = create_model(model_name, pretrained=True, conv_impl=conv_impl, num_classes=num_classes)
         source, used = f"pretrained:{model_name}", "raw"
+    elif not checkpoint_path:
+        # The untrained baseline of a comparison: deterministic given mindspore.set_seed (model_from_args sets it).
+        _logger.warning("%s: no --checkpoint_path and no --pretrained: random initialisation (an untrained baseline)", model_name)
+        classes = 1000 if num_classes is None else num_classes
+        if model_name == "resnetv2":
+            model = ResNetV2(tuple(layers), width_factor, num_classes=classes, conv_impl=conv_impl)
+        else:
+            model = create_model(model_name, num_classes=classes, conv_impl=conv_impl)
+        source, used = f"random-init:{model_name}", "raw"
     else:
         has_ema = any(k.startswith(EMA_PREFIX) for k in arrays)
         use_ema = has_ema if ema is None else ema
@@ -199,6 +210,7 @@ def _none(value):
 
 def model_from_args(args, *, num_classes: int | None = None) -> LoadedModel:
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
+    ms.set_seed(getattr(args, "seed", 0))  # a random-init baseline is the same network on every run
     loaded = load_model(
         _none(args.model),
         checkpoint_path=_none(args.checkpoint_path),

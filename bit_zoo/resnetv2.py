@@ -8,6 +8,7 @@ registered entry points.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ from .features import NUM_FEATURES, FeatureInfo, feature_take_indices, stage_str
 from .layers import GroupNormAct, StdConv2d, resolve_conv_impl, zero_pad2d
 from .pretrained import GOOGLE_BASE_URL, MINDCV_BASE_URL, Weights
 from .registry import get_weights, register_model
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ["ResNetV2", "ARCHS", "NUM_PARAMS", "convert_npz", "convert_mindcv", "to_npz", "build_bit"]
 
@@ -185,7 +188,9 @@ class ResNetV2(nn.Cell):
         out_indices: which maps a features_only model returns (negative counts from the end).
         eager_jit: in PyNative mode, an inference call (set_train(False)) runs a forward compiled
             with mindspore.jit, once per input shape (graph-mode speed); training calls and graph
-            mode are unaffected. $BIT_ZOO_EAGER_JIT=0 turns it off everywhere.
+            mode are unaffected. $BIT_ZOO_EAGER_JIT=0 turns it off everywhere. A construct the
+            compiler cannot parse falls back to eager; code changed after the first call (a
+            monkeypatched cell) is not seen by the compiled forward: set eager_jit=False first.
     """
 
     def __init__(
@@ -347,7 +352,16 @@ class ResNetV2(nn.Cell):
     def __call__(self, *args, **kwargs):
         if kwargs or self.training or not self.eager_jit or not _eager_jit_enabled():
             return super().__call__(*args, **kwargs)
-        return self._compiled_forward()(*args)
+        forward = self._compiled_forward()
+        try:
+            return forward(*args)
+        except (RuntimeError, TypeError) as error:
+            # A construct the graph compiler cannot parse (a user's monkeypatched cell, a Python hook):
+            # keep the model usable, eagerly, and say so once. A bad input raises here, eagerly, as before.
+            out = super().__call__(*args, **kwargs)
+            _logger.warning("compiled eager inference failed (%s); this model runs eagerly from now on", str(error).splitlines()[0])
+            self.eager_jit = False
+            return out
 
     def _compiled_forward(self):
         """mindspore.jit over the forward, rebuilt when a parameter's storage is replaced.

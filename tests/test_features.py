@@ -203,3 +203,28 @@ def test_pynative_training_is_not_compiled_and_learns():
     losses = [_train_step(model, seed=0, lr=0.05) for _ in range(3)]
     assert model._jit_forward is None  # training calls run eagerly
     assert losses[-1] < losses[0]
+
+
+def test_eager_inference_falls_back_when_the_graph_compiler_cannot_parse(caplog):
+    """A user's monkeypatched sub-cell (a closure the compiler rejects) still runs, eagerly."""
+    model = bit_zoo.ResNetV2(LAYERS, num_classes=4)
+    reference = bit_zoo.ResNetV2(LAYERS, num_classes=4, eager_jit=False)
+    state = _random_state(model, seed=6)
+    load_state(model, state)
+    load_state(reference, state)
+    model.set_train(False)
+    reference.set_train(False)
+    x = _x(n=1, size=32)
+    expected = reference(x).asnumpy()
+    head = model.head
+    calls = []
+
+    def patched(inp, pre_logits=False):
+        calls.append(1)
+        return head.fc(inp.mean(axis=(2, 3))) * 2.0
+
+    head.construct = patched
+    out = model(x).asnumpy()
+    assert calls and not model.eager_jit
+    np.testing.assert_allclose(out, 2 * expected, rtol=1e-5, atol=1e-5)
+    assert "runs eagerly" in caplog.text
