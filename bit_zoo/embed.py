@@ -21,7 +21,6 @@ run with the same fingerprint reuses it instead of recomputing.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import shutil
@@ -33,8 +32,7 @@ import mindspore as ms
 import numpy as np
 
 from .atomic import atomic_path, write_text_atomic
-from .data import create_loader
-from .data import sources
+from .data import create_loader, sources
 from .inference import LoadedModel, Preprocess, add_model_args, model_from_args
 from .training.metrics import Progress
 
@@ -84,7 +82,7 @@ def load_embeddings(path: str | Path) -> dict | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a truncated zip raises BadZipFile, EOFError, OSError or ValueError
         _logger.warning("%s is unreadable (%s): computing it again", path, e)
         return None
     if int(arrays.get("complete", 0)) != 1:
@@ -137,6 +135,7 @@ def compute_embeddings(
         "num_samples": num_samples,
         "seed": seed,
     }
+    fingerprint = json.loads(json.dumps(fingerprint))  # the form it has after a round trip through the file (lists, not tuples)
     existing = load_embeddings(output)
     if existing is not None:
         if existing["fingerprint"] == fingerprint:
