@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
+import mindspore as ms
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,7 +14,9 @@ from PIL import Image
 import bit_zoo
 import validate
 from bit_zoo import labels
-from bit_zoo.loading import load_state, model_state, save_weights
+from bit_zoo.data import create_loader
+from bit_zoo.data.sources import scan_class_folders
+from bit_zoo.loading import model_state, save_weights
 from bit_zoo.meta import META_KEY, encode_meta
 from bit_zoo.predict import main
 
@@ -79,6 +82,17 @@ def test_folder_predictions_use_class_names_and_match_validate(folder_data, meta
     assert all(abs(sum(p["probs"]) - 1) < 1e-5 for p in preds)  # 3 classes: top-k is the whole distribution
     assert preds[0]["file"] in table and preds[0]["labels"][0] in table
     top1 = 100.0 * np.mean([p["labels"][0] == p["file"].split("/")[-2] for p in preds])
+
+    # Per file, the same class as the eval pipeline of the data layer (validate.py's) with the same weights.
+    info = create_loader("folder", str(folder_data), "val", batch_size=18, image_size=32, transform="eval", shuffle=False, drop_remainder=False, num_workers=1)  # fmt: skip
+    images, _ = next(info.dataset.create_tuple_iterator(num_epochs=1, output_numpy=True))
+    model = bit_zoo.ResNetV2(tuple(LAYERS), num_classes=3, eager_jit=False)
+    bit_zoo.load_checkpoint(model, meta_checkpoint)
+    model.set_train(False)
+    expected = model(ms.Tensor(images)).asnumpy().argmax(1)
+    _, paths, _ = scan_class_folders(folder_data / "val")
+    assert [p["file"] for p in preds] == paths
+    assert [p["indices"][0] for p in preds] == expected.tolist()
 
     # validate.py on the same folder dataset and checkpoint reports the same top-1.
     ref = validate.main(
