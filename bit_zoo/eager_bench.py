@@ -63,7 +63,9 @@ def run(model_name: str, *, image_size: int, batch_size: int, warmup: int, iters
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bit_zoo.eager_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bit_zoo.eager_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="bit_s_r50x1")
     p.add_argument("--image_size", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=16)

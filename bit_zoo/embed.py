@@ -290,7 +290,9 @@ def preprocess_overrides(pp: Preprocess, args) -> Preprocess:
 def build_parser() -> argparse.ArgumentParser:
     from .config import str2bool
 
-    parser = argparse.ArgumentParser(prog="python -m bit_zoo.embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bit_zoo.embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_args(parser)
     g = add_data_args(parser)
     g.add_argument("--split", default="train", choices=("train", "val", "test"))

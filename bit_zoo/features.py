@@ -32,7 +32,9 @@ def feature_take_indices(num_features: int, indices: int | Sequence[int] | None 
         for i in indices:
             idx = num_features + i if i < 0 else i
             if not 0 <= idx < num_features:
-                raise ValueError(f"feature index {i} is out of range for {num_features} features (0..{num_features - 1}, or negative from the end)")
+                raise ValueError(
+                    f"feature index {i} is out of range for {num_features} features (0..{num_features - 1}, or negative from the end)"
+                )
             take.append(idx)
     if not take:
         raise ValueError("indices selects no feature; pass None for all, an int n for the last n, or a list of indices")

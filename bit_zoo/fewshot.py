@@ -104,12 +104,16 @@ def format_table(results: dict, *, title: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from .config import str2bool
 
-    parser = argparse.ArgumentParser(prog="python -m bit_zoo.fewshot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bit_zoo.fewshot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_args(parser)
     g = add_data_args(parser)
     g.add_argument("--train_split", default="train", choices=("train", "val", "test"), help="where the k shots are drawn")
     g.add_argument("--split", default="val", choices=("val", "test"), help="evaluation split (as validate.py)")
-    g.add_argument("--crop_pct", type=float, default=224 / 256, help="resize to eval_size / crop_pct, then center crop (big_vision: 256 -> 224)")
+    g.add_argument(
+        "--crop_pct", type=float, default=224 / 256, help="resize to eval_size / crop_pct, then center crop (big_vision: 256 -> 224)"
+    )
     f = parser.add_argument_group("fewshot")
     f.add_argument("--shots", type=int, nargs="+", default=list(DEFAULT_SHOTS))
     f.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="number of seeds (0..seeds-1)")
@@ -150,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         embeddings = {}
         for role, split in (("train", args.train_split), ("test", args.split)):
-            key = json.dumps([loaded.source, loaded.weights, loaded.name, str(loaded.preprocess), split, common], sort_keys=True, default=str)
+            key = json.dumps(
+                [loaded.source, loaded.weights, loaded.name, str(loaded.preprocess), split, common], sort_keys=True, default=str
+            )
             path = Path(args.cache_dir) / f"{split}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
             embeddings[role] = compute_embeddings(loaded, split=split, output=path, overwrite=True, **common)
         results = run_fewshot(embeddings["train"], embeddings["test"], shots=args.shots, seeds=args.seeds, l2_reg=args.l2_reg)

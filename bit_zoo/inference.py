@@ -179,7 +179,9 @@ def load_model(
     if image_size:
         preprocess = replace(preprocess or Preprocess(image_size), image_size=image_size, resize_size=None)
     if preprocess is None:
-        raise ValueError(f"no preprocessing known for {source}: it has no meta.json and --model resnetv2 has no weights record; pass --image_size")
+        raise ValueError(
+            f"no preprocessing known for {source}: it has no meta.json and --model resnetv2 has no weights record; pass --image_size"
+        )
     class_names = meta.get("class_names") if meta else None
     model.set_train(False)
     return LoadedModel(model, preprocess, class_names, model_name, source, used)
@@ -201,7 +203,9 @@ def add_model_args(parser, *, checkpoint_required: bool = False) -> None:
     g.add_argument("--conv_impl", default="auto", choices=("auto", "native", "unfold"))
     g.add_argument("--ema", type=str2bool, default=None, help="EMA weights of a training checkpoint (default: when it has them)")
     g.add_argument("--image_size", type=int, default=None, help="override the eval resolution of the weights / checkpoint")
-    g.add_argument("--mode", default="pynative", choices=("pynative", "graph"), help="pynative runs a compiled forward (see ResNetV2 eager_jit)")
+    g.add_argument(
+        "--mode", default="pynative", choices=("pynative", "graph"), help="pynative runs a compiled forward (see ResNetV2 eager_jit)"
+    )
 
 
 def _none(value):

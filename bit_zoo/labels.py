@@ -21,18 +21,18 @@ def _read(name: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def imagenet1k_synsets() -> tuple[str, ...]:
     return tuple(_read(_IN1K))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def imagenet21k_synsets() -> tuple[str, ...]:
     """The 21,843 wnids in the order of Google's BiT-M heads."""
     return tuple(_read(_IN21K))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def synset_lemmas() -> dict[str, str]:
     return dict(line.split("\t", 1) for line in _read(_LEMMAS))
 
@@ -53,6 +53,8 @@ def label_names(num_classes: int, class_names: list[str] | None = None) -> list[
     """The names of a head's outputs: the checkpoint's class names, else ImageNet's, else 'class_<i>'."""
     if class_names is not None:
         if len(class_names) != num_classes:
-            raise ValueError(f"the checkpoint lists {len(class_names)} class names for a {num_classes}-class head: the file is inconsistent")
+            raise ValueError(
+                f"the checkpoint lists {len(class_names)} class names for a {num_classes}-class head: the file is inconsistent"
+            )
         return list(class_names)
     return imagenet_names(num_classes) or [f"class_{i}" for i in range(num_classes)]

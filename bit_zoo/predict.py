@@ -84,7 +84,9 @@ def predict_files(loaded: LoadedModel, files: list[str], *, topk: int = 5, batch
         probs = _softmax(model(ms.Tensor(np.stack(batch))).asnumpy().astype(np.float64))
         top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         for f, row, idx in zip(batch_files, probs, top):
-            predictions.append({"file": f, "indices": idx.tolist(), "labels": [names[i] for i in idx], "probs": [float(row[i]) for i in idx]})
+            predictions.append(
+                {"file": f, "indices": idx.tolist(), "labels": [names[i] for i in idx], "probs": [float(row[i]) for i in idx]}
+            )
         batch_files.clear()
         batch.clear()
 
@@ -125,7 +127,9 @@ def to_csv(result: dict, topk: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bit_zoo.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bit_zoo.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("paths", nargs="+", help="image files and folders (searched recursively)")
     add_model_args(parser)
     g = parser.add_argument_group("output")

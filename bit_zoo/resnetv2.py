@@ -223,9 +223,7 @@ class ResNetV2(nn.Cell):
         stages = []
         prev, reduction = 64 * wf, 4
         for i, (depth, width, (stride, first_dil, dil)) in enumerate(zip(layers, widths, stage_strides_and_dilations(output_stride))):
-            stages.append(
-                ResNetStage(prev, width, depth, stride=stride, conv_impl=conv_impl, first_dilation=first_dil, dilation=dil)
-            )
+            stages.append(ResNetStage(prev, width, depth, stride=stride, conv_impl=conv_impl, first_dilation=first_dil, dilation=dil))
             prev, reduction = width, reduction * stride
             info.append({"num_chs": width, "reduction": reduction, "module": f"stages.{i}", "index": i + 1})
         self.stages = nn.SequentialCell(stages)

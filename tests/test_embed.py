@@ -14,7 +14,9 @@ from bit_zoo.embed import compute_embeddings, load_embeddings, main
 from bit_zoo.inference import load_model
 
 CLASSES = [0, 1]
-KW = dict(dataset="digits", data_dir=None, split="train", classes=CLASSES, num_samples=100, batch_size=25, num_workers=1, progress=False)  # 4 equal batches: one compile
+KW = dict(
+    dataset="digits", data_dir=None, split="train", classes=CLASSES, num_samples=100, batch_size=25, num_workers=1, progress=False
+)  # 4 equal batches: one compile
 
 
 @pytest.fixture(scope="module")

@@ -31,9 +31,11 @@ def test_ridge_fit_is_the_ridge_solution(n, d):
 def test_ridge_separates_clusters_and_not_noise():
     rng = np.random.default_rng(1)
     centers = rng.standard_normal((4, 64)) * 3
+
     def draw(n):  # noqa: E306
         y = np.repeat(np.arange(4), n)
         return centers[y] + rng.standard_normal((len(y), 64)), y
+
     x_tr, y_tr = draw(5)
     x_te, y_te = draw(50)
     assert ridge_accuracy(ridge_fit(x_tr, y_tr, 4, 2.0**10), x_te, y_te) == 1.0

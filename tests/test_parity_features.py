@@ -81,7 +81,12 @@ def test_intermediates_match_timm(tmp_path, make_upstream_npz, arch, conv_impl):
 @pytest.mark.parity
 @pytest.mark.parametrize(
     ("output_stride", "conv_impl"),
-    [(16, "unfold"), (8, "native"), pytest.param(16, "native", marks=pytest.mark.heavy), pytest.param(8, "unfold", marks=pytest.mark.heavy)],
+    [
+        (16, "unfold"),
+        (8, "native"),
+        pytest.param(16, "native", marks=pytest.mark.heavy),
+        pytest.param(8, "unfold", marks=pytest.mark.heavy),
+    ],
 )
 def test_dilated_backbone_matches_timm(tmp_path, make_upstream_npz, output_stride, conv_impl):
     npz = tmp_path / "weights.npz"

@@ -64,7 +64,14 @@ def meta_checkpoint(tmp_path_factory):
         "num_classes": 3,
         "in_channels": 3,
         "class_names": CLASSES,
-        "preprocess": {"image_size": 32, "eval_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "crop_pct": 1.0},
+        "preprocess": {
+            "image_size": 32,
+            "eval_size": 32,
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+            "interpolation": "bilinear",
+            "crop_pct": 1.0,
+        },
     }
     path = tmp_path_factory.mktemp("ckpt") / "best.ckpt"
     save_weights({**params, META_KEY: encode_meta(meta)}, path)
