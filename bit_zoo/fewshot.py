@@ -154,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         embeddings = {}
         for role, split in (("train", args.train_split), ("test", args.split)):
+            # What the numbers depend on (not the batch size, the workers or the progress bar).
+            data_key = {k: common[k] for k in ("dataset", "data_dir", "classes", "val_split", "num_samples", "seed")}
             key = json.dumps(
-                [loaded.source, loaded.weights, loaded.name, str(loaded.preprocess), split, common], sort_keys=True, default=str
+                [loaded.source, loaded.weights, loaded.name, str(loaded.preprocess), split, data_key], sort_keys=True, default=str
             )
             path = Path(args.cache_dir) / f"{split}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
             embeddings[role] = compute_embeddings(loaded, split=split, output=path, overwrite=True, **common)
