@@ -231,6 +231,8 @@ def match_state(model: ms.nn.Cell, state: Mapping[str, np.ndarray], *, source: s
     """
     shapes = {p.name: tuple(p.shape) for p in model.get_parameters()}
     state = dict(state)
+    if getattr(model, "features_only", False):  # a backbone builds no final norm and no classifier
+        state = {k: v for k, v in state.items() if not k.startswith(("norm.", "head."))}
     model_classes = getattr(model, "num_classes", None)
     if "head.fc.weight" in state and state["head.fc.weight"].shape[0] != model_classes:
         _logger.info(

@@ -3,7 +3,9 @@
 mindcv's registry keys a model by its function name and reads `default_cfgs` of the function's
 module, so the wrappers live here, in a module of their own (mindcv already has a "resnetv2").
 mindcv passes num_classes=1000 by default; with pretrained=True and 21843-class weights the
-classifier is then left out and zero-initialised, as in bit_zoo.
+classifier is then left out and zero-initialised, as in bit_zoo. Other keyword arguments reach
+ResNetV2 unchanged, so ``mindcv.create_model("bit_m_r50x1", features_only=True, out_indices=[1, 2, 3, 4])``
+builds the backbone (timm's conventions: a list of maps, ``feature_info``; see features.py).
 """
 
 from __future__ import annotations

@@ -6,15 +6,20 @@ records and the registered names in zoo.py.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import TYPE_CHECKING
 
 import mindspore as ms
-from mindspore import nn
+from mindspore import nn, ops
 
+from .features import NUM_FEATURES, FeatureInfo, feature_take_indices, stage_strides_and_dilations
 from .layers import GroupNormAct, StdConv2d, resolve_conv_impl, zero_pad2d
 
 if TYPE_CHECKING:
     from .pretrained import Weights
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ["ResNetV2"]
 
@@ -23,13 +28,40 @@ __all__ = ["ResNetV2"]
 # Blocks
 
 
+class DilatedStdConv2d(StdConv2d):
+    """StdConv2d with a dilated kernel (stride 1), for output_stride 16 / 8, on both conv paths.
+
+    Padding is `dilation` on every side for the 3x3, as timm's get_padding gives, so the map keeps
+    its size. The parameter is the same `weight`, so weights files load unchanged.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, dilation: int, conv_impl: str) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, padding=dilation * (kernel_size - 1) // 2, conv_impl=conv_impl)
+        self.dilation = dilation
+
+    def construct(self, x: ms.Tensor) -> ms.Tensor:
+        w = self.standardized_weight(x.dtype)
+        if self._unfold:
+            n, c, h, wd = x.shape
+            k, p, d = self.kernel_size, self.padding, self.dilation
+            ho = h + 2 * p - d * (k - 1)
+            wo = wd + 2 * p - d * (k - 1)
+            cols = ops.unfold(x, k, d, p, 1).reshape(n, c * k * k, ho, wo)
+            return ops.conv2d(cols, w.reshape(self.out_channels, c * k * k, 1, 1))
+        return ops.conv2d(x, w, pad_mode="pad", padding=self.padding, dilation=self.dilation)
+
+    def extend_repr(self) -> str:
+        return super().extend_repr() + f", dilation={self.dilation}"
+
+
 class PreActBottleneck(nn.Cell):
     """BiT's unit: p = relu(gn1(x)); shortcut = proj(p) or x; 1x1 -> 3x3 (stride here) -> 1x1; y + shortcut.
 
     The projection reads the pre-activation p, not x, and there is no ReLU after the add.
+    `dilation` > 1 (output_stride 16 / 8) dilates the 3x3 instead of striding.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, stride: int, conv_impl: str) -> None:
+    def __init__(self, in_channels: int, out_channels: int, *, stride: int, conv_impl: str, dilation: int = 1) -> None:
         super().__init__()
         mid = out_channels // 4
         self.norm1 = GroupNormAct(in_channels, conv_impl=conv_impl)
@@ -38,8 +70,11 @@ class PreActBottleneck(nn.Cell):
             self.downsample = StdConv2d(in_channels, out_channels, 1, stride=stride, conv_impl=conv_impl)
         self.conv1 = StdConv2d(in_channels, mid, 1, conv_impl=conv_impl)
         self.norm2 = GroupNormAct(mid, conv_impl=conv_impl)
-        # Padding 1 on every side with the stride on the 3x3 (not TF SAME, not on the 1x1).
-        self.conv2 = StdConv2d(mid, mid, 3, stride=stride, padding=1, conv_impl=conv_impl)
+        if dilation > 1:
+            self.conv2 = DilatedStdConv2d(mid, mid, 3, dilation=dilation, conv_impl=conv_impl)
+        else:
+            # Padding 1 on every side with the stride on the 3x3 (not TF SAME, not on the 1x1).
+            self.conv2 = StdConv2d(mid, mid, 3, stride=stride, padding=1, conv_impl=conv_impl)
         self.norm3 = GroupNormAct(mid, conv_impl=conv_impl)
         self.conv3 = StdConv2d(mid, out_channels, 1, conv_impl=conv_impl)
 
@@ -55,10 +90,26 @@ class PreActBottleneck(nn.Cell):
 
 
 class ResNetStage(nn.Cell):
-    def __init__(self, in_channels: int, out_channels: int, depth: int, *, stride: int, conv_impl: str) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        depth: int,
+        *,
+        stride: int,
+        conv_impl: str,
+        first_dilation: int = 1,
+        dilation: int = 1,
+    ) -> None:
         super().__init__()
         blocks = [
-            PreActBottleneck(in_channels if i == 0 else out_channels, out_channels, stride=stride if i == 0 else 1, conv_impl=conv_impl)
+            PreActBottleneck(
+                in_channels if i == 0 else out_channels,
+                out_channels,
+                stride=stride if i == 0 else 1,
+                conv_impl=conv_impl,
+                dilation=first_dilation if i == 0 else dilation,
+            )
             for i in range(depth)
         ]
         self.blocks = nn.SequentialCell(blocks)
@@ -80,7 +131,10 @@ class Stem(nn.Cell):
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="valid")
 
     def construct(self, x: ms.Tensor) -> ms.Tensor:
-        x = self.conv(x)
+        return self.pool_conv_output(self.conv(x))
+
+    def pool_conv_output(self, x: ms.Tensor) -> ms.Tensor:
+        """The stem after its conv: backbone feature 0 is the conv output, before this pool."""
         x = zero_pad2d(x, 1)  # not ops.pad: its CPU kernel is ~8x slower (see layers.zero_pad2d)
         return self.pool(x)
 
@@ -109,6 +163,8 @@ class ClassifierHead(nn.Cell):
 # ----------------------------------------------------------------------------------------------
 # Model
 
+EAGER_JIT_ENV = "BIT_ZOO_EAGER_JIT"  # "0" turns the compiled eager inference off for every model
+
 
 class ResNetV2(nn.Cell):
     """Pre-activation ResNet-v2 with weight-standardized convs and GroupNorm, as released with BiT.
@@ -121,6 +177,16 @@ class ResNetV2(nn.Cell):
         conv_impl: "auto" (unfold on CPU, native elsewhere), "native" or "unfold"; see layers.py.
         recompute: recompute each unit's activations in the backward pass to save memory.
         drop_rate: dropout before the classifier (BiT uses none; offered as timm and mindcv do).
+        output_stride: 32 (BiT), or 16 / 8: the last stages dilate their 3x3 convs instead of
+            striding, as segmentation backbones do (timm's rule, see features.py).
+        features_only: build a backbone: no final norm, no head; forward returns the list of
+            maps at `out_indices` (0 = stem conv, reduction 2; 1-4 = stages), timm's convention.
+        out_indices: which maps a features_only model returns (negative counts from the end).
+        eager_jit: in PyNative mode, an inference call (set_train(False)) runs a forward compiled
+            with mindspore.jit, once per input shape (graph-mode speed); training calls and graph
+            mode are unaffected. $BIT_ZOO_EAGER_JIT=0 turns it off everywhere. A construct the
+            compiler cannot parse falls back to eager; code changed after the first call (a
+            monkeypatched cell) is not seen by the compiled forward: set eager_jit=False first.
     """
 
     def __init__(
@@ -133,6 +199,10 @@ class ResNetV2(nn.Cell):
         conv_impl: str = "auto",
         recompute: bool = False,
         drop_rate: float = 0.0,
+        output_stride: int = 32,
+        features_only: bool = False,
+        out_indices: tuple[int, ...] = (0, 1, 2, 3, 4),
+        eager_jit: bool = True,
     ) -> None:
         super().__init__()
         conv_impl = resolve_conv_impl(conv_impl)
@@ -141,20 +211,39 @@ class ResNetV2(nn.Cell):
         self.width_factor = wf
         self.in_channels = in_channels
         self.conv_impl = conv_impl
+        self.output_stride = output_stride
+        self.features_only = features_only
         self.stem = Stem(in_channels, 64 * wf, conv_impl=conv_impl)
         widths = [256 * wf, 512 * wf, 1024 * wf, 2048 * wf]
+        info = [{"num_chs": 64 * wf, "reduction": 2, "module": "stem.conv", "index": 0}]
         stages = []
-        prev = 64 * wf
-        for i, (depth, width) in enumerate(zip(layers, widths)):
-            stages.append(ResNetStage(prev, width, depth, stride=1 if i == 0 else 2, conv_impl=conv_impl))
-            prev = width
+        prev, reduction = 64 * wf, 4
+        for i, (depth, width, (stride, first_dil, dil)) in enumerate(zip(layers, widths, stage_strides_and_dilations(output_stride))):
+            stages.append(ResNetStage(prev, width, depth, stride=stride, conv_impl=conv_impl, first_dilation=first_dil, dilation=dil))
+            prev, reduction = width, reduction * stride
+            info.append({"num_chs": width, "reduction": reduction, "module": f"stages.{i}", "index": i + 1})
         self.stages = nn.SequentialCell(stages)
-        self.norm = GroupNormAct(prev, conv_impl=conv_impl)  # pre-head GroupNorm + ReLU
         self.num_features = prev
-        self.num_classes = num_classes
         self.drop_rate = drop_rate
-        self.head = ClassifierHead(prev, num_classes, drop_rate=drop_rate)
         self.weights: Weights | None = None  # set by the builder to the record the model was made for
+        if features_only:
+            take, _ = feature_take_indices(NUM_FEATURES, tuple(out_indices))
+            self.out_indices = tuple(take)
+            self.feature_info = FeatureInfo(info[i] for i in take)
+            # Constants for construct (no host logic there): which maps to return, how many stages to run.
+            self._take = tuple(i in take for i in range(NUM_FEATURES))
+            self._num_run = max(take)
+            self.norm = None
+            self.head = None
+            self.num_classes = 0
+        else:
+            self.feature_info = FeatureInfo(info)
+            self.norm = GroupNormAct(prev, conv_impl=conv_impl)  # pre-head GroupNorm + ReLU
+            self.num_classes = num_classes
+            self.head = ClassifierHead(prev, num_classes, drop_rate=drop_rate)
+        self.eager_jit = eager_jit
+        self._jit_forward = None
+        self._jit_key = None
         if recompute:
             for stage in self.stages:
                 for block in stage.blocks:
@@ -186,13 +275,108 @@ class ResNetV2(nn.Cell):
     def forward_head(self, x: ms.Tensor, pre_logits: bool = False) -> ms.Tensor:
         return self.head(x, pre_logits)
 
-    def construct(self, x: ms.Tensor) -> ms.Tensor:
+    def forward_feature_list(self, x: ms.Tensor) -> list:
+        """The maps at out_indices (the forward of a features_only model); runs no stage past the last."""
+        outs = []
+        x = self.stem.conv(x)
+        if self._take[0]:
+            outs.append(x)
+        x = self.stem.pool_conv_output(x)
+        for i in range(self._num_run):
+            x = self.stages[i](x)
+            if self._take[i + 1]:
+                outs.append(x)
+        return outs
+
+    def construct(self, x: ms.Tensor):
+        if self.features_only:
+            return self.forward_feature_list(x)
         return self.forward_head(self.forward_features(x))
 
-    def get_classifier(self) -> nn.Cell:
-        return self.head.fc
+    def forward_intermediates(
+        self,
+        x: ms.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """timm's forward_intermediates: the maps at `indices` (0 = stem conv, 1-4 = stages).
+
+        indices: None -> all five, an int n -> the last n, a sequence -> those. norm: apply the
+        final GroupNorm+ReLU to the stage-4 map when it is taken. stop_early: run no stage past
+        the last index taken. Returns the list of maps if intermediates_only, else (final
+        features, list): the final features are normalised when the last stage ran.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r}: only 'NCHW' is supported")
+        if norm and self.norm is None:
+            raise ValueError("norm=True needs the final norm, which a features_only model does not build")
+        take, max_index = feature_take_indices(NUM_FEATURES, indices)
+        intermediates = []
+        x = self.stem.conv(x)
+        if 0 in take:
+            intermediates.append(x)
+        x = self.stem.pool_conv_output(x)
+        last = len(self.stages)
+        feat_idx = 0
+        for feat_idx in range(1, (max_index if stop_early else last) + 1):
+            x = self.stages[feat_idx - 1](x)
+            if feat_idx in take:
+                intermediates.append(self.norm(x) if norm and feat_idx == last else x)
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last and self.norm is not None:
+            x = self.norm(x)
+        return x, intermediates
+
+    def get_classifier(self) -> nn.Cell | None:
+        return None if self.head is None else self.head.fc
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a zero-initialised one (0 removes it)."""
+        if self.features_only:
+            raise ValueError("a features_only model has no classifier; build it with features_only=False")
         self.head = ClassifierHead(self.num_features, num_classes, drop_rate=self.drop_rate)
         self.num_classes = num_classes
+
+    # -- compiled eager inference ---------------------------------------------------------------
+
+    def __call__(self, *args, **kwargs):
+        if kwargs or self.training or not self.eager_jit or not _eager_jit_enabled():
+            return super().__call__(*args, **kwargs)
+        forward = self._compiled_forward()
+        try:
+            return forward(*args)
+        except (RuntimeError, TypeError) as error:
+            # A construct the graph compiler cannot parse (a user's monkeypatched cell, a Python hook):
+            # keep the model usable, eagerly, and say so once. A bad input raises here, eagerly, as before.
+            out = super().__call__(*args, **kwargs)
+            _logger.warning("compiled eager inference failed (%s); this model runs eagerly from now on", str(error).splitlines()[0])
+            self.eager_jit = False
+            return out
+
+    def _compiled_forward(self):
+        """mindspore.jit over the forward, rebuilt when a parameter's storage is replaced.
+
+        A compiled graph keeps reading the storage it was built with: in-place updates (optimizers,
+        ops.assign) reach it, but Parameter.set_data (load_checkpoint, load_param_into_net) swaps
+        the storage, so the storage addresses key the compiled function. ms.jit itself compiles
+        once per input shape and dtype.
+        """
+        key = tuple(p.data_ptr() for p in self.get_parameters())
+        if self._jit_forward is None or key != self._jit_key:
+            net = self
+
+            def forward(*inputs):
+                return net.construct(*inputs)
+
+            self._jit_forward = ms.jit(forward)
+            self._jit_key = key
+        return self._jit_forward
+
+
+def _eager_jit_enabled() -> bool:
+    """PyNative mode (graph mode compiles anyway) and not turned off by $BIT_ZOO_EAGER_JIT."""
+    return ms.get_context("mode") == ms.PYNATIVE_MODE and os.environ.get(EAGER_JIT_ENV, "1") != "0"

@@ -1,0 +1,97 @@
+"""Eager (PyNative) inference with and without the compiled forward, against graph mode, in one process.
+
+    python -m bit_zoo.eager_bench                       # bit_s_r50x1, 128 px, batch 16
+    python -m bit_zoo.eager_bench --model bit_m_r101x1 --image_size 160 --batch_size 8 --iters 10
+
+Prints, per setting, the first call (compile included) and the steady-state images per second
+(median over --iters timed calls after --warmup), then eager-compiled / graph. The three settings
+run the same random-weights model on the same batch; outputs are checked to agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import mindspore as ms
+import numpy as np
+
+from .factory import create_model
+
+
+def _time_calls(fn, x, *, warmup: int, iters: int) -> tuple[float, float, np.ndarray]:
+    start = time.perf_counter()
+    out = fn(x).asnumpy()
+    first = time.perf_counter() - start
+    for _ in range(warmup):
+        fn(x).asnumpy()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn(x).asnumpy()
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times), out
+
+
+def run(model_name: str, *, image_size: int, batch_size: int, warmup: int, iters: int, conv_impl: str, skip_plain_eager: bool) -> dict:
+    x = ms.Tensor(np.random.default_rng(0).uniform(-1, 1, (batch_size, 3, image_size, image_size)).astype(np.float32))
+    ms.set_seed(0)
+    results = {}
+    settings = [("graph", ms.GRAPH_MODE, True), ("eager_compiled", ms.PYNATIVE_MODE, True)]
+    if not skip_plain_eager:
+        settings.append(("eager_plain", ms.PYNATIVE_MODE, False))
+    outputs = {}
+    for name, mode, jit in settings:
+        ms.set_context(mode=mode)
+        ms.set_seed(0)
+        model = create_model(model_name, conv_impl=conv_impl, eager_jit=jit)
+        model.set_train(False)
+        first, step, out = _time_calls(model, x, warmup=warmup, iters=iters)
+        results[name] = {"first_call_s": round(first, 2), "step_s": round(step, 4), "img_per_s": round(batch_size / step, 1)}
+        outputs[name] = out
+        print(f"{name:>15}: first call {first:6.2f} s   {batch_size / step:7.1f} img/s  ({step * 1000:.0f} ms per batch)", flush=True)
+    ref = outputs["graph"]
+    for name, out in outputs.items():
+        diff = float(np.abs(out - ref).max())
+        if diff > 1e-3 * max(1.0, float(np.abs(ref).max())):
+            raise RuntimeError(f"{name} output differs from graph mode by {diff}")
+    results["ratio_eager_compiled_to_graph"] = round(results["eager_compiled"]["img_per_s"] / results["graph"]["img_per_s"], 3)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bit_zoo.eager_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default="bit_s_r50x1")
+    p.add_argument("--image_size", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--conv_impl", default="auto", choices=("auto", "native", "unfold"))
+    p.add_argument("--skip_plain_eager", action="store_true", help="skip the uncompiled eager setting (slow)")
+    p.add_argument("--output_json", default=None)
+    args = p.parse_args(argv)
+    print(f"{args.model}, {args.image_size} px, batch {args.batch_size}, conv_impl {args.conv_impl}, MindSpore {ms.__version__}")
+    results = run(
+        args.model,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        warmup=args.warmup,
+        iters=args.iters,
+        conv_impl=args.conv_impl,
+        skip_plain_eager=args.skip_plain_eager,
+    )
+    print(f"eager (compiled) / graph: {results['ratio_eager_compiled_to_graph']:.2f}x")
+    if args.output_json:
+        from .atomic import write_text_atomic
+
+        write_text_atomic(args.output_json, json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Backbone outputs against an independent reference: timm's forward_intermediates on the same upstream .npz.
+
+Every map (stem conv, four stages, the normalised last map) must agree to 1e-4 of its largest
+absolute value, on both convolution paths; dilated backbones (output_stride 16 / 8) too. R50x1
+runs by default, the other architectures carry the `heavy` marker.
+"""
+
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+import bit_zoo
+from bit_zoo._timm import import_timm
+
+torch = pytest.importorskip("torch")
+try:
+    timm = import_timm()
+except ImportError as e:
+    pytest.skip(f"timm not installed ({e}); see README, Tests", allow_module_level=True)
+from timm.models.resnetv2 import _load_weights  # noqa: E402  (timm's own upstream-npz loader)
+
+TIMM_NAMES = {
+    "r50x1": "resnetv2_50x1_bit",
+    "r50x3": "resnetv2_50x3_bit",
+    "r101x1": "resnetv2_101x1_bit",
+    "r101x3": "resnetv2_101x3_bit",
+    "r152x2": "resnetv2_152x2_bit",
+    "r152x4": "resnetv2_152x4_bit",
+}
+CASES = [pytest.param(a, marks=[pytest.mark.parity] + ([] if a == "r50x1" else [pytest.mark.heavy])) for a in TIMM_NAMES]
+
+
+def _timm_model(arch: str, npz, **kwargs):
+    model = timm.create_model(TIMM_NAMES[arch], pretrained=False, num_classes=1000, **kwargs).eval()
+    with torch.no_grad():
+        _load_weights(model, str(npz))
+    return model
+
+
+def _assert_maps_close(ours, ref, what: str) -> None:
+    assert len(ours) == len(ref), f"{what}: {len(ours)} maps vs timm's {len(ref)}"
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        a = a.asnumpy() if hasattr(a, "asnumpy") else a
+        b = b.numpy()
+        assert a.shape == b.shape, f"{what} map {i}: shape {a.shape} vs timm {b.shape}"
+        scale = np.abs(b).max()
+        diff = np.abs(a - b).max()
+        assert diff <= 1e-4 * scale, f"{what} map {i}: max abs diff {diff:.3g}, largest value {scale:.3g}"
+
+
+@pytest.mark.parametrize("arch", CASES)
+@pytest.mark.parametrize("conv_impl", ["native", "unfold"])
+def test_intermediates_match_timm(tmp_path, make_upstream_npz, arch, conv_impl):
+    npz = tmp_path / "weights.npz"
+    make_upstream_npz(npz, f"bit_s_{arch}", 1000, seed=3)
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 3, 80, 80)).astype(np.float32)  # maps 40, 20, 10, 5, 3: odd sizes
+    ref_model = _timm_model(arch, npz)
+    with torch.no_grad():
+        ref_final, ref_maps = ref_model.forward_intermediates(torch.from_numpy(x))
+        ref_normed = ref_model.forward_intermediates(torch.from_numpy(x), indices=[1, 4], norm=True, intermediates_only=True)
+
+    model = bit_zoo.create_model(f"bit_s_{arch}", checkpoint_path=str(npz), conv_impl=conv_impl, eager_jit=False)
+    model.set_train(False)
+    final, maps = model.forward_intermediates(ms.Tensor(x))
+    _assert_maps_close(maps, ref_maps, "forward_intermediates")
+    _assert_maps_close([final], [ref_final], "final features")
+    normed = model.forward_intermediates(ms.Tensor(x), indices=[1, 4], norm=True, intermediates_only=True)
+    _assert_maps_close(normed, ref_normed, "norm=True")
+
+    # The backbone (no head, no final norm) loads the same file and returns the same maps.
+    backbone = bit_zoo.create_model(f"bit_s_{arch}", checkpoint_path=str(npz), conv_impl=conv_impl, features_only=True, eager_jit=False)
+    backbone.set_train(False)
+    _assert_maps_close(backbone(ms.Tensor(x)), ref_maps, "features_only forward")
+    ref_info = [{k: d[k] for k in ("num_chs", "reduction", "module")} for d in ref_model.feature_info]
+    assert backbone.feature_info.get_dicts(keys=("num_chs", "reduction", "module")) == ref_info
+    assert backbone.feature_info.get("index") == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize(
+    ("output_stride", "conv_impl"),
+    [
+        (16, "unfold"),
+        (8, "native"),
+        pytest.param(16, "native", marks=pytest.mark.heavy),
+        pytest.param(8, "unfold", marks=pytest.mark.heavy),
+    ],
+)
+def test_dilated_backbone_matches_timm(tmp_path, make_upstream_npz, output_stride, conv_impl):
+    npz = tmp_path / "weights.npz"
+    make_upstream_npz(npz, "bit_s_r50x1", 1000, seed=5)
+    x = np.random.default_rng(2).uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32)
+    ref_model = _timm_model("r50x1", npz, output_stride=output_stride)
+    with torch.no_grad():
+        ref_maps = ref_model.forward_intermediates(torch.from_numpy(x), intermediates_only=True)
+    backbone = bit_zoo.create_model(
+        "bit_s_r50x1", checkpoint_path=str(npz), conv_impl=conv_impl, features_only=True, output_stride=output_stride, eager_jit=False
+    )
+    backbone.set_train(False)
+    maps = backbone(ms.Tensor(x))
+    _assert_maps_close(maps, ref_maps, f"output_stride={output_stride}")
+    assert backbone.feature_info.reduction() == [d["reduction"] for d in ref_model.feature_info]
+    assert maps[-1].shape[-1] == 64 // output_stride
