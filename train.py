@@ -28,6 +28,7 @@ from bit_zoo.config import parse_config, save_config
 from bit_zoo.data import require_same_data
 from bit_zoo.data.from_config import build_eval_loader, build_train_loader, train_preprocessing
 from bit_zoo.errors import ConfigError
+from bit_zoo.freeze import freeze
 from bit_zoo.training.checkpoint import CheckpointManager, TrainState, export_weights
 from bit_zoo.training.distributed import init_distributed, log_device, set_device
 from bit_zoo.training.loop import Plan, TrainLoop
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(cfg.system.output_dir)
     resume_path = resolve_resume(cfg.checkpoint.resume, out, overwrite=cfg.system.overwrite)
     model, _, _ = build_model(cfg.model, num_classes, weights=cfg.model.checkpoint_path, recompute=cfg.model.recompute)
+    freeze(model, cfg.model.freeze)  # before the optimizer: it takes model.trainable_params()
     prep = train_preprocessing(cfg.data, model.weights)
     loader_args = dict(micro_batch=micro, shard=(dist.world_size, dist.rank), seed=cfg.system.seed, num_classes=num_classes)
     hyperrule_mixup = cfg.schedule.scheduler == "hyperrule"

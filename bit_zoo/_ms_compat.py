@@ -6,9 +6,12 @@ reads, a 200 MB checkpoint fails to load on a 24 GiB machine with 23 GiB availab
 is pointed at MemAvailable instead (free + reclaimable), falling back to MindSpore's own.
 
 Cell.__del__ prints a traceback per live cell at interpreter exit; see `_guard_cell_del`.
+A new cell at a freed cell's address is compiled against the old one; see `_unique_class_namespaces`.
 """
 
 from __future__ import annotations
+
+import itertools
 
 from mindspore.train import serialization as _serialization
 
@@ -59,3 +62,29 @@ def _guard_cell_del() -> None:
 
 
 _guard_cell_del()
+
+
+def _unique_class_namespaces() -> None:
+    """MindSpore 2.10 labels a cell's graph namespace with ``id(obj)`` and caches what it resolved
+    under that label; when a cell is freed and a new one is allocated at the same address, the new
+    cell's construct is resolved against the old object's attributes ("'...<ResNetV2::1402...>'
+    object has no attribute 'fc'", a method compiled as the wrong function). Seen in processes that
+    build one model after another (the test suite, notebooks). The label gets a per-object serial
+    number, which no later object reuses."""
+    from mindspore.graph._parse import namespace as _namespace
+
+    original_init = _namespace.ClassMemberNamespace.__init__
+    serials = itertools.count()
+
+    def __init__(self, obj, _original=original_init):  # noqa: N807
+        _original(self, obj)
+        try:
+            serial = obj.__dict__.setdefault("_bit_zoo_namespace_serial", next(serials))
+        except (AttributeError, TypeError):  # objects without a __dict__ keep MindSpore's label
+            return
+        self.name = f"{self.name}#{serial}"
+
+    _namespace.ClassMemberNamespace.__init__ = __init__
+
+
+_unique_class_namespaces()

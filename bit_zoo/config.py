@@ -34,6 +34,7 @@ import yaml
 from .atomic import write_text_atomic
 from .data.from_config import DataConfig
 from .errors import ConfigError
+from .freeze import FREEZE_CHOICES
 from .layers import CONV_IMPLS
 from .options import SCRIPTS, at_least, check_group, default_of, each, non_negative, option, positive, unit_interval
 from .training.checkpoint import CheckpointConfig
@@ -98,6 +99,9 @@ class ModelConfig:
         None, "initial weights file (.npz, mindcv .ckpt, bit_zoo .ckpt or .safetensors; local or a URL)", aliases=("ckpt_url",)
     )
     recompute: bool = option(False, "recompute activations in backward (less memory)")
+    freeze: str = option(
+        "none", "parameters left untrained: the stem, stages up to N, or all-but-head (a linear probe)", choices=FREEZE_CHOICES
+    )
     ckpt_path: str | None = option(None, "training checkpoint, upstream .npz or mindcv .ckpt", scripts=("validate",))
     ema: bool | None = option(None, "use the EMA weights of a training checkpoint (None: when it has them)", scripts=("validate",))
 

@@ -432,6 +432,8 @@ class _ScriptedTrainer:
 
 class _Batches:
     batches_per_epoch = 4
+    bad_images: tuple = ()  # DataInfo's count of undecodable images: none here
+    indices: tuple = ()  # DataInfo's records of the split (the loop passes their count to evaluate)
 
     def __init__(self) -> None:
         self.dataset = self
@@ -464,7 +466,7 @@ def _loop(tmp_path, script, *, total_steps, monkeypatch, loss_scale="none", scal
     loop = loop_mod.TrainLoop(
         _ScriptedTrainer(script, scale), None, plan=plan, train_data=_Batches(), eval_data=_Batches(),
         step=StepConfig(loss_scale=loss_scale, max_nonfinite_steps=limit), checkpoint=CheckpointConfig(save_interval=1, log_interval=1),
-        manager=manager, metrics=MetricsLog(tmp_path / "m.jsonl"), is_main=True, progress=True,
+        manager=manager, metrics=MetricsLog(tmp_path / "m.jsonl"), progress=True,
     )  # fmt: skip
     return loop, manager, TrainState(total_steps=total_steps)
 
