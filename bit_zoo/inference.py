@@ -60,7 +60,7 @@ class Preprocess:
 
     def ops(self) -> list:
         """The per-image ops (HWC uint8 RGB in, CHW float32 out): the very ops validate.py's eval pipeline maps."""
-        return build_transforms(
+        ops, _ = build_transforms(  # "eval" has no random part
             "eval",
             image_size=self.image_size,
             resize_size=self.resize_size,
@@ -69,6 +69,7 @@ class Preprocess:
             std=self.std,
             randaugment=None,
         )
+        return ops
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         for op in self.ops_cached:

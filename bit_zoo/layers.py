@@ -86,13 +86,16 @@ class _Conv(nn.Cell):
     weight in fp16) while StdConv2d itself computes the weight statistics in float32.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int, padding: int, conv_impl: str) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int, padding: int, conv_impl: str, dilation: int = 1
+    ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
         self.stride = stride
         self.padding = padding
+        self.dilation = dilation
         # Which rewrite the unfold path needs; decided once here so construct has no host logic.
         self._unfold = conv_impl == "unfold" and kernel_size > 1
         self._subsample = conv_impl == "unfold" and kernel_size == 1 and stride > 1
@@ -104,15 +107,15 @@ class _Conv(nn.Cell):
         w = w.astype(x.dtype)
         if self._unfold:
             n, c, h, wd = x.shape
-            k, s, p = self.kernel_size, self.stride, self.padding
-            ho = (h + 2 * p - k) // s + 1
-            wo = (wd + 2 * p - k) // s + 1
+            k, s, p, d = self.kernel_size, self.stride, self.padding, self.dilation
+            ho = (h + 2 * p - d * (k - 1) - 1) // s + 1
+            wo = (wd + 2 * p - d * (k - 1) - 1) // s + 1
             # unfold orders its C*k*k rows channel-major, then kh, then kw: the OIHW flattening.
-            cols = ops.unfold(x, k, 1, p, s).reshape(n, c * k * k, ho, wo)
+            cols = ops.unfold(x, k, d, p, s).reshape(n, c * k * k, ho, wo)
             return ops.conv2d(cols, w.reshape(self.out_channels, c * k * k, 1, 1))
         if self._subsample:
             return ops.conv2d(self.pool(x), w)
-        return ops.conv2d(x, w, stride=self.stride, pad_mode="pad", padding=self.padding)
+        return ops.conv2d(x, w, stride=self.stride, pad_mode="pad", padding=self.padding, dilation=self.dilation)
 
 
 class StdConv2d(_Float32Statistics):
@@ -133,6 +136,7 @@ class StdConv2d(_Float32Statistics):
         *,
         stride: int = 1,
         padding: int = 0,
+        dilation: int = 1,
         eps: float = 1e-10,
         conv_impl: str = "auto",
     ) -> None:
@@ -142,6 +146,7 @@ class StdConv2d(_Float32Statistics):
         self.kernel_size = kernel_size
         self.stride = stride
         self.padding = padding
+        self.dilation = dilation  # > 1 for the dilated 3x3 of output_stride 16 / 8
         self.eps = eps
         self.conv_impl = resolve_conv_impl(conv_impl)
         self.weight = Parameter(
@@ -152,7 +157,9 @@ class StdConv2d(_Float32Statistics):
         # (cuDNN's batch norm refuses eps below 1e-5, and Ascend's has its own layouts).
         self._fused = self.conv_impl == "unfold"
         self._standardize = _stats_norm_op(eps)
-        self.conv = _Conv(in_channels, out_channels, kernel_size, stride=stride, padding=padding, conv_impl=self.conv_impl)
+        self.conv = _Conv(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, conv_impl=self.conv_impl, dilation=dilation
+        )
 
     def standardized_weight(self, dtype: ms.Type) -> ms.Tensor:
         # float32 whatever the parameter's storage or the AMP level: the statistics need it.
@@ -175,6 +182,7 @@ class StdConv2d(_Float32Statistics):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, eps={self.eps}, conv_impl={self.conv_impl}"
+            + (f", dilation={self.dilation}" if self.dilation > 1 else "")
         )
 
 

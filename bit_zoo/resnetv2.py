@@ -11,7 +11,7 @@ import os
 from typing import TYPE_CHECKING
 
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import nn
 
 from .features import NUM_FEATURES, FeatureInfo, feature_take_indices, stage_strides_and_dilations
 from .layers import GroupNormAct, StdConv2d, resolve_conv_impl, zero_pad2d
@@ -26,32 +26,6 @@ __all__ = ["ResNetV2"]
 
 # ----------------------------------------------------------------------------------------------
 # Blocks
-
-
-class DilatedStdConv2d(StdConv2d):
-    """StdConv2d with a dilated kernel (stride 1), for output_stride 16 / 8, on both conv paths.
-
-    Padding is `dilation` on every side for the 3x3, as timm's get_padding gives, so the map keeps
-    its size. The parameter is the same `weight`, so weights files load unchanged.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, dilation: int, conv_impl: str) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, padding=dilation * (kernel_size - 1) // 2, conv_impl=conv_impl)
-        self.dilation = dilation
-
-    def construct(self, x: ms.Tensor) -> ms.Tensor:
-        w = self.standardized_weight(x.dtype)
-        if self._unfold:
-            n, c, h, wd = x.shape
-            k, p, d = self.kernel_size, self.padding, self.dilation
-            ho = h + 2 * p - d * (k - 1)
-            wo = wd + 2 * p - d * (k - 1)
-            cols = ops.unfold(x, k, d, p, 1).reshape(n, c * k * k, ho, wo)
-            return ops.conv2d(cols, w.reshape(self.out_channels, c * k * k, 1, 1))
-        return ops.conv2d(x, w, pad_mode="pad", padding=self.padding, dilation=self.dilation)
-
-    def extend_repr(self) -> str:
-        return super().extend_repr() + f", dilation={self.dilation}"
 
 
 class PreActBottleneck(nn.Cell):
@@ -71,7 +45,8 @@ class PreActBottleneck(nn.Cell):
         self.conv1 = StdConv2d(in_channels, mid, 1, conv_impl=conv_impl)
         self.norm2 = GroupNormAct(mid, conv_impl=conv_impl)
         if dilation > 1:
-            self.conv2 = DilatedStdConv2d(mid, mid, 3, dilation=dilation, conv_impl=conv_impl)
+            # timm's padding for a dilated 3x3 (dilation on every side): the map keeps its size
+            self.conv2 = StdConv2d(mid, mid, 3, padding=dilation, dilation=dilation, conv_impl=conv_impl)
         else:
             # Padding 1 on every side with the stride on the 3x3 (not TF SAME, not on the 1x1).
             self.conv2 = StdConv2d(mid, mid, 3, stride=stride, padding=1, conv_impl=conv_impl)
