@@ -7,8 +7,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import mindspore as ms
@@ -61,7 +59,13 @@ def _run(trainer: Trainer, batches, accum: int):
 
 OPTIONS = {
     "plain": {},
-    "clip-ema-dynamic": {"clip_grad_norm": 0.5, "ema_decay": 0.9, "loss_scale": "dynamic", "loss_scale_value": 2.0**10, "loss_scale_window": 2},
+    "clip-ema-dynamic": {
+        "clip_grad_norm": 0.5,
+        "ema_decay": 0.9,
+        "loss_scale": "dynamic",
+        "loss_scale_value": 2.0**10,
+        "loss_scale_window": 2,
+    },
 }
 
 
@@ -91,7 +95,7 @@ def test_fast_path_equals_accumulation_path(graph_mode, options):
 def test_overflow_skips_step_and_halves_scale(graph_mode):
     cfg = StepConfig(loss_scale="dynamic", loss_scale_value=2.0**10, loss_scale_window=2, ema_decay=0.9)
     trainer = _trainer(cfg)
-    (x, y), = _batches(steps=1, batch=4)
+    ((x, y),) = _batches(steps=1, batch=4)
     before = {p.name: p.asnumpy().copy() for p in trainer.net.get_parameters()}
     bad = x.copy()
     bad[0, 0, 0, 0] = np.inf
@@ -110,7 +114,7 @@ def test_overflow_skips_step_and_halves_scale(graph_mode):
 
 def test_clipping_bounds_the_update(graph_mode):
     """With momentum 0.9 and lr 0.1, the first step moves the weights by lr * clipped gradient."""
-    (x, y), = _batches(steps=1, batch=4)
+    ((x, y),) = _batches(steps=1, batch=4)
     trainer = _trainer(StepConfig(clip_grad_norm=1e-3))
     before = [p.asnumpy().copy() for p in trainer.net.trainable_params()]
     _, finite, norm = trainer.step([(ms.Tensor(x), ms.Tensor(y))])
@@ -121,7 +125,7 @@ def test_clipping_bounds_the_update(graph_mode):
 
 def test_step_wants_accum_steps_micro_batches(graph_mode):
     trainer = _trainer(StepConfig(accum_steps=2))
-    (x, y), = _batches(steps=1, batch=4)
+    ((x, y),) = _batches(steps=1, batch=4)
     with pytest.raises(ValueError, match="accum_steps=2"):
         trainer.step([(ms.Tensor(x), ms.Tensor(y))])
 

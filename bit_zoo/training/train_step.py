@@ -38,7 +38,18 @@ from mindspore import nn, ops
 
 from .ema import EMA
 
-__all__ = ["LOSS_SCALES", "JIT_LEVELS", "StepConfig", "NetWithLoss", "TrainStep", "ForwardBackward", "ApplyUpdate", "Trainer", "create_loss_scaler", "jit_level_for"]
+__all__ = [
+    "LOSS_SCALES",
+    "JIT_LEVELS",
+    "StepConfig",
+    "NetWithLoss",
+    "TrainStep",
+    "ForwardBackward",
+    "ApplyUpdate",
+    "Trainer",
+    "create_loss_scaler",
+    "jit_level_for",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -255,7 +266,9 @@ class TrainStep(nn.Cell):
 class ForwardBackward(nn.Cell):
     """accum_steps > 1: one micro-batch's loss; adds its loss-scaled gradients to the buffers."""
 
-    def __init__(self, net_with_loss: NetWithLoss, weights: ms.ParameterTuple, buffers: ms.ParameterTuple, scale_value: ms.Parameter) -> None:
+    def __init__(
+        self, net_with_loss: NetWithLoss, weights: ms.ParameterTuple, buffers: ms.ParameterTuple, scale_value: ms.Parameter
+    ) -> None:
         super().__init__(auto_prefix=False)
         self.net_with_loss = net_with_loss
         self.weights = weights
@@ -345,7 +358,7 @@ class Trainer:
         if len(batches) != self.cfg.accum_steps:
             raise ValueError(f"step() got {len(batches)} micro-batches but accum_steps={self.cfg.accum_steps}: pass exactly accum_steps")
         if self.fused:
-            (x, y), = batches
+            ((x, y),) = batches
             loss, finite, norm = self.train_step(x, y)
             return float(loss.asnumpy()), bool(finite.asnumpy()), float(norm.asnumpy())
         first_x = batches[0][0]
