@@ -156,6 +156,19 @@ class _ClearStatus(nn.Cell):
         return ops.depend(x, self.clear(ops.zeros((8,), ms.int32)))
 
 
+class DeviceFinite(nn.Cell):
+    """This device's own verdict on its local gradients: True when no overflow happened here.
+
+    ms.amp.all_finite checks the values, except on Ascend 910A (and 910B in saturation mode)
+    where it reads the float-status register: there an overflow saturates to a finite value
+    that only the register records, so the verdict must be agreed across ranks rather than
+    inferred from the all-reduced gradients.
+    """
+
+    def construct(self, grads):
+        return ms.amp.all_finite(grads)
+
+
 class NetWithLoss(nn.Cell):
     """Softmax cross-entropy in float32, on int labels or soft (one-hot, mixed, smoothed) labels."""
 
@@ -200,6 +213,8 @@ class _Update(nn.Cell):
             self.reducer = nn.DistributedGradReducer(optimizer.parameters, mean=True)
             self.allreduce = ops.AllReduce()  # sum of the ranks' overflow flags
         self.device_check = ms.get_context("device_target") == "Ascend"  # status register or AllFinite kernel
+        if distributed or self.device_check:
+            self.device_finite = DeviceFinite()
         self.hyper_map = ops.HyperMap()
 
     def construct(self, grads):
@@ -208,11 +223,11 @@ class _Update(nn.Cell):
         agreed = ops.ones((), ms.bool_)
         if self.distributed:
             # Each rank's own verdict (what a device status register reports), then any-rank overflow -> all skip.
-            local_bad = 1.0 - ms.amp.all_finite(grads).astype(ms.float32)
+            local_bad = 1.0 - self.device_finite(grads).astype(ms.float32)
             agreed = self.allreduce(local_bad) < 0.5
             grads = self.reducer(grads)
         elif self.device_check:
-            agreed = ms.amp.all_finite(grads)
+            agreed = self.device_finite(grads)
         norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
         # The norm is finite iff every gradient is (one pass serves both); the reduced gradients,
         # hence their norm, are the same on every rank.
