@@ -158,8 +158,8 @@ DeviceFinite0 = train_step.DeviceFinite
 
 
 class SaturatingDevice(train_step.DeviceFinite):
-    """Rank 1 in the 'register' run: its status register reports an overflow at step 2 while its
-    gradients stay finite (Ascend's saturation mode), so only an agreed flag makes rank 0 skip."""
+    # Rank 1 in the 'register' run: its status register reports an overflow at step 2 while its
+    # gradients stay finite (Ascend's saturation mode), so only an agreed flag makes rank 0 skip.
 
     def __init__(self):
         super().__init__()
