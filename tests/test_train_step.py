@@ -178,13 +178,14 @@ for accum in (1, 2, "register"):
     train_step.DeviceFinite = SaturatingDevice if accum == "register" and dist.rank == 1 else DeviceFinite0
     net = _small_net()
     opt = nn.Momentum(net.trainable_params(), ms.Tensor(np.full(10, 0.1, np.float32)), momentum=0.9)
-    cfg = StepConfig(accum_steps=accum if accum != "register" else 1, loss_scale="dynamic", loss_scale_value=2.0**10, loss_scale_window=1000, ema_decay=0.9)
+    n = 1 if accum == "register" else accum
+    cfg = StepConfig(accum_steps=n, loss_scale="dynamic", loss_scale_value=2.0**10, loss_scale_window=1000, ema_decay=0.9)
     trainer = Trainer(net, opt, cfg, soft_labels=False, distributed=True)
     flags = []
     for step, (x, y) in enumerate(_batches(steps=3, batch=8, seed=10 + dist.rank)):
         if step == 1 and dist.rank == 1 and accum != "register":
             x[0, 0, 0, 0] = np.inf  # a non-finite gradient on rank 1 only
-        micro = [(ms.Tensor(a), ms.Tensor(b)) for a, b in zip(np.split(x, accum), np.split(y, accum))]
+        micro = [(ms.Tensor(a), ms.Tensor(b)) for a, b in zip(np.split(x, n), np.split(y, n))]
         flags.append(trainer.step(micro)[1])
     for p in list(net.get_parameters()) + list(trainer.ema.shadow):
         results[f"{{accum}}/{{p.name}}"] = p.asnumpy()
