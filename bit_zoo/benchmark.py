@@ -1,18 +1,25 @@
-"""Speed and memory benchmark: bit_zoo vs mindcv's BiT (same settings, same invocation), and timm.
+"""Speed and memory benchmark of the training step each framework's users run, on random data.
 
-    python -m bit_zoo.benchmark --model bit_s_r50x1 --img-size 128 --batch-size 16 --mode graph
-    python -m bit_zoo.benchmark --torch-reference   # timm resnetv2_50x1_bit on PyTorch CPU
+    python -m bit_zoo.benchmark --torch-reference --rounds 3      # bit_s_r50x1, 128 px, batch 16, graph, fp32
+    python -m bit_zoo.benchmark --clip-grad-norm 1 --ema-decay 0.9999 --loss-scale dynamic --no-mindcv
 
-Each model runs in its own subprocess (so its peak RSS is its own, and a graph compile that fails
-writes its ./rank_0 dump into a temporary directory). A worker measures, on random data:
+Rows (one subprocess per worker, so a peak RSS is its own and a failed compile's ./rank_0 dump
+lands in a temporary directory):
 
-* first step: wall time of the first training step, graph compilation included;
-* train img/s: full steps (forward, backward, SGD-momentum update) after ``--warmup`` steps;
-* infer img/s: forward passes in eval mode (first call, i.e. compilation, not timed);
-* peak RSS: the process's ``ru_maxrss`` after training, and at the end.
+* ``bit_zoo <model> Trainer``: train.py's own step, ``Trainer.step`` with the step options given
+  (--accum-steps, --clip-grad-norm, --ema-decay, --loss-scale) and train.py's SGD (nn.Momentum);
+* ``<model> nn.TrainOneStepCell``: the floor, ``TrainOneStepCell(WithLossCell(net, loss), opt)``
+  of the same model, built in the same process; the two rows' timed blocks alternate;
+* ``mindcv BiT_resnet50 ...``: the cell mindcv's train.py builds (``mindcv.utils.create_trainer``
+  with its defaults: a mindspore Model's TrainOneStepCell), run once (~1 min a step on CPU, so
+  ``--mindcv-warmup`` / ``--mindcv-steps``, 1 / 2, whatever --steps says);
+* ``timm resnetv2_50x1_bit`` (--torch-reference): the standard PyTorch loop (zero_grad, backward, step).
 
-mindcv is slow on CPU (~1 min per training step of R50x1 at 128 px, batch 16), so it runs
-``--mindcv-warmup`` / ``--mindcv-steps`` (1 / 2) steps whatever ``--steps`` says.
+Columns: first step s = the first training step's wall time, compilation included; train img/s =
+images per second over the timed steps after --warmup; infer img/s = eval-mode forward of the
+model as evaluate() calls it; peak RSS = the worker's ru_maxrss after training (the Trainer's
+taken before the floor model is built). --rounds N repeats the bit_zoo and timm workers in turn
+and prints each round's ratios, for a machine whose load moves.
 """
 
 from __future__ import annotations
@@ -59,81 +66,184 @@ def _time_calls(call, *, warmup: int, steps: int, sync=lambda result: result):
     return first, (time.perf_counter() - t0) / steps, out
 
 
-def _record(name: str, framework: str, conv_impl: str, args: argparse.Namespace, train, infer, rss_train: float, warmup: int, steps: int):
-    """One result row from the (first s, s per call, last result) timings of training and inference."""
+def _first_calls(call, warmup: int) -> float:
+    """Wall time of the first call (compilation included); then warmup - 1 untimed calls."""
+    t0 = time.perf_counter()
+    call()
+    first = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+        call()
+    return first
+
+
+def _alternate(calls: dict, *, steps: int, blocks: int) -> dict:
+    """Mean seconds per call of each (already warm) synchronous call, timed in alternating blocks of `steps`."""
+    spent = dict.fromkeys(calls, 0.0)
+    for _ in range(blocks):
+        for key, call in calls.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                call()
+            spent[key] += time.perf_counter() - t0
+    return {key: spent[key] / (steps * blocks) for key in calls}
+
+
+def _record(
+    name: str, role: str, framework: str, conv_impl: str, args: argparse.Namespace, train, infer, rss_train: float, warmup: int, steps: int
+):
+    """One result row from the (first s, s per call, last result) timings of training and inference (None: not measured)."""
     return {
         "name": name,
+        "role": role,
         "framework": framework,
         "conv_impl": conv_impl,
         "train_img_s": args.batch_size / train[1],
-        "infer_img_s": args.batch_size / infer[1],
+        "infer_img_s": args.batch_size / infer[1] if infer else None,
         "first_step_s": train[0],
-        "first_infer_s": infer[0],
+        "first_infer_s": infer[0] if infer else None,
         "peak_rss_train_mib": rss_train,
         "peak_rss_mib": _peak_rss_mib(),
         "steps": steps,
         "warmup": warmup,
-        "loss": train[2],
     }
 
 
-def _ms_worker(args: argparse.Namespace, which: str) -> dict:
+def _step_config(args: argparse.Namespace):
+    from .training.train_step import StepConfig
+
+    return StepConfig(
+        accum_steps=args.accum_steps,
+        clip_grad_norm=args.clip_grad_norm,
+        loss_scale=args.loss_scale,
+        loss_scale_value=args.loss_scale_value,
+        ema_decay=args.ema_decay,
+    )
+
+
+def _ms_data(args: argparse.Namespace):
+    import mindspore as ms
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    dtype = ms.float16 if args.precision == "fp16" else ms.float32
+    x = rng.uniform(-1, 1, (args.batch_size, 3, args.img_size, args.img_size)).astype(np.float32)
+    y = rng.integers(0, args.num_classes, args.batch_size).astype(np.int32)
+    return x, y, dtype
+
+
+def _bit_zoo_worker(args: argparse.Namespace) -> list[dict]:
+    """bit_zoo through train.py's own step (Trainer), and (unless --no-floor) the plain TrainOneStepCell floor.
+
+    Both are built in this process and their timed blocks alternate, so the load of a shared
+    machine hits both alike. Peak RSS of the Trainer row is taken before the floor model exists.
+    """
     import mindspore as ms
     import numpy as np
     from mindspore import nn
 
+    import bit_zoo
+
+    from .training.optim import OptimConfig, create_optimizer
+    from .training.train_step import Trainer
+
+    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE, device_target="CPU")
+    x_np, y_np, dtype = _ms_data(args)
+    total = 100_000  # lr schedule length: indexed by the optimizer's step counter
+
+    def model():
+        ms.set_seed(0)
+        net = bit_zoo.create_model(args.model, num_classes=args.num_classes, conv_impl=args.conv_impl, recompute=args.recompute)
+        amp = ms.amp.auto_mixed_precision(net, "O2") if args.precision == "fp16" else net
+        return net, amp
+
+    # train.py's path: create_optimizer (SGD = nn.Momentum over the lr array) and Trainer.step.
+    net, amp = model()
+    opt = create_optimizer(net.trainable_params(), OptimConfig(opt="sgd", momentum=0.9), np.full(total, 1e-3, np.float32))
+    cfg = _step_config(args)
+    trainer = Trainer(amp, opt, cfg, soft_labels=False)
+    micro = args.batch_size // cfg.accum_steps
+    batches = [
+        (ms.Tensor(x_np[i * micro : (i + 1) * micro], dtype), ms.Tensor(y_np[i * micro : (i + 1) * micro])) for i in range(cfg.accum_steps)
+    ]
+    amp.set_train(True)
+    calls = {"trainer": lambda: trainer.step(batches)[0]}
+    first = {"trainer": _first_calls(calls["trainer"], args.warmup)}
+    rss = {"trainer": _peak_rss_mib()}
+    if not args.no_floor:
+        floor_net, floor_amp = model()
+        floor_opt = nn.Momentum(floor_net.trainable_params(), 1e-3, 0.9)
+        loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+        cell = nn.TrainOneStepCell(nn.WithLossCell(floor_amp, loss_fn), floor_opt)
+        cell.set_train(True)
+        x, y = ms.Tensor(x_np, dtype), ms.Tensor(y_np)
+        calls["floor"] = lambda: float(cell(x, y).asnumpy())
+        first["floor"] = _first_calls(calls["floor"], args.warmup)
+        rss["floor"] = _peak_rss_mib()
+    per_call = _alternate(calls, steps=args.steps, blocks=args.blocks)
+
+    # Inference as evaluate() and validate.py run it: the eval-mode Cell called on a batch.
+    x = ms.Tensor(x_np, dtype)
+    amp.set_train(False)
+    infer = _time_calls(lambda: amp(x), warmup=args.warmup, steps=args.steps, sync=lambda out: out.asnumpy())
+    framework = f"mindspore {ms.__version__}"
+    options = _options_label(cfg)
+    rows = [
+        _record(f"bit_zoo {args.model} Trainer{options}", "bit_zoo", framework, net.conv_impl, args, (first["trainer"], per_call["trainer"], None),
+                infer, rss["trainer"], args.warmup, args.steps * args.blocks)
+    ]  # fmt: skip
+    if "floor" in calls:
+        rows.append(
+            _record(f"{args.model} nn.TrainOneStepCell", "floor", framework, net.conv_impl, args, (first["floor"], per_call["floor"], None),
+                    None, rss["floor"], args.warmup, args.steps * args.blocks)
+        )  # fmt: skip
+    return rows
+
+
+def _options_label(cfg) -> str:
+    opts = []
+    if cfg.accum_steps > 1:
+        opts.append(f"accum {cfg.accum_steps}")
+    if cfg.clip_grad_norm:
+        opts.append(f"clip {cfg.clip_grad_norm:g}")
+    if cfg.ema_decay:
+        opts.append(f"EMA {cfg.ema_decay:g}")
+    if cfg.loss_scale != "none":
+        opts.append(f"{cfg.loss_scale} loss scale")
+    return f" ({', '.join(opts)})" if opts else ""
+
+
+def _mindcv_worker(args: argparse.Namespace) -> list[dict]:
+    """mindcv's BiT_resnet50 through the training cell mindcv's train.py builds (create_trainer, its defaults)."""
+    import mindcv
+    import mindspore as ms
+    from mindcv.loss import create_loss
+    from mindcv.utils import create_trainer
+    from mindspore import nn
+
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE, device_target="CPU")
     ms.set_seed(0)
-    if which == "bit_zoo":
-        import bit_zoo
-
-        net = bit_zoo.create_model(args.model, num_classes=args.num_classes, conv_impl=args.conv_impl, recompute=args.recompute)
-        name = args.model
-        impl = net.conv_impl
-    else:
-        import mindcv
-
-        net = mindcv.create_model("BiT_resnet50", num_classes=args.num_classes)
-        name = "mindcv BiT_resnet50"
-        impl = "mindcv"
-    if args.precision == "fp16":
-        net = ms.amp.auto_mixed_precision(net, "O2")
-
-    loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
-    opt = nn.SGD(net.trainable_params(), learning_rate=1e-3, momentum=0.9)
-
-    def forward(x, y):
-        return loss_fn(net(x).astype(ms.float32), y)
-
-    grad_fn = ms.value_and_grad(forward, None, opt.parameters)
-
-    def train_step(x, y):
-        loss, grads = grad_fn(x, y)
-        opt(grads)
-        return loss
-
-    def infer(x):
-        return net(x)
-
-    if args.mode == "graph":
-        train_step = ms.jit(train_step)
-        infer = ms.jit(infer)
-
-    rng = np.random.default_rng(0)
-    dtype = ms.float16 if args.precision == "fp16" else ms.float32
-    x = ms.Tensor(rng.uniform(-1, 1, (args.batch_size, 3, args.img_size, args.img_size)).astype(np.float32), dtype)
-    y = ms.Tensor(rng.integers(0, args.num_classes, args.batch_size).astype(np.int32))
-    warmup, steps = (args.warmup, args.steps) if which == "bit_zoo" else (args.mindcv_warmup, args.mindcv_steps)
-
-    net.set_train(True)
-    train = _time_calls(lambda: float(train_step(x, y).asnumpy()), warmup=warmup, steps=steps)
+    x_np, y_np, dtype = _ms_data(args)
+    net = mindcv.create_model("BiT_resnet50", num_classes=args.num_classes)
+    loss = create_loss(name="CE", reduction="mean", label_smoothing=0.0)
+    opt = nn.Momentum(net.trainable_params(), 1e-3, 0.9)
+    # train.py's defaults: fixed loss scale 1.0, no overflow drop, no EMA / clipping / accumulation -> mindspore Model's cell.
+    model = create_trainer(
+        net, loss, opt, metrics=None, amp_level="O2" if args.precision == "fp16" else "O0", amp_cast_list=None,
+        loss_scale_type="fixed", loss_scale=1.0, drop_overflow_update=False,
+    )  # fmt: skip
+    train_net = model.train_network
+    train_net.set_train(True)
+    x, y = ms.Tensor(x_np, dtype), ms.Tensor(y_np)
+    warmup, steps = args.mindcv_warmup, args.mindcv_steps
+    train = _time_calls(lambda: float(train_net(x, y).asnumpy()), warmup=warmup, steps=steps)
     rss_train = _peak_rss_mib()
     net.set_train(False)
-    inference = _time_calls(lambda: infer(x), warmup=warmup, steps=steps, sync=lambda out: out.asnumpy())
-    return _record(name, f"mindspore {ms.__version__}", impl, args, train, inference, rss_train, warmup, steps)
+    infer = _time_calls(lambda: net(x), warmup=warmup, steps=steps, sync=lambda out: out.asnumpy())
+    name = f"mindcv BiT_resnet50 {type(train_net).__name__}"
+    return [_record(name, "mindcv", f"mindspore {ms.__version__}", "mindcv", args, train, infer, rss_train, warmup, steps)]
 
 
-def _torch_worker(args: argparse.Namespace) -> dict:
+def _torch_worker(args: argparse.Namespace) -> list[dict]:
     # Lazy: torch and timm are only needed for this reference measurement.
     import torch
 
@@ -159,21 +269,22 @@ def _torch_worker(args: argparse.Namespace) -> dict:
         return loss.item()
 
     net.train()
-    train = _time_calls(train_step, warmup=args.warmup, steps=args.steps)
+    steps = args.steps * args.blocks  # as many timed images as the bit_zoo rows
+    train = _time_calls(train_step, warmup=args.warmup, steps=steps)
     rss_train = _peak_rss_mib()
     net.eval()
     with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=args.precision == "fp16"):
         inference = _time_calls(lambda: net(x), warmup=args.warmup, steps=args.steps)
     framework = f"torch {torch.__version__} (eager, {torch.get_num_threads()} threads)"
-    return _record(f"timm {name}", framework, "torch", args, train, inference, rss_train, args.warmup, args.steps)
+    return [_record(f"timm {name}", "torch", framework, "torch", args, train, inference, rss_train, args.warmup, steps)]
 
 
 # ----------------------------------------------------------------------------------------------
 # Driver
 
 
-def _run_worker(which: str, argv: list[str]) -> dict:
-    """Run one worker in a fresh interpreter inside a temporary directory; return its result."""
+def _run_worker(which: str, argv: list[str]) -> list[dict]:
+    """Run one worker in a fresh interpreter inside a temporary directory; return its rows."""
     with tempfile.TemporaryDirectory(prefix="bit_zoo_bench_") as tmp:
         out = Path(tmp) / "result.json"
         env = dict(os.environ)
@@ -183,29 +294,62 @@ def _run_worker(which: str, argv: list[str]) -> dict:
         proc = subprocess.run(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0 or not out.exists():
             tail = "\n".join(proc.stdout.splitlines()[-30:])
-            return {"name": which, "error": f"worker exited with {proc.returncode}:\n{tail}"}
+            return [{"name": which, "role": which, "error": f"worker exited with {proc.returncode}:\n{tail}"}]
         return json.loads(out.read_text())
 
 
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _ratio(a: dict, b: dict, key: str) -> str:
+    return "-" if a.get(key) is None or b.get(key) is None else f"x{a[key] / b[key]:.2f}"
+
+
+def ratio_lines(rows: list[dict]) -> list[str]:
+    """bit_zoo's Trainer row against the floor, mindcv and timm rows of the same round."""
+    ok = {r["role"]: r for r in rows if "error" not in r}
+    ours = ok.get("bit_zoo")
+    lines = []
+    if ours is None:
+        return lines
+    if "floor" in ok:
+        lines.append(
+            f"bit_zoo Trainer vs nn.TrainOneStepCell (same process, alternating): train {_ratio(ours, ok['floor'], 'train_img_s')}"
+        )
+    for role in ("mindcv", "torch"):
+        if role in ok:
+            o = ok[role]
+            lines.append(
+                f"bit_zoo Trainer vs {o['name']}: train {_ratio(ours, o, 'train_img_s')}, infer {_ratio(ours, o, 'infer_img_s')}, "
+                f"first step {ours['first_step_s']:.1f} s vs {o['first_step_s']:.1f} s"
+            )
+    return lines
+
+
 def format_table(results: list[dict], args: argparse.Namespace) -> str:
+    """The rows of every round, the ratios of each round, and (several rounds) the ratios side by side."""
+    opts = _options_label(_step_config(args))
     head = (
         f"model={args.model} img_size={args.img_size} batch={args.batch_size} mode={args.mode} "
-        f"precision={args.precision} recompute={args.recompute}"
+        f"precision={args.precision} recompute={args.recompute}{' step options:' + opts if opts else ''}"
     )
-    cols = ["name", "conv_impl", "train img/s", "infer img/s", "first step s", "peak RSS MiB", "steps"]
+    cols = ["round", "name", "conv_impl", "train img/s", "infer img/s", "first step s", "peak RSS MiB", "steps"]
     rows = []
     for r in results:
+        rnd = str(r.get("round", 1))
         if "error" in r:
-            rows.append([r["name"], "ERROR", "-", "-", "-", "-", "-"])
+            rows.append([rnd, r["name"], "ERROR", "-", "-", "-", "-", "-"])
             continue
         rows.append(
             [
+                rnd,
                 r["name"],
                 r["conv_impl"],
                 f"{r['train_img_s']:.2f}",
-                f"{r['infer_img_s']:.2f}",
+                _fmt(r["infer_img_s"], ".2f"),
                 f"{r['first_step_s']:.1f}",
-                f"{r['peak_rss_mib']:.0f}",
+                f"{r['peak_rss_train_mib']:.0f}",
                 f"{r['warmup']}+{r['steps']}",
             ]
         )
@@ -213,15 +357,14 @@ def format_table(results: list[dict], args: argparse.Namespace) -> str:
     lines = [head, "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |"]
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in rows]
-    ok = {r["conv_impl"]: r for r in results if "error" not in r}
-    ours = next((r for r in results if "error" not in r and r["conv_impl"] not in ("mindcv", "torch")), None)
-    for ref in ("mindcv", "torch"):
-        if ours is not None and ref in ok:
-            o = ok[ref]
-            lines.append(
-                f"{ours['name']} vs {o['name']}: train x{ours['train_img_s'] / o['train_img_s']:.1f}, "
-                f"infer x{ours['infer_img_s'] / o['infer_img_s']:.1f}, first step {ours['first_step_s']:.1f} s vs {o['first_step_s']:.1f} s"
-            )
+    rounds = sorted({r.get("round", 1) for r in results})
+    for rnd in rounds:
+        # mindcv runs in the first round only: later rounds compare against it too.
+        these = [r for r in results if r.get("round", 1) == rnd]
+        if not any(r.get("role") == "mindcv" for r in these):
+            these += [r for r in results if r.get("role") == "mindcv"]
+        for line in ratio_lines(these):
+            lines.append(f"round {rnd}: {line}" if len(rounds) > 1 else line)
     for r in results:
         if "error" in r:
             lines.append(f"{r['name']} failed: {r['error']}")
@@ -235,19 +378,28 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="bit_s_r50x1", help="bit_zoo model name")
     g.add_argument("--img-size", type=int, default=128)
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--batch-size", type=int, default=16, help="images per optimizer step (split into --accum-steps micro-batches)")
     g.add_argument("--num-classes", type=int, default=1000)
     g = p.add_argument_group("execution")
     g.add_argument("--mode", choices=("graph", "pynative"), default="graph")
     g.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="fp16 = MindSpore amp O2")
     g.add_argument("--conv-impl", choices=("auto", "native", "unfold"), default="auto")
     g.add_argument("--recompute", action="store_true", help="recompute each unit's activations in backward")
+    g = p.add_argument_group("train.py step options (bit_zoo Trainer row; defaults: a config's step section left at its defaults)")
+    g.add_argument("--accum-steps", type=int, default=1)
+    g.add_argument("--clip-grad-norm", type=float, default=0.0)
+    g.add_argument("--ema-decay", type=float, default=0.0)
+    g.add_argument("--loss-scale", choices=("none", "static", "dynamic"), default="none")
+    g.add_argument("--loss-scale-value", type=float, default=2.0**24)
     g = p.add_argument_group("measurement")
-    g.add_argument("--steps", type=int, default=10, help="timed steps (train and inference each)")
+    g.add_argument("--steps", type=int, default=5, help="timed steps per block (train; inference times --steps calls)")
+    g.add_argument("--blocks", type=int, default=2, help="alternating timed blocks of the Trainer and floor rows")
     g.add_argument("--warmup", type=int, default=2, help="untimed steps, the first (compiling) one included")
+    g.add_argument("--rounds", type=int, default=1, help="repeat the bit_zoo and timm workers, alternating (mindcv runs once)")
     g.add_argument("--mindcv-steps", type=int, default=2)
     g.add_argument("--mindcv-warmup", type=int, default=1)
     g.add_argument("--no-mindcv", action="store_true", help="skip the mindcv BiT_resnet50 comparison")
+    g.add_argument("--no-floor", action="store_true", help="skip the nn.TrainOneStepCell floor row (it doubles the memory)")
     g.add_argument("--torch-reference", action="store_true", help="also measure timm resnetv2_50x1_bit on PyTorch CPU")
     g.add_argument("--no-bit-zoo", action="store_true", help="skip bit_zoo (e.g. with --torch-reference alone)")
     g.add_argument("--json", metavar="OUT", help="write the settings and results to this JSON file")
@@ -256,34 +408,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_WORKERS = {"bit_zoo": _bit_zoo_worker, "mindcv": _mindcv_worker, "torch": _torch_worker}
+_DRIVER_FLAGS = ("--torch-reference", "--no-mindcv", "--no-bit-zoo")
+_DRIVER_OPTIONS = ("--json", "--rounds")
+
+
+def worker_argv(argv: list[str]) -> list[str]:
+    """The workers get the same settings, less the driver-only flags."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in _DRIVER_OPTIONS:
+            skip = True
+        elif not (a.startswith(tuple(o + "=" for o in _DRIVER_OPTIONS)) or a in _DRIVER_FLAGS):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.worker:
-        result = _torch_worker(args) if args.worker == "torch" else _ms_worker(args, args.worker)
+        result = _WORKERS[args.worker](args)
         Path(args.worker_out).write_text(json.dumps(result))
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.batch_size % args.accum_steps:
+        build_parser().error(f"--batch-size {args.batch_size} does not split into --accum-steps {args.accum_steps} micro-batches")
     if args.model.split(".")[0].split("_")[-1] != "r50x1" and not args.no_mindcv:
         _logger.warning("mindcv's BiT_resnet50 is an R50x1: the ratios compare different architectures")
-    # The workers get the same settings, less the driver-only flags.
-    worker_argv, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--json":
-            skip = True
-        elif not (a.startswith("--json=") or a in ("--torch-reference", "--no-mindcv", "--no-bit-zoo")):
-            worker_argv.append(a)
-    which = []
-    if not args.no_bit_zoo:
-        which.append("bit_zoo")
-    if not args.no_mindcv:
-        which.append("mindcv")
-    if args.torch_reference:
-        which.append("torch")
-    results = [_run_worker(w, worker_argv) for w in which]
+    wargv = worker_argv(argv)
+    results = []
+    for rnd in range(1, args.rounds + 1):
+        which = [] if args.no_bit_zoo else ["bit_zoo"]
+        which += ["torch"] if args.torch_reference else []
+        which += ["mindcv"] if rnd == 1 and not args.no_mindcv else []
+        for w in which:
+            results += [dict(row, round=rnd) for row in _run_worker(w, wargv)]
     table = format_table(results, args)
     print(table)
     if args.json:
