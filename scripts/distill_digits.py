@@ -63,7 +63,9 @@ def train(args, net, *, steps: int, teacher=None, mixup_alpha: float) -> tuple[f
     ms.set_seed(args.seed)
     info = loader(args, "train", mixup_alpha=mixup_alpha)
     lr = build_lr_schedule(
-        ScheduleConfig(scheduler="cosine", lr=args.lr, warmup_steps=min(50, steps // 10)), total_steps=steps, steps_per_epoch=info.batches_per_epoch
+        ScheduleConfig(scheduler="cosine", lr=args.lr, warmup_steps=min(50, steps // 10)),
+        total_steps=steps,
+        steps_per_epoch=info.batches_per_epoch,
     )
     optimizer = create_optimizer(net.trainable_params(), OptimConfig(opt="sgd", momentum=0.9), lr)
     soft = mixup_alpha > 0
@@ -149,7 +151,9 @@ def main() -> None:
             for k, r in runs.items()
         ),
     ]
-    print(f"\ndigits, {n_train} training images{f' ({args.few_shot} per class)' if args.few_shot else ''}, held-out {results['held_out_images']}")
+    print(
+        f"\ndigits, {n_train} training images{f' ({args.few_shot} per class)' if args.few_shot else ''}, held-out {results['held_out_images']}"
+    )
     print("| model | held-out top-1 | agreement with teacher | KL(teacher‖student) | training min |\n|---|---:|---:|---:|---:|")
     print("\n".join(rows))
 
