@@ -19,7 +19,14 @@ import bit_zoo
 from bit_zoo.data import create_loader
 from bit_zoo.loading import model_state
 from bit_zoo.training.checkpoint import TrainState, save_training_checkpoint
-from bit_zoo.training.distill import TEACHER_PREFIX, DistillEvaluator, DistillNetWithLoss, build_teacher, distill_metrics
+from bit_zoo.training.distill import (
+    TEACHER_PREFIX,
+    DistillEvaluator,
+    DistillNetWithLoss,
+    build_teacher,
+    check_teacher_input,
+    distill_metrics,
+)
 from bit_zoo.training.optim import OptimConfig, create_optimizer
 from bit_zoo.training.train_step import ForwardBackward, StepConfig, Trainer
 
@@ -168,6 +175,9 @@ def test_build_teacher_checks_its_weights(tmp_path: Path, make_upstream_npz):
     assert all(p.name.startswith(TEACHER_PREFIX) and not p.requires_grad for p in params)
     assert not teacher.training
     assert teacher.get_classifier().weight.shape == (5, 2048) and np.any(teacher.get_classifier().weight.asnumpy())
+    check_teacher_input(teacher, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # BiT's [-1, 1]
+    with pytest.raises(ValueError, match="set mean/std to the teacher's"):
+        check_teacher_input(teacher, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
 def test_distill_metrics_counts():

@@ -40,6 +40,7 @@ __all__ = [
     "DistillEvaluator",
     "DistillNetWithLoss",
     "build_teacher",
+    "check_teacher_input",
     "distill_metrics",
     "freeze_teacher",
     "kl_divergence",
@@ -116,6 +117,18 @@ def build_teacher(
         teacher = ms.amp.auto_mixed_precision(teacher, amp_level)
     _logger.info("teacher %s (%s), %d classes, amp %s", name, checkpoint_path or "pretrained", num_classes, amp_level)
     return freeze_teacher(teacher)
+
+
+def check_teacher_input(teacher: nn.Cell, *, mean, std) -> None:
+    """The teacher sees the student's batch, so it must expect the student's normalisation."""
+    weights = getattr(teacher, "weights", None)
+    if weights is None:
+        return
+    if not (np.allclose(weights.mean, mean) and np.allclose(weights.std, std)):
+        raise ValueError(
+            f"the teacher expects inputs normalised with mean {tuple(weights.mean)} std {tuple(weights.std)}, the student's batch "
+            f"has mean {tuple(mean)} std {tuple(std)}: both see the same batch, so set mean/std to the teacher's"
+        )
 
 
 class DistillNetWithLoss(nn.Cell):
