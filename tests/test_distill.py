@@ -1,0 +1,202 @@
+"""Distillation (bit_zoo.training.distill): the KL loss against numpy, the teacher fed the student's
+exact (mixed-up) batch, a frozen teacher over optimizer steps, student-only checkpoints, the
+teacher builder's errors and the evaluation counts.
+
+Tiny ResNetV2 models (one unit per stage) at 32 px on digits; two PyNative Trainer steps are shared
+by the step tests (module fixture).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import nn
+
+import bit_zoo
+from bit_zoo.data import create_loader
+from bit_zoo.loading import model_state
+from bit_zoo.training.checkpoint import TrainState, save_training_checkpoint
+from bit_zoo.training.distill import (
+    TEACHER_PREFIX,
+    DistillEvaluator,
+    DistillNetWithLoss,
+    build_teacher,
+    check_teacher_input,
+    distill_metrics,
+)
+from bit_zoo.training.optim import OptimConfig, create_optimizer
+from bit_zoo.training.train_step import ForwardBackward, StepConfig, Trainer
+
+NUM_CLASSES = 10
+
+
+def tiny(seed: int, *, head_scale: float = 0.0) -> bit_zoo.ResNetV2:
+    """The smallest ResNetV2; a non-zero head (head_scale) so its logits are not all equal."""
+    ms.set_seed(seed)
+    net = bit_zoo.ResNetV2((1, 1, 1, 1), 1, num_classes=NUM_CLASSES)
+    if head_scale:
+        rng = np.random.default_rng(seed)
+        for p in net.get_parameters():
+            if p.name.startswith("head.fc."):
+                p.set_data(ms.Tensor((head_scale * rng.standard_normal(p.shape)).astype(np.float32)))
+    return net
+
+
+class Recorder(nn.Cell):
+    """Runs net and keeps a copy of every input it sees (PyNative: construct is plain Python)."""
+
+    def __init__(self, net: nn.Cell, log: list) -> None:
+        super().__init__(auto_prefix=False)
+        self.net = net
+        self.log = log
+
+    def construct(self, x):
+        self.log.append(x.asnumpy().copy())
+        return self.net(x)
+
+
+def reference_loss(s: np.ndarray, t: np.ndarray, y: np.ndarray, temperature: float, label_weight: float) -> float:
+    """T^2 KL(softmax(t/T) || softmax(s/T)) + w * soft-label cross-entropy, written out in float64."""
+    s, t = s.astype(np.float64), t.astype(np.float64)
+    p = np.exp(t / temperature) / np.exp(t / temperature).sum(-1, keepdims=True)
+    q = np.exp(s / temperature) / np.exp(s / temperature).sum(-1, keepdims=True)
+    kl = (p * np.log(p / q)).sum(-1).mean() * temperature**2
+    log_q1 = np.log(np.exp(s) / np.exp(s).sum(-1, keepdims=True))
+    return float(kl + label_weight * -(y * log_q1).sum(-1).mean())
+
+
+@pytest.mark.parametrize("temperature,label_weight", [(1.0, 0.0), (4.0, 0.0), (2.0, 0.3)])
+def test_kl_loss_equals_numpy(temperature, label_weight):
+    student, teacher = tiny(0, head_scale=0.5), tiny(1, head_scale=2.0)
+    rng = np.random.default_rng(0)
+    x = ms.Tensor(rng.uniform(-1, 1, (4, 3, 32, 32)).astype(np.float32))
+    y = np.eye(NUM_CLASSES, dtype=np.float32)[[1, 2, 3, 4]] * 0.7 + np.eye(NUM_CLASSES, dtype=np.float32)[[4, 3, 2, 1]] * 0.3
+    s, t = student(x).asnumpy(), teacher(x).asnumpy()
+    assert np.abs(s - t).max() > 0.1  # distinct distributions: a KL of 0 would prove nothing
+    cell = DistillNetWithLoss(student, teacher, soft_labels=True, temperature=temperature, label_weight=label_weight)
+    loss = float(cell(x, ms.Tensor(y)).asnumpy())
+    np.testing.assert_allclose(loss, reference_loss(s, t, y, temperature, label_weight), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def distill_steps(tmp_path_factory):
+    """Two Trainer steps of distillation on mixed-up digits; everything the step tests look at."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    student, teacher = tiny(0), tiny(1, head_scale=2.0)
+    seen_student, seen_teacher = [], []
+    cell = DistillNetWithLoss(Recorder(student, seen_student), Recorder(teacher, seen_teacher), soft_labels=True)
+    # Built over the loss cell's trainable parameters on purpose: only the freezing keeps the teacher out.
+    optimizer = create_optimizer(
+        cell.trainable_params(), OptimConfig(opt="adamw", weight_decay=0.1, weight_decay_filter="all"), np.full(2, 0.05, np.float32)
+    )
+    trainer = Trainer(student, optimizer, StepConfig(clip_grad_norm=1.0, ema_decay=0.9), soft_labels=True)
+    # The Trainer takes its loss cell as NetWithLoss; swap in the distillation cell (see distill.py).
+    trainer.forward_backward = ForwardBackward(cell, optimizer.parameters, trainer.buffers, trainer.scaler.scale_value)
+    loader = create_loader("digits", None, "train", batch_size=4, image_size=32, mixup_alpha=1.0, num_samples=16, num_workers=1)
+    # copies: asnumpy() may share the parameter's memory
+    before = {name: {k: v.copy() for k, v in model_state(net).items()} for name, net in (("student", student), ("teacher", teacher))}
+    batches = []
+    cell.set_train(True)
+    for images, labels in loader.dataset.create_tuple_iterator(num_epochs=1):
+        batches.append((images.asnumpy(), labels.asnumpy()))
+        trainer.step([(images, labels)])
+        if len(batches) == 2:
+            break
+    ckpt = save_training_checkpoint(
+        tmp_path_factory.mktemp("distill") / "last.ckpt",
+        model=student,
+        optimizer=optimizer,
+        ema=trainer.ema,
+        scaler=trainer.scaler,
+        state=TrainState(step=2),
+    )
+    return {
+        "student": student,
+        "teacher": teacher,
+        "optimizer": optimizer,
+        "before": before,
+        "batches": batches,
+        "seen_student": seen_student,
+        "seen_teacher": seen_teacher,
+        "ckpt": ckpt,
+    }
+
+
+def test_teacher_sees_the_students_mixed_up_batch(distill_steps):
+    batches, seen_s, seen_t = distill_steps["batches"], distill_steps["seen_student"], distill_steps["seen_teacher"]
+    assert len(batches) == len(seen_s) == len(seen_t) == 2
+    # mixup is on: targets mixing two classes (the images are blends alike)
+    assert any(((labels > 0).sum(-1) == 2).any() for _, labels in batches)
+    for (images, _), s, t in zip(batches, seen_s, seen_t):
+        np.testing.assert_array_equal(s, images)
+        np.testing.assert_array_equal(t, images)
+
+
+def test_teacher_parameters_never_change(distill_steps):
+    before, teacher, student = distill_steps["before"], distill_steps["teacher"], distill_steps["student"]
+    after_teacher, after_student = model_state(teacher), model_state(student)
+    assert all(p.name.startswith(TEACHER_PREFIX) and not p.requires_grad for p in teacher.get_parameters())
+    assert not any(p.name.startswith(TEACHER_PREFIX) for p in distill_steps["optimizer"].parameters)
+    assert after_teacher.keys() == before["teacher"].keys()
+    for name, value in after_teacher.items():
+        np.testing.assert_array_equal(value, before["teacher"][name], name)
+    # the student did train: the check above is not vacuous
+    changed = [k for k in after_student if not np.array_equal(after_student[k], before["student"][k])]
+    assert len(changed) > len(after_student) // 2
+
+
+def test_student_checkpoint_holds_no_teacher(distill_steps):
+    student = distill_steps["student"]
+    keys = set(model_state(student))
+    assert keys == set(model_state(tiny(2)))
+    saved = set(ms.load_checkpoint(str(distill_steps["ckpt"])))
+    assert not [k for k in saved if "teacher" in k]
+    assert keys <= saved
+    fresh = tiny(3)
+    bit_zoo.load_checkpoint(fresh, distill_steps["ckpt"])  # strict: every parameter of the student, nothing else
+    for k, v in model_state(fresh).items():
+        np.testing.assert_array_equal(v, model_state(student)[k])
+
+
+def test_build_teacher_checks_its_weights(tmp_path: Path, make_upstream_npz):
+    with pytest.raises(ValueError, match="exactly one of teacher_pretrained"):
+        build_teacher("bit_s_r50x1", num_classes=5)
+    with pytest.raises(ValueError, match="exactly one of teacher_pretrained"):
+        build_teacher("bit_s_r50x1", num_classes=5, pretrained=True, checkpoint_path="x.npz")
+    path = tmp_path / "teacher.npz"
+    make_upstream_npz(path, "bit_s_r50x1", 5)
+    with pytest.raises(ValueError, match="does not have 10 classes"):
+        build_teacher("bit_s_r50x1", num_classes=10, checkpoint_path=str(path))
+    teacher = build_teacher("bit_s_r50x1", num_classes=5, checkpoint_path=str(path))
+    params = list(teacher.get_parameters())
+    assert all(p.name.startswith(TEACHER_PREFIX) and not p.requires_grad for p in params)
+    assert not teacher.training
+    assert teacher.get_classifier().weight.shape == (5, 2048) and np.any(teacher.get_classifier().weight.asnumpy())
+    check_teacher_input(teacher, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # BiT's [-1, 1]
+    with pytest.raises(ValueError, match="set mean/std to the teacher's"):
+        check_teacher_input(teacher, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def test_distill_metrics_counts():
+    s = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [0.0, 0.0, 5.0], [1.0, 0.0, 0.0]])
+    t = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 4.0, 0.0]])
+    labels = np.array([0, 2, 1, 1])
+    out = distill_metrics(s, t, labels)
+    assert (out["n"], out["top1"], out["teacher_top1"], out["agree"]) == (4, 1, 3, 2)
+    assert out["top5"] == 4  # k capped at the 3 classes
+    np.testing.assert_allclose(out["kl"], sum(reference_loss(s[i : i + 1], t[i : i + 1], np.zeros((1, 3)), 1.0, 0.0) for i in range(4)))
+
+
+def test_distill_evaluator_caches_teacher():
+    student, teacher = tiny(0, head_scale=0.5), tiny(1, head_scale=2.0)
+    calls = []
+    evaluator = DistillEvaluator(Recorder(teacher, calls))
+    data = create_loader("digits", None, "val", batch_size=8, image_size=32, num_samples=12, num_workers=1)
+    first = evaluator(student, data.dataset)
+    second = evaluator(student, data.dataset)
+    assert len(calls) == 2  # two batches, computed once
+    assert first == {**second, "seconds": first["seconds"]}
+    assert first["images"] == 12 and first["teacher_top1"] is not None and first["kl"] > 0
