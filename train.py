@@ -30,6 +30,7 @@ from bit_zoo.data.from_config import build_eval_loader, build_train_loader, trai
 from bit_zoo.errors import ConfigError
 from bit_zoo.freeze import freeze
 from bit_zoo.training.checkpoint import CheckpointManager, TrainState, export_weights
+from bit_zoo.training.distill import DistillEvaluator, distill_loss_cell, distill_teacher
 from bit_zoo.training.distributed import init_distributed, log_device, set_device
 from bit_zoo.training.loop import Plan, TrainLoop
 from bit_zoo.training.metrics import MetricsLog, plot_curves
@@ -90,7 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
     net = ms.amp.auto_mixed_precision(model, cfg.model.amp_level) if cfg.model.amp_level != "O0" else model
     optimizer = create_optimizer(model.trainable_params(), cfg.optim, lr)
     soft_labels = mixup_alpha > 0 or cfg.data.label_smoothing > 0
-    trainer = Trainer(net, optimizer, cfg.step, soft_labels=soft_labels, distributed=dist.distributed)
+    teacher = distill_teacher(cfg, num_classes, prep)
+    loss_cell = None if teacher is None else distill_loss_cell(cfg.distill, net, teacher, soft_labels=soft_labels)
+    trainer = Trainer(net, optimizer, cfg.step, soft_labels=soft_labels, distributed=dist.distributed, net_with_loss=loss_cell)
     state = TrainState(total_steps=total_steps, global_batch=cfg.data.batch_size)
     if resume_path is not None:
         state = restore(
@@ -128,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
         "devices": dist.world_size,
         **result,
     }
+    if teacher is not None and dist.world_size == 1:  # student vs. teacher on the eval split, once
+        summary["distill"] = {"teacher": cfg.distill.teacher, **DistillEvaluator(teacher)(model, eval_data.dataset, desc="distill eval")}
     metrics.write(summary)
     if cfg.system.rank_weights:
         export_weights(model, out / f"weights_rank{dist.rank}.ckpt", meta=meta)

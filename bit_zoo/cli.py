@@ -68,7 +68,13 @@ def localize(cfg: Config) -> Mirror | None:
     data = cfg.data
     if is_remote(data.data_dir):
         data.data_dir = str(stage(data.data_dir, include=_staged_files(data.dataset)))
-    for group, key in ((cfg.model, "checkpoint_path"), (cfg.model, "ckpt_path"), (cfg.checkpoint, "resume")):
+    staged = (
+        (cfg.model, "checkpoint_path"),
+        (cfg.model, "ckpt_path"),
+        (cfg.checkpoint, "resume"),
+        (cfg.distill, "teacher_checkpoint_path"),
+    )
+    for group, key in staged:
         value = getattr(group, key, None)
         if value is not None and is_remote(value):
             setattr(group, key, fetch(value))

@@ -38,6 +38,7 @@ from .freeze import FREEZE_CHOICES
 from .layers import CONV_IMPLS
 from .options import SCRIPTS, at_least, check_group, default_of, each, non_negative, option, positive, unit_interval
 from .training.checkpoint import CheckpointConfig
+from .training.distill import DistillConfig
 from .training.optim import OptimConfig
 from .training.schedules import ScheduleConfig
 from .training.train_step import LOSS_SCALES
@@ -135,6 +136,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     step: StepConfig = field(default_factory=StepConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     source: str | None = None
 
     def groups(self) -> list[tuple[str, Any]]:

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
 from ..factory import create_model
+from ..options import non_negative, option, positive
 from .metrics import Progress, topk_correct
 
 __all__ = [
@@ -50,6 +52,20 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 DISTILL_LOSSES = ("kl",)
+
+
+@dataclass
+class DistillConfig:
+    """The "distill" option group: train.py distils from `teacher` when it is set (see bit_zoo.options)."""
+
+    teacher: str | None = option(None, "distil from this registered name[.tag] (function matching); unset: train on labels")
+    teacher_pretrained: bool = option(False, "the teacher's weights record (downloaded)")
+    teacher_checkpoint_path: str | None = option(None, "the teacher's weights file (any format bit_zoo reads)")
+    distill_loss: str = option("kl", "student-teacher loss", choices=DISTILL_LOSSES)
+    distill_temperature: float = option(1.0, "softmax temperature of the KL (T^2-scaled)", check=positive)
+    distill_label_weight: float = option(0.0, "weight of the label cross-entropy added to the KL", check=non_negative)
+
+
 # The teacher's parameters are renamed "teacher.<name>": the student's and teacher's share names
 # (both ResNetV2), and one compiled graph may not hold two parameters of the same name.
 TEACHER_PREFIX = "teacher."
@@ -249,3 +265,27 @@ class DistillEvaluator:
             "images": n,
             "seconds": time.perf_counter() - start,
         }
+
+
+def distill_teacher(cfg, num_classes: int, prep: dict) -> nn.Cell | None:
+    """The run's frozen teacher (None without ``teacher``), checked against the student's input normalisation."""
+    d = cfg.distill
+    if d.teacher is None:
+        return None
+    teacher = build_teacher(
+        d.teacher,
+        num_classes=num_classes,
+        pretrained=d.teacher_pretrained,
+        checkpoint_path=d.teacher_checkpoint_path,
+        amp_level=cfg.model.amp_level,
+        conv_impl=cfg.model.conv_impl,
+    )
+    check_teacher_input(teacher, mean=prep["mean"], std=prep["std"])
+    return teacher
+
+
+def distill_loss_cell(d: DistillConfig, net: nn.Cell, teacher: nn.Cell, *, soft_labels: bool) -> DistillNetWithLoss:
+    """The Trainer's loss cell for function matching: the teacher sees the student's very batch."""
+    return DistillNetWithLoss(
+        net, teacher, soft_labels=soft_labels, temperature=d.distill_temperature, label_weight=d.distill_label_weight, loss=d.distill_loss
+    )

@@ -334,7 +334,17 @@ class Trainer:
     dynamic, ``counter``) are what training/checkpoint.py saves and restores for an exact resume.
     """
 
-    def __init__(self, net: nn.Cell, optimizer: nn.Optimizer, cfg: StepConfig, *, soft_labels: bool, distributed: bool = False) -> None:
+    def __init__(
+        self,
+        net: nn.Cell,
+        optimizer: nn.Optimizer,
+        cfg: StepConfig,
+        *,
+        soft_labels: bool,
+        distributed: bool = False,
+        net_with_loss: nn.Cell | None = None,
+    ) -> None:
+        """`net_with_loss` replaces the cross-entropy cell (called as (x, y) -> loss), e.g. distillation's."""
         if cfg.accum_steps < 1:
             raise ValueError(f"accum_steps={cfg.accum_steps}: must be >= 1")
         self.net = net
@@ -343,7 +353,7 @@ class Trainer:
         self.scaler = create_loss_scaler(cfg)
         weights = optimizer.parameters
         self.ema = EMA(list(weights), decay=cfg.ema_decay, warmup=cfg.ema_warmup) if cfg.ema_decay > 0 else None
-        self.net_with_loss = NetWithLoss(net, soft_labels=soft_labels)
+        self.net_with_loss = net_with_loss if net_with_loss is not None else NetWithLoss(net, soft_labels=soft_labels)
         device = ms.get_context("device_target")
         self.jit_level = jit_level_for(device)
         clear_status = _ascend_status_register()
