@@ -36,12 +36,12 @@ from .data.from_config import DataConfig
 from .errors import ConfigError
 from .freeze import FREEZE_CHOICES
 from .layers import CONV_IMPLS
-from .options import SCRIPTS, at_least, check_group, default_of, each, non_negative, option, positive, unit_interval
+from .options import SCRIPTS, at_least, check_group, default_of, each, option
 from .training.checkpoint import CheckpointConfig
 from .training.distill import DistillConfig
 from .training.optim import OptimConfig
 from .training.schedules import ScheduleConfig
-from .training.train_step import LOSS_SCALES
+from .training.train_step import StepConfig
 
 __all__ = [
     "ConfigError",
@@ -105,24 +105,6 @@ class ModelConfig:
     )
     ckpt_path: str | None = option(None, "training checkpoint, upstream .npz or mindcv .ckpt", scripts=("validate",))
     ema: bool | None = option(None, "use the EMA weights of a training checkpoint (None: when it has them)", scripts=("validate",))
-
-
-@dataclass
-class StepConfig:
-    """The "step" group. Trainer (training/train_step.py) reads its first eight fields, the loop the rest."""
-
-    accum_steps: int = option(1, "micro-batches per optimizer step (upstream batch split)", check=at_least(1))
-    clip_grad_norm: float = option(0.0, "clip by global norm; 0 = off", check=non_negative)
-    loss_scale: str = option("none", "loss scaling (for fp16)", choices=LOSS_SCALES)
-    loss_scale_value: float = option(2.0**24, "(initial) loss scale", check=positive)
-    loss_scale_factor: int = option(2, "dynamic: divide / multiply the scale by this", check=at_least(2))
-    loss_scale_window: int = option(2000, "dynamic: grow the scale after this many finite steps", check=at_least(1))
-    ema_decay: float = option(0.0, "EMA decay of the weights; 0 = no EMA", check=unit_interval)
-    ema_warmup: bool = option(True, "decay min(d, (1+n)/(10+n)) as TF's num_updates")
-    ema_eval: bool = option(True, "evaluate (and pick best) with the EMA weights")
-    max_nonfinite_steps: int = option(
-        10, "stop after this many consecutive steps with a non-finite loss (or unfixable gradients); 0 = never", check=at_least(0)
-    )
 
 
 @dataclass

@@ -35,7 +35,7 @@ from bit_zoo.training.distill import DistillEvaluator, DistillNetWithLoss, freez
 from bit_zoo.training.metrics import evaluate
 from bit_zoo.training.optim import OptimConfig, create_optimizer
 from bit_zoo.training.schedules import ScheduleConfig, build_lr_schedule
-from bit_zoo.training.train_step import ForwardBackward, StepConfig, Trainer
+from bit_zoo.training.train_step import StepConfig, Trainer
 
 _logger = logging.getLogger("distill_digits")
 
@@ -69,11 +69,9 @@ def train(args, net, *, steps: int, teacher=None, mixup_alpha: float) -> tuple[f
     )
     optimizer = create_optimizer(net.trainable_params(), OptimConfig(opt="sgd", momentum=0.9), lr)
     soft = mixup_alpha > 0
-    trainer = Trainer(net, optimizer, StepConfig(clip_grad_norm=1.0), soft_labels=soft)
-    if teacher is not None:
-        # The Trainer builds NetWithLoss itself; the distillation cell takes its place (same call).
-        cell = DistillNetWithLoss(net, teacher, soft_labels=soft, temperature=1.0)
-        trainer.forward_backward = ForwardBackward(cell, optimizer.parameters, trainer.buffers, trainer.scaler.scale_value)
+    cell = None if teacher is None else DistillNetWithLoss(net, teacher, soft_labels=soft, temperature=1.0)
+    trainer = Trainer(net, optimizer, StepConfig(clip_grad_norm=1.0), soft_labels=soft, net_with_loss=cell)
+    if cell is not None:
         cell.set_train(True)
     net.set_train(True)
     epochs = -(-steps // info.batches_per_epoch)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +36,10 @@ def test_yaml_sets_defaults_and_command_line_overrides(tmp_path):
 
 
 def test_groups_are_the_library_configs():
-    """cfg.optim / cfg.schedule are the library's own dataclasses; cfg.step has every field Trainer reads, same defaults."""
+    """cfg.optim / cfg.schedule / cfg.step are the library's own dataclasses, handed to it as they are."""
     cfg = parse_config("train", ["--lr", "0.1", "--ema_decay", "0.99"])
-    assert type(cfg.optim) is OptimConfig and type(cfg.schedule) is ScheduleConfig
+    assert type(cfg.optim) is OptimConfig and type(cfg.schedule) is ScheduleConfig and type(cfg.step) is train_step.StepConfig
     assert cfg.optim.lr == 0.1 and cfg.step.ema_decay == 0.99 and cfg.data.dataset == "cifar10"
-    library = {f.name: f.default for f in fields(train_step.StepConfig)}
-    assert {k: getattr(cfg.step.__class__(), k) for k in library} == library
     assert "{" + ",".join(OPTIMIZERS) + "}" in build_parser("train").format_help()  # choices from training/optim.py
 
 

@@ -28,7 +28,7 @@ from bit_zoo.training.distill import (
     distill_metrics,
 )
 from bit_zoo.training.optim import OptimConfig, create_optimizer
-from bit_zoo.training.train_step import ForwardBackward, StepConfig, Trainer
+from bit_zoo.training.train_step import StepConfig, Trainer
 
 NUM_CLASSES = 10
 
@@ -92,9 +92,8 @@ def distill_steps(tmp_path_factory):
     optimizer = create_optimizer(
         cell.trainable_params(), OptimConfig(opt="adamw", weight_decay=0.1, weight_decay_filter="all"), np.full(2, 0.05, np.float32)
     )
-    trainer = Trainer(student, optimizer, StepConfig(clip_grad_norm=1.0, ema_decay=0.9), soft_labels=True)
-    # The Trainer takes its loss cell as NetWithLoss; swap in the distillation cell (see distill.py).
-    trainer.forward_backward = ForwardBackward(cell, optimizer.parameters, trainer.buffers, trainer.scaler.scale_value)
+    # the loss cell train.py hands the Trainer when the config names a teacher
+    trainer = Trainer(student, optimizer, StepConfig(clip_grad_norm=1.0, ema_decay=0.9), soft_labels=True, net_with_loss=cell)
     loader = create_loader("digits", None, "train", batch_size=4, image_size=32, mixup_alpha=1.0, num_samples=16, num_workers=1)
     # copies: asnumpy() may share the parameter's memory
     before = {name: {k: v.copy() for k, v in model_state(net).items()} for name, net in (("student", student), ("teacher", teacher))}
@@ -105,6 +104,12 @@ def distill_steps(tmp_path_factory):
         trainer.step([(images, labels)])
         if len(batches) == 2:
             break
+    # The compiled step records only while tracing: replay the batches through the loss cell
+    # eagerly to see, call by call, what student and teacher are given.
+    seen_student.clear()
+    seen_teacher.clear()
+    for images, labels in batches:
+        cell(ms.Tensor(images), ms.Tensor(labels))
     ckpt = save_training_checkpoint(
         tmp_path_factory.mktemp("distill") / "last.ckpt",
         model=student,

@@ -36,6 +36,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from ..options import at_least, non_negative, option, positive, unit_interval
 from .ema import EMA
 
 __all__ = [
@@ -92,16 +93,22 @@ def _zero_buf(buf):
     return ops.assign(buf, ops.zeros_like(buf))
 
 
-@dataclass(frozen=True)
+@dataclass
 class StepConfig:
-    accum_steps: int = 1
-    clip_grad_norm: float = 0.0  # 0 = no clipping
-    loss_scale: str = "none"
-    loss_scale_value: float = 2.0**24
-    loss_scale_factor: int = 2
-    loss_scale_window: int = 2000
-    ema_decay: float = 0.0  # 0 = no EMA
-    ema_warmup: bool = True
+    """The "step" option group (see bit_zoo.options): the Trainer reads the first eight fields, the loop the rest."""
+
+    accum_steps: int = option(1, "micro-batches per optimizer step (upstream batch split)", check=at_least(1))
+    clip_grad_norm: float = option(0.0, "clip by global norm; 0 = off", check=non_negative)
+    loss_scale: str = option("none", "loss scaling (for fp16)", choices=LOSS_SCALES)
+    loss_scale_value: float = option(2.0**24, "(initial) loss scale", check=positive)
+    loss_scale_factor: int = option(2, "dynamic: divide / multiply the scale by this", check=at_least(2))
+    loss_scale_window: int = option(2000, "dynamic: grow the scale after this many finite steps", check=at_least(1))
+    ema_decay: float = option(0.0, "EMA decay of the weights; 0 = no EMA", check=unit_interval)
+    ema_warmup: bool = option(True, "decay min(d, (1+n)/(10+n)) as TF's num_updates")
+    ema_eval: bool = option(True, "evaluate (and pick best) with the EMA weights")
+    max_nonfinite_steps: int = option(
+        10, "stop after this many consecutive steps with a non-finite loss (or unfixable gradients); 0 = never", check=at_least(0)
+    )
 
 
 def create_loss_scaler(cfg: StepConfig):
