@@ -6,9 +6,10 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from ..loading import EMA_PREFIX  # the checkpoint layout's one definition
+
 __all__ = ["EMA", "EMA_PREFIX"]
 
-EMA_PREFIX = "ema."
 
 _update = ops.MultitypeFuncGraph("ema_update")
 
