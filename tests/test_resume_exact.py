@@ -43,7 +43,8 @@ def _tensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def _eval_records(path: Path) -> list[dict]:
-    keys = ("epoch", "step", "lr", "top1", "top5", "eval_loss", "grad_norm", "loss_scale", "overflow_steps")
+    # train_loss too: the epoch's running sums are in the checkpoint. grad_norm is compared apart (below).
+    keys = ("epoch", "step", "lr", "top1", "top5", "eval_loss", "train_loss", "loss_scale", "overflow_steps")
     records = [json.loads(line) for line in path.read_text().splitlines()]
     return [{k: r.get(k) for k in keys} for r in records if r["kind"] == "epoch"]
 
@@ -72,3 +73,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     assert not differ, f"{len(differ)} of {len(ref)} tensors differ after resume, e.g. {differ[:5]}"
     # evaluation metrics of every epoch (the resumed run wrote epoch 1 itself) are identical
     assert _eval_records(tmp_path / "run" / "metrics.jsonl") == _eval_records(tmp_path / "ref" / "metrics.jsonl")
+    # The reported gradient norm of an epoch's last step is a float32 reduction inside the compiled
+    # step whose order may differ between processes (seen: 6.95194006 vs 6.95194054); the
+    # parameters above are bit-identical, so it did not change the update.
+    norms = [[r["grad_norm"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
+             for d in ("run", "ref")]  # fmt: skip
+    np.testing.assert_allclose(norms[0], norms[1], rtol=1e-6)
