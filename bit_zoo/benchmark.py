@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .registry import get_weights  # `python -m bit_zoo.benchmark` has imported the package (and its registry) already
+
 _logger = logging.getLogger(__name__)
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -437,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:  # a bad name is one line here, not a traceback in every worker
+        get_weights(args.model)
+    except ValueError as e:
+        print(f"python -m bit_zoo.benchmark: error: {e}", file=sys.stderr)
+        return 2
     if args.batch_size % args.accum_steps:
         build_parser().error(f"--batch-size {args.batch_size} does not split into --accum-steps {args.accum_steps} micro-batches")
     if args.model.split(".")[0].split("_")[-1] != "r50x1" and not args.no_mindcv:
