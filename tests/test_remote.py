@@ -141,3 +141,41 @@ def test_bad_credentials_are_reported_without_the_secret(s3, monkeypatch, s3_end
     with pytest.raises(remote.RemoteError) as e:
         remote.stage("s3://any/x")
     assert "access denied" in str(e.value).lower() and "s3cr3t" not in str(e.value)
+
+
+def test_train_and_validate_with_data_and_outputs_in_a_bucket(s3, tmp_path, monkeypatch):
+    """The wiring, as a user on a fresh node: data_url / train_url in the bucket; then validate on an
+    empty cache from the bucket's best.ckpt gives the run's own final top-1."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    import train
+    import validate
+
+    bucket = _bucket(s3, "job")
+    digits = load_digits()
+    for split, rows in (("train", range(0, 60)), ("val", range(1700, 1730))):
+        for i in rows:
+            if digits.target[i] > 2:
+                continue
+            grey = np.round(digits.images[i] * 255 / 16).astype(np.uint8)
+            path = tmp_path / f"{split}_{i}.png"
+            Image.fromarray(np.stack([grey] * 3, -1)).save(path)
+            s3.upload_file(str(path), bucket, f"digits/{split}/{digits.target[i]}/{i}.png")
+    monkeypatch.setenv("BIT_ZOO_HOME", str(tmp_path / "node1"))
+    common = ["--model", "resnetv2", "--layers", "1,1,1,1", "--dataset", "folder", "--data_url", f"s3://{bucket}/digits",
+              "--image_size", "32", "--num_workers", "1", "--progress", "false"]  # fmt: skip
+    summary = train.main(
+        [*common, "--train_url", f"s3://{bucket}/run", "--batch_size", "8", "--steps", "3", "--opt", "sgd", "--lr", "0.01"]
+    )
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="run/")["Contents"]}
+    assert {"run/last.ckpt", "run/best.ckpt", "run/metrics.jsonl", "run/summary.json", "run/config.yaml"} <= keys
+    uploaded = json.loads(s3.get_object(Bucket=bucket, Key="run/summary.json")["Body"].read())
+    assert uploaded["final"]["top1"] == summary["final"]["top1"] and "AWS_SECRET" not in json.dumps(uploaded)
+
+    monkeypatch.setenv("BIT_ZOO_HOME", str(tmp_path / "node2"))  # a fresh node: nothing staged yet
+    result = validate.main([*common, "--ckpt_path", f"s3://{bucket}/run/best.ckpt"])
+    assert result["images"] == summary["final"]["images"] and result["top1"] == summary["final"]["top1"]
