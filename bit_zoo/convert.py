@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from mindspore.nn.utils import no_init_parameters
 
+from . import remote
 from .atomic import atomic_path
 from .export import export_model
 from .formats import to_npz
@@ -225,9 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        # a URL (s3://...) input is staged into the cache; a URL output is written locally, then uploaded
+        local_output = remote.local_cache(args.output) if remote.is_remote(args.output) else args.output
         out = convert(
-            args.output,
-            input_path=args.input,
+            local_output,
+            input_path=remote.fetch(args.input),
             model=args.model,
             layers=args.layers,
             width_factor=args.width_factor,
@@ -236,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             ema=args.ema,
         )
+        if remote.is_remote(args.output):
+            out = remote.put(out, args.output)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["RemoteError", "is_remote", "local_cache", "stage", "fetch", "Mirror"]
+__all__ = ["RemoteError", "is_remote", "local_cache", "stage", "fetch", "put", "Mirror"]
 
 _logger = logging.getLogger(__name__)
 
@@ -156,6 +156,28 @@ def fetch(path: str | os.PathLike | None) -> str | None:
     return str(stage(str(path)))
 
 
+def _put(fs, local: Path, target: str, url: str, *, retries: int, backoff_s: float) -> None:
+    """Upload one finished file (an object appears only once complete); retried, then one line."""
+    for attempt in range(1, retries + 1):
+        try:
+            fs.put_file(str(local), target)
+            return
+        except Exception as e:  # noqa: BLE001
+            if attempt == retries:
+                raise RemoteError(
+                    f"upload of {local} to {url} failed after {attempt} attempts "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the local copy is kept at {local}"
+                ) from e
+            time.sleep(backoff_s * attempt)
+
+
+def put(local: str | os.PathLike, url: str, *, retries: int = 3, backoff_s: float = 1.0) -> str:
+    """Upload a local file to url (see Mirror for a whole output folder); return url."""
+    fs, target = _filesystem(url)
+    _put(fs, Path(local), target, url, retries=retries, backoff_s=backoff_s)
+    return url
+
+
 def _digest(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()[:16]
 
@@ -194,18 +216,7 @@ class Mirror:
         return local
 
     def _put(self, local: Path, name: str) -> None:
-        target = f"{self.root}/{name}"
-        for attempt in range(1, self.retries + 1):
-            try:
-                self.fs.put_file(str(local), target)
-                return
-            except Exception as e:  # noqa: BLE001
-                if attempt == self.retries:
-                    raise RemoteError(
-                        f"upload of {local} to {self.url}/{name} failed after {attempt} attempts "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the local copy is kept at {local}"
-                    ) from e
-                time.sleep(self.backoff_s * attempt)
+        _put(self.fs, local, f"{self.root}/{name}", f"{self.url}/{name}", retries=self.retries, backoff_s=self.backoff_s)
 
     def sync(self) -> list[str]:
         """Upload every finished file that changed since the last sync; return their names."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 
+import numpy as np
 import pytest
 
 pytest.importorskip("s3fs")
@@ -179,3 +180,19 @@ def test_train_and_validate_with_data_and_outputs_in_a_bucket(s3, tmp_path, monk
     monkeypatch.setenv("BIT_ZOO_HOME", str(tmp_path / "node2"))  # a fresh node: nothing staged yet
     result = validate.main([*common, "--ckpt_path", f"s3://{bucket}/run/best.ckpt"])
     assert result["images"] == summary["final"]["images"] and result["top1"] == summary["final"]["top1"]
+
+
+def test_convert_from_and_to_a_bucket(s3, tmp_path, make_upstream_npz):
+    from safetensors.numpy import load_file
+
+    from bit_zoo import convert
+
+    bucket = _bucket(s3, "weights")
+    params = make_upstream_npz(tmp_path / "BiT-S-R50x1.npz", "bit_s_r50x1", 1000)
+    s3.upload_file(str(tmp_path / "BiT-S-R50x1.npz"), bucket, "in/BiT-S-R50x1.npz")
+    argv = ["--model", "bit_s_r50x1", "--input", f"s3://{bucket}/in/BiT-S-R50x1.npz", "--output", f"s3://{bucket}/out/r50.safetensors"]
+    assert convert.main(argv) == 0
+    s3.download_file(bucket, "out/r50.safetensors", str(tmp_path / "back.safetensors"))
+    back = load_file(str(tmp_path / "back.safetensors"))
+    assert np.array_equal(back["stem.conv.weight"], params["stem.conv.weight"])
+    assert convert.main(["--model", "bit_s_r50x1", "--input", f"s3://{bucket}/in/missing.npz", "--output", str(tmp_path / "x.ckpt")]) == 2
