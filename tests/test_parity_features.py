@@ -19,17 +19,8 @@ try:
     timm = import_timm()
 except ImportError as e:
     pytest.skip(f"timm not installed ({e}); see README, Tests", allow_module_level=True)
+from test_parity import CASES, TIMM_NAMES  # noqa: E402  (one table of timm names and parity cases)
 from timm.models.resnetv2 import _load_weights  # noqa: E402  (timm's own upstream-npz loader)
-
-TIMM_NAMES = {
-    "r50x1": "resnetv2_50x1_bit",
-    "r50x3": "resnetv2_50x3_bit",
-    "r101x1": "resnetv2_101x1_bit",
-    "r101x3": "resnetv2_101x3_bit",
-    "r152x2": "resnetv2_152x2_bit",
-    "r152x4": "resnetv2_152x4_bit",
-}
-CASES = [pytest.param(a, marks=[pytest.mark.parity] + ([] if a == "r50x1" else [pytest.mark.heavy])) for a in TIMM_NAMES]
 
 
 def _timm_model(arch: str, npz, **kwargs):
