@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .options import ToolParser
 from .registry import get_weights  # `python -m bit_zoo.benchmark` has imported the package (and its registry) already
 
 _logger = logging.getLogger(__name__)
@@ -374,9 +375,7 @@ def format_table(results: list[dict], args: argparse.Namespace) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bit_zoo.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ToolParser(prog="python -m bit_zoo.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="bit_s_r50x1", help="bit_zoo model name")
     g.add_argument("--img_size", "--img-size", type=int, default=128)

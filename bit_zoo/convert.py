@@ -38,6 +38,7 @@ from .export import export_model
 from .formats import to_npz
 from .loading import fetch_pretrained, lazy_weights, match_state, open_arrays, save_weights
 from .meta import META_KEY, decode_meta, encode_meta
+from .options import ToolParser
 from .registry import get_weights, is_model, list_models
 from .resnetv2 import ResNetV2
 
@@ -186,7 +187,7 @@ def _layers_arg(text: str) -> tuple[int, ...]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bit_zoo.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(prog="python -m bit_zoo.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--model", help=f"registered name or name.tag (bit_zoo.list_models()), or {CUSTOM_MODEL}; default: the input's meta.json"
     )

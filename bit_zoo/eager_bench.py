@@ -20,6 +20,7 @@ import mindspore as ms
 import numpy as np
 
 from .factory import create_model
+from .options import ToolParser
 
 
 def _time_calls(fn, x, *, warmup: int, iters: int) -> tuple[float, float, np.ndarray]:
@@ -63,9 +64,7 @@ def run(model_name: str, *, image_size: int, batch_size: int, warmup: int, iters
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m bit_zoo.eager_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ToolParser(prog="python -m bit_zoo.eager_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bit_s_r50x1")
     p.add_argument("--image_size", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=16)

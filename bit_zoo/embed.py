@@ -34,6 +34,7 @@ import numpy as np
 from .atomic import atomic_path, write_text_atomic
 from .data import create_loader, sources
 from .inference import LoadedModel, Preprocess, add_model_args, model_from_args
+from .options import ToolParser
 from .training.metrics import Progress
 
 __all__ = ["compute_embeddings", "load_embeddings", "record_names", "add_data_args", "parse_args", "main"]
@@ -254,7 +255,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     """-c CONFIG sets defaults from the YAML keys this parser knows (a training config's others are skipped)."""
     from .config import load_yaml
 
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ToolParser(add_help=False)
     pre.add_argument("-c", "--config", default=None)
     known, _ = pre.parse_known_args(argv)
     parser.add_argument("-c", "--config", default=None, help="YAML config (e.g. a training config of configs/)")
@@ -290,9 +291,7 @@ def preprocess_overrides(pp: Preprocess, args) -> Preprocess:
 def build_parser() -> argparse.ArgumentParser:
     from .config import str2bool
 
-    parser = argparse.ArgumentParser(
-        prog="python -m bit_zoo.embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ToolParser(prog="python -m bit_zoo.embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     g = add_data_args(parser)
     g.add_argument("--split", default="train", choices=("train", "val", "test"))

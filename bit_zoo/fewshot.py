@@ -28,6 +28,7 @@ import numpy as np
 from .atomic import write_text_atomic
 from .embed import add_data_args, compute_embeddings, parse_args, preprocess_overrides
 from .inference import Preprocess, add_model_args, model_from_args
+from .options import ToolParser
 
 __all__ = ["BIAS_CONSTANT", "ridge_fit", "ridge_accuracy", "fewshot_indices", "run_fewshot", "main"]
 
@@ -104,9 +105,7 @@ def format_table(results: dict, *, title: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from .config import str2bool
 
-    parser = argparse.ArgumentParser(
-        prog="python -m bit_zoo.fewshot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ToolParser(prog="python -m bit_zoo.fewshot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     g = add_data_args(parser)
     g.add_argument("--train_split", default="train", choices=("train", "val", "test"), help="where the k shots are drawn")

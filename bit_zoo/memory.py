@@ -28,12 +28,12 @@ yaml directly (flat keys as in configs/); options missing from a config take tra
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .options import ToolParser
 from .registry import get_weights
 
 __all__ = [
@@ -288,7 +288,7 @@ def format_plan(p: Plan) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bit_zoo.memory", description="Estimate per-device training memory of a config.")
+    parser = ToolParser(prog="python -m bit_zoo.memory", description="Estimate per-device training memory of a config.")
     parser.add_argument("-c", "--config", required=True, help="a YAML config (configs/...)")
     parser.add_argument("--device_memory_gb", type=float, default=32.0, help="memory of one device (Ascend 910: 32)")
     parser.add_argument("--devices", type=int, default=8, help="data-parallel devices the global batch_size splits over")

@@ -12,15 +12,26 @@ runs them and raises one ConfigError naming the key, the value and the fix.
 
 from __future__ import annotations
 
+import argparse
 import math
+import sys
 from dataclasses import MISSING, field, fields
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["option", "check_group", "positive", "non_negative", "at_least", "unit_interval", "each", "length"]
+__all__ = ["ToolParser", "option", "check_group", "positive", "non_negative", "at_least", "unit_interval", "each", "length"]
 
 SCRIPTS = ("train", "validate")
+
+
+class ToolParser(argparse.ArgumentParser):
+    """The parser of the ``python -m bit_zoo.<tool>`` commands: a bad argument is one line and exit 2,
+    as train.py and validate.py do, instead of argparse's usage dump above the error."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}. Run with --help for every option and its default.", file=sys.stderr)
+        sys.exit(2)
 
 
 def option(

@@ -28,6 +28,7 @@ from .atomic import write_text_atomic
 from .data.sources import IMAGE_EXTENSIONS
 from .inference import LoadedModel, add_model_args, model_from_args
 from .labels import label_names
+from .options import ToolParser
 from .training.metrics import Progress
 
 __all__ = ["collect_images", "predict_files", "main"]
@@ -127,9 +128,7 @@ def to_csv(result: dict, topk: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bit_zoo.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ToolParser(prog="python -m bit_zoo.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="image files and folders (searched recursively)")
     add_model_args(parser)
     g = parser.add_argument_group("output")
