@@ -516,3 +516,29 @@ def test_loop_logs_the_same_train_loss_as_the_bar_and_no_epoch_zero(tmp_path, mo
     loop, _, state = _loop(tmp_path, [(1.0, True, 1.0)] * 2, total_steps=2, monkeypatch=monkeypatch)
     loop.run(state)
     assert [r.getMessage() for r in caplog.records if "train loss" in r.getMessage()][0].startswith("0.50 epochs step 2/2")
+
+
+def test_resume_with_changed_training_data_says_what_changed(tmp_path, capsys):
+    """A folder run checkpoints, an image is deleted, --resume auto: one line naming the class and the counts
+    and how to continue, exit 2, the checkpoint untouched."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for split, per_class in (("train", 4), ("val", 2)):
+        for cls in ("cat", "dog"):
+            (tmp_path / "folder" / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(tmp_path / "folder" / split / cls / f"{i}.png")
+    out = tmp_path / "run"
+    argv = EXACT + ["--dataset", "folder", "--data_dir", str(tmp_path / "folder"), "--batch_size", "4", "--save_interval", "1"]
+    argv += ["--output_dir", str(out)]
+    assert train.cli(argv + ["--steps", "2"]) == 0
+    before = (out / "last.ckpt").read_bytes()
+    (tmp_path / "folder" / "train" / "dog" / "3.png").unlink()
+    capsys.readouterr()
+    assert train.cli(argv + ["--steps", "4", "--resume", "auto"]) == 2
+    lines = _error_lines(capsys.readouterr().err, "train.py")
+    assert len(lines) == 1, lines
+    assert "the training data changed" in lines[0] and "8 training images then, 7 now" in lines[0], lines
+    assert "class 'dog': 4 -> 3 images" in lines[0] and "--output_dir NEW" in lines[0], lines
+    assert (out / "last.ckpt").read_bytes() == before
