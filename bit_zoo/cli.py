@@ -17,7 +17,7 @@ from . import __version__
 from .config import Config, ModelConfig
 from .data import dataset_num_classes
 from .data.from_config import DataConfig
-from .errors import ConfigError, TrainingStopped
+from .errors import ConfigError, FetchError, TrainingStopped
 from .loading import load_state
 from .remote import Mirror, fetch, is_remote, stage
 from .training.checkpoint import read_model_state
@@ -40,14 +40,14 @@ def _one_line(e: BaseException) -> str:
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None, *, prog: str) -> int:
     """Run a script's main(argv): bad input prints one line and exits 2; a stopped training exits 3."""
     try:
-        main(argv)
+        code = main(argv)
     except TrainingStopped as e:
         print(f"{prog}: stopped: {_one_line(e)}", file=sys.stderr)
         return EXIT_STOPPED
-    except (ValueError, OSError) as e:  # ConfigError is a ValueError; FileNotFoundError, PermissionError are OSErrors
+    except (ValueError, OSError, FetchError) as e:  # ConfigError is a ValueError; FileNotFoundError, PermissionError are OSErrors
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return 0
+    return code if isinstance(code, int) else 0  # train.main returns its summary
 
 
 def _staged_files(dataset: str):

@@ -34,6 +34,7 @@ from mindspore.nn.utils import no_init_parameters
 
 from . import remote
 from .atomic import atomic_path
+from .cli import run_cli
 from .export import export_model
 from .formats import to_npz
 from .loading import fetch_pretrained, lazy_weights, match_state, open_arrays, save_weights
@@ -224,27 +225,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv, prog="python -m bit_zoo.convert")
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        # a URL (s3://...) input is staged into the cache; a URL output is written locally, then uploaded
-        local_output = remote.local_cache(args.output) if remote.is_remote(args.output) else args.output
-        out = convert(
-            local_output,
-            input_path=remote.fetch(args.input),
-            model=args.model,
-            layers=args.layers,
-            width_factor=args.width_factor,
-            num_classes=args.num_classes,
-            img_size=args.img_size,
-            batch_size=args.batch_size,
-            ema=args.ema,
-        )
-        if remote.is_remote(args.output):
-            out = remote.put(out, args.output)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # a URL (s3://...) input is staged into the cache; a URL output is written locally, then uploaded
+    local_output = remote.local_cache(args.output) if remote.is_remote(args.output) else args.output
+    out = convert(
+        local_output,
+        input_path=remote.fetch(args.input),
+        model=args.model,
+        layers=args.layers,
+        width_factor=args.width_factor,
+        num_classes=args.num_classes,
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        ema=args.ema,
+    )
+    if remote.is_remote(args.output):
+        out = remote.put(out, args.output)
     print(out)
     return 0
 

@@ -32,6 +32,7 @@ import mindspore as ms
 import numpy as np
 
 from .atomic import atomic_path, write_text_atomic
+from .cli import run_cli
 from .data import create_loader, sources
 from .inference import LoadedModel, Preprocess, add_model_args, model_from_args
 from .options import ToolParser
@@ -303,32 +304,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parse_args(parser, argv)
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        args.image_size = args.eval_size or args.image_size  # validate.py's rule: eval_size, else image_size
-        loaded = model_from_args(args, num_classes=0)
-        loaded.preprocess = preprocess_overrides(loaded.preprocess, args)
-        arrays = compute_embeddings(
-            loaded,
-            dataset=args.dataset,
-            data_dir=args.data_dir,
-            split=args.split,
-            output=args.output,
-            classes=args.classes,
-            val_split=int(args.val_split) if float(args.val_split).is_integer() else args.val_split,
-            num_samples=args.num_samples,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            seed=args.seed,
-            save_every=args.save_every,
-            overwrite=args.overwrite,
-            progress=args.progress,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"embed: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(_main, argv, prog="python -m bit_zoo.embed")
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parse_args(build_parser(), argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args.image_size = args.eval_size or args.image_size  # validate.py's rule: eval_size, else image_size
+    loaded = model_from_args(args, num_classes=0)
+    loaded.preprocess = preprocess_overrides(loaded.preprocess, args)
+    arrays = compute_embeddings(
+        loaded,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        split=args.split,
+        output=args.output,
+        classes=args.classes,
+        val_split=int(args.val_split) if float(args.val_split).is_integer() else args.val_split,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        save_every=args.save_every,
+        overwrite=args.overwrite,
+        progress=args.progress,
+    )
     n, d = arrays["embeddings"].shape
     print(f"{args.output}: {n} embeddings of dimension {d} ({args.dataset} {args.split}, {len(arrays['class_names'])} classes)")
     return 0

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "TrainingStopped"]
+__all__ = ["ConfigError", "FetchError", "TrainingStopped"]
 
 
 class ConfigError(ValueError):
     """A bad config file, key or value; the message names the problem and the fix."""
+
+
+class FetchError(RuntimeError):
+    """Weights or data could not be fetched or stored remotely (unreachable, refused, corrupt on arrival);
+    the message names the location and what to set or retry. The scripts report it in one line."""
 
 
 class TrainingStopped(RuntimeError):

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_text_atomic
+from .cli import run_cli
 from .embed import add_data_args, compute_embeddings, parse_args, preprocess_overrides
 from .inference import Preprocess, add_model_args, model_from_args
 from .options import ToolParser
@@ -125,45 +126,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parse_args(parser, argv)
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        if any(k < 1 for k in args.shots) or args.seeds < 1 or not 0 < args.crop_pct <= 1:
-            raise ValueError(f"--shots {args.shots} and --seeds {args.seeds} must be positive, --crop_pct {args.crop_pct} in (0, 1]")
-        size = args.eval_size
-        args.image_size = size
-        loaded = model_from_args(args, num_classes=0)
-        # The protocol's preprocessing, not the checkpoint's: resize to size / crop_pct, center crop, normalise.
-        resize = args.eval_resize_size or (round(size / args.crop_pct) if args.crop_pct < 1 else None)
-        loaded.preprocess = preprocess_overrides(Preprocess(size, resize), args)
-        if resize is None:
-            loaded.preprocess = replace(loaded.preprocess, resize_size=None)
-        val_split = int(args.val_split) if float(args.val_split).is_integer() else args.val_split
-        common = dict(
-            dataset=args.dataset,
-            data_dir=args.data_dir,
-            classes=args.classes,
-            val_split=val_split,
-            num_samples=args.num_samples,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            seed=args.seed,
-            progress=args.progress,
-        )
-        embeddings = {}
-        for role, split in (("train", args.train_split), ("test", args.split)):
-            # What the numbers depend on (not the batch size, the workers or the progress bar).
-            data_key = {k: common[k] for k in ("dataset", "data_dir", "classes", "val_split", "num_samples", "seed")}
-            key = json.dumps(
-                [loaded.source, loaded.weights, loaded.name, str(loaded.preprocess), split, data_key], sort_keys=True, default=str
-            )
-            path = Path(args.cache_dir) / f"{split}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
-            embeddings[role] = compute_embeddings(loaded, split=split, output=path, overwrite=True, **common)
-        results = run_fewshot(embeddings["train"], embeddings["test"], shots=args.shots, seeds=args.seeds, l2_reg=args.l2_reg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"fewshot: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(_main, argv, prog="python -m bit_zoo.fewshot")
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parse_args(build_parser(), argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if any(k < 1 for k in args.shots) or args.seeds < 1 or not 0 < args.crop_pct <= 1:
+        raise ValueError(f"--shots {args.shots} and --seeds {args.seeds} must be positive, --crop_pct {args.crop_pct} in (0, 1]")
+    size = args.eval_size
+    args.image_size = size
+    loaded = model_from_args(args, num_classes=0)
+    # The protocol's preprocessing, not the checkpoint's: resize to size / crop_pct, center crop, normalise.
+    resize = args.eval_resize_size or (round(size / args.crop_pct) if args.crop_pct < 1 else None)
+    loaded.preprocess = preprocess_overrides(Preprocess(size, resize), args)
+    if resize is None:
+        loaded.preprocess = replace(loaded.preprocess, resize_size=None)
+    val_split = int(args.val_split) if float(args.val_split).is_integer() else args.val_split
+    common = dict(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        classes=args.classes,
+        val_split=val_split,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        progress=args.progress,
+    )
+    embeddings = {}
+    for role, split in (("train", args.train_split), ("test", args.split)):
+        # What the numbers depend on (not the batch size, the workers or the progress bar).
+        data_key = {k: common[k] for k in ("dataset", "data_dir", "classes", "val_split", "num_samples", "seed")}
+        key = json.dumps([loaded.source, loaded.weights, loaded.name, str(loaded.preprocess), split, data_key], sort_keys=True, default=str)
+        path = Path(args.cache_dir) / f"{split}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
+        embeddings[role] = compute_embeddings(loaded, split=split, output=path, overwrite=True, **common)
+    results = run_fewshot(embeddings["train"], embeddings["test"], shots=args.shots, seeds=args.seeds, l2_reg=args.l2_reg)
     pp = loaded.preprocess
     title = (
         f"few-shot linear (ridge, l2={args.l2_reg:g}) on {args.dataset} {args.train_split} -> {args.split}"

@@ -32,6 +32,7 @@ import mindspore as ms
 import numpy as np
 
 from .atomic import atomic_path, save_checkpoint_atomic
+from .errors import FetchError
 from .formats import check_keys, converted_shape, is_timm_layout, mindcv_plan, npz_plan, timm_plan
 from .hub import HF_ENDPOINT_ENV, SOURCE_ENV, candidates
 from .pretrained import Weights, download_weights
@@ -338,7 +339,7 @@ def fetch_pretrained(weights: Weights) -> Path:
             _logger.warning("weights source %s failed for %s: %s", source, weights.filename, e)
             errors.append(f"[{source}] {e}")
     tried = "\n".join(errors)
-    raise RuntimeError(
+    raise FetchError(
         f"could not fetch the weights {weights.filename} from any source:\n{tried}\n"
         f"Choose the sources with ${SOURCE_ENV} (auto, google, hub, or e.g. 'hub,google'), a mirror of Google's bucket "
         f"with $BIT_ZOO_BASE_URL, of the Hugging Face hub with ${HF_ENDPOINT_ENV}; or pass checkpoint_path= a local file."

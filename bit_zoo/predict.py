@@ -25,6 +25,7 @@ import mindspore as ms
 import numpy as np
 
 from .atomic import write_text_atomic
+from .cli import run_cli
 from .data.sources import IMAGE_EXTENSIONS
 from .inference import LoadedModel, add_model_args, model_from_args
 from .labels import label_names
@@ -141,19 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv, prog="python -m bit_zoo.predict")
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.topk < 1 or args.batch_size < 1:
-            raise ValueError(f"--topk {args.topk} and --batch_size {args.batch_size} must be positive")
-        files = collect_images(args.paths)
-        loaded = model_from_args(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"predict: error: {e}", file=sys.stderr)
-        return 2
+    if args.topk < 1 or args.batch_size < 1:
+        raise ValueError(f"--topk {args.topk} and --batch_size {args.batch_size} must be positive")
+    files = collect_images(args.paths)
+    loaded = model_from_args(args)
     if loaded.model.num_classes < 1:
-        print("predict: error: the model has no classifier (0 classes)", file=sys.stderr)
-        return 2
+        raise ValueError("the model has no classifier (0 classes): give a checkpoint with a head, or use python -m bit_zoo.embed")
     result = predict_files(loaded, files, topk=args.topk, batch_size=args.batch_size, progress=args.progress)
     result.update(model=loaded.name, checkpoint=loaded.source, weights=loaded.weights, preprocess=vars(loaded.preprocess).copy())
     result["preprocess"].pop("_ops", None)

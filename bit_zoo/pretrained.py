@@ -39,6 +39,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .atomic import pid_alive, write_text_atomic
+from .errors import FetchError
 
 __all__ = [
     "Weights",
@@ -132,7 +133,7 @@ def _check_hash(weights: Weights, path: Path, url: str) -> None:
     actual = sha256_file(path)
     expected = weights.sha256 or weights.sha256_prefix
     if not actual.startswith(expected):
-        raise RuntimeError(
+        raise FetchError(
             f"sha256 mismatch for {url}: expected {expected}, got {actual}. The file is corrupt or "
             f"the mirror serves a different file; nothing was kept in the cache. Check the mirror "
             f"({_MIRROR_ENV.get(weights.base_url, 'no mirror variable')}) or download again."
@@ -192,7 +193,7 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool, desc: str) -
         if start and response.status == 206:
             total = _content_range_total(response.headers.get("Content-Range"), start)
             if total is None:
-                raise RuntimeError(f"download failed: {url} answered the range request from byte {start} with a different range")
+                raise FetchError(f"download failed: {url} answered the range request from byte {start} with a different range")
             _logger.info("resuming %s at %.1f of %.1f MiB", url, start / 2**20, total / 2**20)
         else:
             if start:
@@ -224,7 +225,7 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool, desc: str) -
     if total is not None and got < total:
         raise _Interrupted(f"download truncated: got {got} of {total} bytes from {url}")
     if total is not None and got > total:
-        raise RuntimeError(f"download failed: {url} sent {got} bytes where it announced {total}")
+        raise FetchError(f"download failed: {url} sent {got} bytes where it announced {total}")
 
 
 def _lock_wait() -> float:
@@ -277,7 +278,7 @@ def _file_lock(lock_path: Path, part: Path, dest: Path, wait: float) -> Iterator
                 lock.seek(0)
                 holder = lock.read().strip() or "another process"
                 lock.close()
-                raise RuntimeError(
+                raise FetchError(
                     f"waited {wait:.0f} s for {holder} to download {dest.name} into {dest.parent} with no progress. "
                     f"If that process is stuck, stop it (the next call resumes its partial file), or raise BIT_ZOO_DOWNLOAD_WAIT."
                 ) from None
@@ -313,9 +314,9 @@ def _fetch_and_verify(weights: Weights, url: str, part: Path, *, verify, timeout
     try:
         _fetch(url, part, timeout=timeout, progress=progress, desc=desc)
     except _Interrupted as e:
-        raise RuntimeError(f"{e}. {part.stat().st_size if part.exists() else 0} bytes are kept in {part}: call again to resume.") from e
+        raise FetchError(f"{e}. {part.stat().st_size if part.exists() else 0} bytes are kept in {part}: call again to resume.") from e
     except _ServerError as e:
-        raise RuntimeError(f"{e}{_mirror_hint(weights)}") from e
+        raise FetchError(f"{e}{_mirror_hint(weights)}") from e
     try:
         _check_hash(weights, part, url)
         if verify is not None:

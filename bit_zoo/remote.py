@@ -29,12 +29,14 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .errors import FetchError
+
 __all__ = ["RemoteError", "is_remote", "local_cache", "stage", "fetch", "put", "Mirror"]
 
 _logger = logging.getLogger(__name__)
 
 
-class RemoteError(RuntimeError):
+class RemoteError(FetchError):
     """A remote location could not be read or written; the message names it and the fix."""
 
 

@@ -542,3 +542,18 @@ def test_resume_with_changed_training_data_says_what_changed(tmp_path, capsys):
     assert "the training data changed" in lines[0] and "8 training images then, 7 now" in lines[0], lines
     assert "class 'dog': 4 -> 3 images" in lines[0] and "--output_dir NEW" in lines[0], lines
     assert (out / "last.ckpt").read_bytes() == before
+
+
+def test_unreachable_weights_are_one_line(tmp_path, monkeypatch, capsys):
+    """pretrained weights from a mirror that refuses connections: one line naming the URL and the variable, exit 2."""
+    monkeypatch.setenv("BIT_ZOO_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("BIT_ZOO_WEIGHTS_SOURCE", "google")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("BIT_ZOO_BASE_URL", f"http://127.0.0.1:{port}")
+    argv = ["--model", "bit_s_r50x1", "--pretrained", "true", "--dataset", "digits", "--steps", "1", "--output_dir", str(tmp_path / "o")]
+    assert train.cli(argv) == 2
+    lines = _error_lines(capsys.readouterr().err, "train.py")
+    assert len(lines) == 1 and f"cannot reach http://127.0.0.1:{port}/BiT-S-R50x1.npz" in lines[0] and "BIT_ZOO_BASE_URL" in lines[0], lines
+    assert not (tmp_path / "o").exists()
