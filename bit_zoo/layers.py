@@ -95,7 +95,7 @@ class _Conv(nn.Cell):
         self.kernel_size = kernel_size
         self.stride = stride
         self.padding = padding
-        self.dilation = dilation
+        self.dilation = dilation  # > 1 for the dilated 3x3 of output_stride 16 / 8
         # Which rewrite the unfold path needs; decided once here so construct has no host logic.
         self._unfold = conv_impl == "unfold" and kernel_size > 1
         self._subsample = conv_impl == "unfold" and kernel_size == 1 and stride > 1
@@ -141,12 +141,7 @@ class StdConv2d(_Float32Statistics):
         conv_impl: str = "auto",
     ) -> None:
         super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = kernel_size
-        self.stride = stride
-        self.padding = padding
-        self.dilation = dilation  # > 1 for the dilated 3x3 of output_stride 16 / 8
+        # The geometry (channels, kernel, stride, padding, dilation) lives in the child that convolves.
         self.eps = eps
         self.conv_impl = resolve_conv_impl(conv_impl)
         self.weight = Parameter(
@@ -167,7 +162,7 @@ class StdConv2d(_Float32Statistics):
         if self._fused:
             # One fused kernel instead of ~8 elementwise ops and reductions (the CPU ReduceMean is
             # slow): each output channel is a "batch-norm channel" of a (1, O, I*k*k, 1) tensor.
-            w = _batch_stats_norm(self._standardize, w.reshape(1, self.out_channels, -1, 1)).reshape(w.shape)
+            w = _batch_stats_norm(self._standardize, w.reshape(1, w.shape[0], -1, 1)).reshape(w.shape)
         else:
             mean = w.mean(axis=(1, 2, 3), keep_dims=True)
             var = ((w - mean) ** 2).mean(axis=(1, 2, 3), keep_dims=True)
@@ -179,10 +174,10 @@ class StdConv2d(_Float32Statistics):
         return self.conv(x, self.standardized_weight(ms.float32))
 
     def extend_repr(self) -> str:
+        c = self.conv
         return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, eps={self.eps}, conv_impl={self.conv_impl}"
-            + (f", dilation={self.dilation}" if self.dilation > 1 else "")
+            f"{c.in_channels}, {c.out_channels}, kernel_size={c.kernel_size}, stride={c.stride}, "
+            f"padding={c.padding}, eps={self.eps}, conv_impl={self.conv_impl}" + (f", dilation={c.dilation}" if c.dilation > 1 else "")
         )
 
 
