@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- first writes
     meta = model_meta(cfg.model, model, class_names=train_data.class_names, prep=prep, eval_resize_size=cfg.data.eval_resize_size)
     meta["data_fingerprint"] = train_data.fingerprint  # a resume compares it: see training/resume.py
-    manager = CheckpointManager(out, keep_max=cfg.checkpoint.keep_max, enabled=dist.is_main, meta=meta)
+    manager = CheckpointManager(
+        out, keep_max=cfg.checkpoint.keep_max, enabled=dist.is_main, meta=meta, async_save=cfg.checkpoint.async_save
+    )
     metrics = MetricsLog(out / "metrics.jsonl", enabled=dist.is_main, append=resume_path is not None)
     if dist.is_main:
         save_config(cfg, out / "config.yaml", command=shlex.join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]))

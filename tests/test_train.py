@@ -453,6 +453,9 @@ class _Manager:
     def save(self, *, periodic, best, state, **kwargs):
         self.saved.append(state.step)
 
+    def wait(self):
+        pass
+
 
 def _loop(tmp_path, script, *, total_steps, monkeypatch, loss_scale="none", scale=1.0, limit=3):
     from bit_zoo.config import StepConfig
@@ -557,3 +560,37 @@ def test_unreachable_weights_are_one_line(tmp_path, monkeypatch, capsys):
     lines = _error_lines(capsys.readouterr().err, "train.py")
     assert len(lines) == 1 and f"cannot reach http://127.0.0.1:{port}/BiT-S-R50x1.npz" in lines[0] and "BIT_ZOO_BASE_URL" in lines[0], lines
     assert not (tmp_path / "o").exists()
+
+
+def test_background_checkpoint_writes_equal_synchronous_ones(reference_run, tmp_path):
+    """The reference run saved in the background (the default); a synchronous run writes the same bytes."""
+    ref_out, _ = reference_run
+    out = tmp_path / "sync"
+    train.main(EXACT + ["--steps", "6", "--save_interval", "1", "--keep_max", "2", "--output_dir", str(out), "--async_save", "false"])
+    names = sorted(p.name for p in out.glob("*.ckpt"))
+    assert names == sorted(p.name for p in ref_out.glob("*.ckpt")) == ["best.ckpt", "last.ckpt", "step_5.ckpt", "step_6.ckpt"]
+    for name in names:
+        assert (out / name).read_bytes() == (ref_out / name).read_bytes(), name
+
+
+def test_a_failed_background_write_is_raised_and_keeps_the_earlier_checkpoint(tmp_path, monkeypatch):
+    from bit_zoo.atomic import DiskFullError
+    from bit_zoo.training import checkpoint as ckpt_mod
+    from bit_zoo.training.checkpoint import CheckpointManager, TrainState
+
+    monkeypatch.setattr(ckpt_mod, "training_arrays", lambda **kw: {"w": np.full(4, kw["state"].step, np.float32)})
+    manager = CheckpointManager(tmp_path, async_save=True)
+    uploaded = []
+    manager.save(periodic=False, best=False, then=lambda: uploaded.append(1), state=TrainState(step=1))
+    manager.wait()
+    assert uploaded == [1] and ms.load_checkpoint(str(tmp_path / "last.ckpt"))["w"].asnumpy()[0] == 1
+
+    def full(arrays, path):
+        raise DiskFullError(f"no space left on the device for {path}")
+
+    monkeypatch.setattr(ckpt_mod, "_atomic_save", full)
+    manager.save(periodic=False, best=False, then=lambda: uploaded.append(2), state=TrainState(step=2))  # returns at once
+    with pytest.raises(DiskFullError, match="last.ckpt"):
+        manager.wait()
+    assert uploaded == [1], "nothing is uploaded after a failed write"
+    assert ms.load_checkpoint(str(tmp_path / "last.ckpt"))["w"].asnumpy()[0] == 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -56,6 +57,11 @@ class CheckpointConfig:
     keep_max: int = option(3, "periodic checkpoints kept", check=at_least(0))
     eval_interval: int = option(1, "evaluate every N epochs (and at the end); 0 = at the end only", check=at_least(0))
     log_interval: int = option(20, "progress lines every N steps when not a terminal", check=at_least(1))
+    async_save: bool = option(
+        True,
+        "write checkpoints in a background thread: training waits only for the copy to host memory (and, with several "
+        "devices, the other ranks wait only that long for rank 0); a failed write stops the run at the next save",
+    )
 
 
 @dataclass
@@ -91,6 +97,12 @@ def _atomic_save(arrays: dict[str, np.ndarray], path: Path) -> None:
 def save_training_checkpoint(path: str | Path, *, model, optimizer, ema, scaler, state: TrainState, meta: dict | None = None) -> Path:
     """Write everything --resume needs, with `meta` (bit_zoo.meta keys) and the content digest first."""
     path = Path(path)
+    _atomic_save(training_arrays(model=model, optimizer=optimizer, ema=ema, scaler=scaler, state=state, meta=meta), path)
+    return path
+
+
+def training_arrays(*, model, optimizer, ema, scaler, state: TrainState, meta: dict | None = None) -> dict[str, np.ndarray]:
+    """A host copy of everything --resume needs (meta.json and its digest first): what a checkpoint write reads."""
     model_params = list(model.get_parameters())
     names = {p.name for p in model_params}
     arrays = {p.name: p.asnumpy() for p in model_params}
@@ -103,8 +115,7 @@ def save_training_checkpoint(path: str | Path, *, model, optimizer, ema, scaler,
     for f in fields(state):
         value = getattr(state, f.name)
         arrays[STATE_PREFIX + f.name] = np.asarray(value, dtype=np.float64 if isinstance(value, float) else np.int64)
-    _atomic_save(with_meta(arrays, meta or {}), path)
-    return path
+    return with_meta(arrays, meta or {})
 
 
 def export_weights(model, path: str | Path, *, meta: dict) -> Path:
@@ -203,30 +214,58 @@ def load_training_checkpoint(
 
 
 class CheckpointManager:
-    """last.ckpt + best.ckpt + periodic step_<N>.ckpt (at most keep_max); rank 0 only."""
+    """last.ckpt + best.ckpt + periodic step_<N>.ckpt (at most keep_max); rank 0 only.
 
-    def __init__(self, directory: str | Path, *, keep_max: int = 3, enabled: bool = True, meta: dict | None = None) -> None:
+    With ``async_save`` the files are written by one background thread from a host copy taken at
+    save(): the step goes on while the disk works. One write is in flight at a time (the next save
+    waits for it, so at most one extra copy of the state is in memory), and its error (a full disk)
+    is raised by the next save() or by wait(), which the loop calls before it returns or stops.
+    """
+
+    def __init__(
+        self, directory: str | Path, *, keep_max: int = 3, enabled: bool = True, meta: dict | None = None, async_save: bool = False
+    ) -> None:
         self.directory = Path(directory)
         self.keep_max = keep_max
         self.enabled = enabled
         self.meta = meta
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if async_save and enabled else None
+        self._pending: Future | None = None
 
     def periodic(self) -> list[Path]:
         return sorted(self.directory.glob("step_*.ckpt"), key=lambda p: int(p.stem.split("_")[1]))
 
-    def save(self, *, periodic: bool, best: bool, **kwargs) -> None:
+    def save(self, *, periodic: bool, best: bool, then: Callable[[], object] | None = None, **kwargs) -> None:
+        """Save last.ckpt (and step_<N>.ckpt, best.ckpt), then call `then` (e.g. an upload) once they are on disk."""
         if not self.enabled:
             return
+        self.wait()
         state: TrainState = kwargs["state"]
-        last = save_training_checkpoint(self.directory / "last.ckpt", meta=self.meta, **kwargs)
+        arrays = training_arrays(meta=self.meta, **kwargs)
+        job = (arrays, state.step, asdict(state), periodic, best, then)
+        if self._writer is None:
+            self._write(*job)
+        else:
+            self._pending = self._writer.submit(self._write, *job)
+
+    def wait(self) -> None:
+        """Block until the write in flight is on disk; raise its error, if it had one."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _write(self, arrays: dict, step: int, state: dict, periodic: bool, best: bool, then: Callable[[], object] | None) -> None:
+        last = self.directory / "last.ckpt"
+        _atomic_save(arrays, last)
         if periodic:
-            target = self.directory / f"step_{state.step}.ckpt"
-            _copy_atomic(last, target)
+            _copy_atomic(last, self.directory / f"step_{step}.ckpt")
             for old in self.periodic()[: -self.keep_max] if self.keep_max > 0 else []:
                 old.unlink(missing_ok=True)
         if best:
             _copy_atomic(last, self.directory / "best.ckpt")
-        _logger.debug("saved checkpoint at step %d (%s)", state.step, asdict(state))
+        _logger.debug("saved checkpoint at step %d (%s)", step, state)
+        if then is not None:
+            then()
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:

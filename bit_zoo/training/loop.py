@@ -132,24 +132,27 @@ class TrainLoop:
             every=self.ckpt_cfg.log_interval,
         )
         self.trainer.net.set_train(True)
-        for _ in progress:
-            t0 = time.perf_counter()
-            loss, finite, grad_norm = self.trainer.step(self._next_batches(batches, accum))
-            state.micro_step += accum
-            state.step += 1
-            meter.add(loss, finite, plan.global_batch, time.perf_counter() - t0)
-            self._watch_finite(state, loss, finite)
-            # the bar shows the epoch's running mean: the number the epoch line reports at its end
-            progress.set_postfix(loss=f"{meter.mean_loss:.4f}", lr=f"{plan.lr[state.step - 1]:.2e}")
-            end_of_epoch = state.step % plan.steps_per_epoch == 0 or state.step == plan.total_steps
-            periodic = self.ckpt_cfg.save_interval > 0 and state.step % self.ckpt_cfg.save_interval == 0
-            if end_of_epoch:
-                state.epoch += 1 if state.step % plan.steps_per_epoch == 0 else 0
-                best = self._end_epoch(state, meter, grad_norm)
-                meter.reset()
-                self._save(state, periodic=periodic, best=best)
-            elif periodic:
-                self._save(state, periodic=True, best=False)
+        try:
+            for _ in progress:
+                t0 = time.perf_counter()
+                loss, finite, grad_norm = self.trainer.step(self._next_batches(batches, accum))
+                state.micro_step += accum
+                state.step += 1
+                meter.add(loss, finite, plan.global_batch, time.perf_counter() - t0)
+                self._watch_finite(state, loss, finite)
+                # the bar shows the epoch's running mean: the number the epoch line reports at its end
+                progress.set_postfix(loss=f"{meter.mean_loss:.4f}", lr=f"{plan.lr[state.step - 1]:.2e}")
+                end_of_epoch = state.step % plan.steps_per_epoch == 0 or state.step == plan.total_steps
+                periodic = self.ckpt_cfg.save_interval > 0 and state.step % self.ckpt_cfg.save_interval == 0
+                if end_of_epoch:
+                    state.epoch += 1 if state.step % plan.steps_per_epoch == 0 else 0
+                    best = self._end_epoch(state, meter, grad_norm)
+                    meter.reset()
+                    self._save(state, periodic=periodic, best=best)
+                elif periodic:
+                    self._save(state, periodic=True, best=False)
+        finally:
+            self.manager.wait()  # the checkpoint write in flight is on disk (or its error raised) before the run ends
         return {
             "steps": state.step,
             "epochs": state.epoch,
@@ -194,10 +197,17 @@ class TrainLoop:
             _logger.warning("step %d: loss non-finite for %d step(s): checkpoint not saved", state.step, len(self.bad_steps))
             return
         t = self.trainer
-        self.manager.save(periodic=periodic, best=best, state=state, model=self.model, optimizer=t.optimizer, ema=t.ema, scaler=t.scaler)
+        self.manager.save(
+            periodic=periodic,
+            best=best,
+            then=self.on_save,
+            state=state,
+            model=self.model,
+            optimizer=t.optimizer,
+            ema=t.ema,
+            scaler=t.scaler,
+        )
         self.saved_step = state.step
-        if self.on_save is not None:
-            self.on_save()
 
     def _evaluate(self) -> dict:
         ema = self.trainer.ema if self.step_cfg.ema_eval else None
