@@ -365,6 +365,25 @@ def test_recipes_scaled_down_on_cifar_format_data(fake_cifar10, tmp_path, config
     assert summary["steps"] == 2 and summary["final"]["images"] == 16
 
 
+@pytest.mark.heavy
+def test_seed_recipe_scaled_down_under_msrun(fake_cifar10, tmp_path):
+    """The seed recipe as shipped (fp16 O2, dynamic loss scale, EMA, RMSProp, accumulation) in 2 processes, scaled
+    down: both ranks end bit-identical, the run evaluates its shards and writes its checkpoints."""
+    out = tmp_path / "dp"
+    cmd = [
+        shutil.which("msrun") or "msrun", "--worker_num", "2", "--local_worker_num", "2", "--master_port", str(_free_port()),
+        "--log_dir", str(tmp_path / "logs"), "--join", "True", str(ROOT / "train.py"), "-c", str(ROOT / "configs" / "seed" / "bit_m_r101x3_cifar10.yaml"),
+        "--data_dir", str(fake_cifar10), *SCALED_DOWN, "--epochs", "null", "--accum_steps", "2", "--batch_size", "16",
+        "--rank_weights", "true", "--output_dir", str(out),
+    ]  # fmt: skip
+    subprocess.run(cmd, cwd=tmp_path, check=True, timeout=900, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r0, r1 = (params_of(out / f"weights_rank{r}.ckpt") for r in (0, 1))
+    assert_same_params(r0, r1)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["final"]["images"] == 16
+    assert (out / "last.ckpt").exists() and (out / "best.ckpt").exists()
+
+
 def test_fine_tunes_from_an_upstream_npz(tmp_path, make_upstream_npz):
     """The fine-tuning path: BiT weights in the upstream .npz layout, a new 10-class zero head, a few HyperRule steps."""
     npz = tmp_path / "BiT-S-R50x1.npz"
