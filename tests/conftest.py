@@ -4,6 +4,11 @@ and a real HTTP server on 127.0.0.1 to download them from."""
 from __future__ import annotations
 
 import http.server
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -158,3 +163,54 @@ def pytest_unconfigure(config):
     import gc
 
     gc.collect()
+
+
+# ------------------------------------------------------------------ two ranks under msrun or mpirun
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(
+    params=["msrun", pytest.param("mpirun", marks=pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI not installed"))]
+)
+def launcher(request) -> str:
+    """The data-parallel launchers train.py supports: msrun, and plain mpirun (where OpenMPI is installed)."""
+    return request.param
+
+
+@pytest.fixture
+def two_processes(launcher, tmp_path):
+    """run(script, *args, cwd=..., env=...) starts a Python script as 2 ranks under the launcher and returns
+    (exit code, the output of both ranks): msrun's worker logs, or mpirun's merged stdout."""
+
+    def run(script, *args, cwd, env=None, timeout=900) -> tuple[int, str]:
+        env = dict(os.environ if env is None else env)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+        log_dir = tmp_path / f"{launcher}_logs"
+        if launcher == "msrun":
+            cmd = [shutil.which("msrun") or "msrun", "--worker_num", "2", "--local_worker_num", "2", "--master_port", str(free_port()),
+                   "--log_dir", str(log_dir), "--join", "True", str(script), *map(str, args)]  # fmt: skip
+        else:  # train.py's init_distributed starts the scheduler from rank 0 on MS_SCHED_PORT
+            env.update(MS_SCHED_PORT=str(free_port()), OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+            cmd = [
+                "mpirun",
+                "-n",
+                "2",
+                "--oversubscribe",
+                "-x",
+                "MS_SCHED_PORT",
+                "-x",
+                "PYTHONPATH",
+                sys.executable,
+                str(script),
+                *map(str, args),
+            ]
+        proc = subprocess.run(cmd, cwd=cwd, env=env, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        logs = "".join(p.read_text(errors="replace") for p in sorted(log_dir.glob("worker_*.log"))) if log_dir.is_dir() else ""
+        return proc.returncode, proc.stdout + logs
+
+    return run

@@ -6,8 +6,6 @@ import io
 import json
 import logging
 import os
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -209,17 +207,11 @@ with open(sys.argv[1] + f".rank{dist.rank}.json", "w") as f:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.heavy
-def test_msrun_two_process_evaluation_equals_one_process(tmp_path):
-    """msrun, 2 CPU workers, graph mode, a small ResNetV2 on the digits test split: raw and EMA
-    weights (swapped on both ranks), loader shards and batch round-robin; every number equals
-    the single-process run's exactly, on both ranks."""
+def test_two_process_evaluation_equals_one_process(tmp_path, two_processes, launcher):
+    """2 CPU ranks (msrun, and mpirun where installed), graph mode, a small ResNetV2 on the digits test split: raw
+    and EMA weights (swapped on both ranks), loader shards and batch round-robin; every number equals the
+    single-process run's exactly, on both ranks."""
     script = tmp_path / "eval_worker.py"
     script.write_text(_EVAL_WORKER)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -229,11 +221,8 @@ def test_msrun_two_process_evaluation_equals_one_process(tmp_path):
     single_dir.mkdir()
     dp_dir.mkdir()
     subprocess.run([sys.executable, str(script), str(single_dir / "out")], cwd=single_dir, env=env, check=True, timeout=600)
-    cmd = [
-        shutil.which("msrun") or "msrun", "--worker_num", "2", "--local_worker_num", "2", "--master_port", str(_free_port()),
-        "--log_dir", str(tmp_path / "logs"), "--join", "True", str(script), str(dp_dir / "out"),
-    ]  # fmt: skip
-    subprocess.run(cmd, cwd=dp_dir, env=env, check=True, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    code, logs = two_processes(script, dp_dir / "out", cwd=dp_dir, env=env, timeout=600)
+    assert code == 0, logs[-3000:]
     single = json.loads((single_dir / "out.rank0.json").read_text())
     assert single["raw"]["top1"] != single["ema"]["top1"] or single["raw"]["loss"] != single["ema"]["loss"]
     for rank in (0, 1):
@@ -241,5 +230,5 @@ def test_msrun_two_process_evaluation_equals_one_process(tmp_path):
         for key in single:
             assert dp[key]["ranks"] == 2
             assert _without_time(dp[key]) == _without_time(single[key]), (rank, key)
-    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "logs").glob("worker_*.log"))
     assert "rank 0 of 2: CPU" in logs and "rank 1 of 2: CPU" in logs
+    assert ("mpirun: OMPI_COMM_WORLD_LOCAL_RANK=1" in logs) == (launcher == "mpirun")

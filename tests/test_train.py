@@ -8,7 +8,6 @@ at 32 px keeps each compile + step in seconds on a 2-core CPU.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -279,12 +278,6 @@ def test_nonfinite_loss_stops_the_run(tmp_path, capsys):
 # ------------------------------------------------------------------------------- data parallel
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DP = EXACT + ["--steps", "3", "--eval_interval", "0", "--rank_weights", "true"]
 
 
@@ -305,35 +298,10 @@ def single_process_run(tmp_path_factory):
 
 
 @pytest.mark.heavy
-def test_msrun_two_workers_match_single_process(single_process_run, tmp_path):
+def test_two_processes_match_single_process(single_process_run, two_processes, tmp_path):
     out = tmp_path / "dp"
-    cmd = [
-        shutil.which("msrun") or "msrun", "--worker_num", "2", "--local_worker_num", "2", "--master_port", str(_free_port()),
-        "--log_dir", str(tmp_path / "logs"), "--join", "True", str(ROOT / "train.py"), *DP, "--output_dir", str(out),
-    ]  # fmt: skip
-    subprocess.run(cmd, cwd=tmp_path, check=True, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _check_data_parallel(out, single_process_run)
-
-
-@pytest.mark.heavy
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI not installed (apt-get install openmpi-bin)")
-def test_mpirun_two_processes_match_single_process(single_process_run, tmp_path):
-    out = tmp_path / "dp"
-    env = dict(os.environ, MS_SCHED_PORT=str(_free_port()), OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    cmd = [
-        "mpirun",
-        "-n",
-        "2",
-        "--oversubscribe",
-        "-x",
-        "MS_SCHED_PORT",
-        sys.executable,
-        str(ROOT / "train.py"),
-        *DP,
-        "--output_dir",
-        str(out),
-    ]
-    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    code, output = two_processes(ROOT / "train.py", *DP, "--output_dir", out, cwd=tmp_path, timeout=600)
+    assert code == 0, output[-3000:]
     _check_data_parallel(out, single_process_run)
 
 
@@ -366,17 +334,15 @@ def test_recipes_scaled_down_on_cifar_format_data(fake_cifar10, tmp_path, config
 
 
 @pytest.mark.heavy
-def test_seed_recipe_scaled_down_under_msrun(fake_cifar10, tmp_path):
+def test_seed_recipe_scaled_down_in_two_processes(fake_cifar10, two_processes, tmp_path):
     """The seed recipe as shipped (fp16 O2, dynamic loss scale, EMA, RMSProp, accumulation) in 2 processes, scaled
     down: both ranks end bit-identical, the run evaluates its shards and writes its checkpoints."""
     out = tmp_path / "dp"
-    cmd = [
-        shutil.which("msrun") or "msrun", "--worker_num", "2", "--local_worker_num", "2", "--master_port", str(_free_port()),
-        "--log_dir", str(tmp_path / "logs"), "--join", "True", str(ROOT / "train.py"), "-c", str(ROOT / "configs" / "seed" / "bit_m_r101x3_cifar10.yaml"),
-        "--data_dir", str(fake_cifar10), *SCALED_DOWN, "--epochs", "null", "--accum_steps", "2", "--batch_size", "16",
-        "--rank_weights", "true", "--output_dir", str(out),
-    ]  # fmt: skip
-    subprocess.run(cmd, cwd=tmp_path, check=True, timeout=900, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    code, output = two_processes(
+        ROOT / "train.py", "-c", ROOT / "configs" / "seed" / "bit_m_r101x3_cifar10.yaml", "--data_dir", fake_cifar10, *SCALED_DOWN,
+        "--epochs", "null", "--accum_steps", "2", "--batch_size", "16", "--rank_weights", "true", "--output_dir", out, cwd=tmp_path,
+    )  # fmt: skip
+    assert code == 0, output[-3000:]
     r0, r1 = (params_of(out / f"weights_rank{r}.ckpt") for r in (0, 1))
     assert_same_params(r0, r1)
     summary = json.loads((out / "summary.json").read_text())

@@ -3,10 +3,6 @@ optimizer steps; loss scaling, skipping and EMA in the graph; (heavy) overflow a
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
 from pathlib import Path
 
 import mindspore as ms
@@ -196,22 +192,12 @@ np.savez({out!r} + f"/rank{{dist.rank}}.npz", **results)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.heavy
-def test_overflow_on_one_rank_skips_on_both(tmp_path):
+def test_overflow_on_one_rank_skips_on_both(tmp_path, two_processes):
     script = tmp_path / "worker.py"
     script.write_text(_WORKER.format(root=str(ROOT), tests=str(ROOT / "tests"), out=str(tmp_path)))
-    cmd = [shutil.which("msrun") or "msrun", "--worker_num", "2", "--local_worker_num", "2", "--master_port", str(_free_port()),
-           "--log_dir", str(tmp_path / "logs"), "--join", "True", str(script)]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, timeout=600, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted((tmp_path / "logs").glob("worker_*.log")))
-    assert proc.returncode == 0, proc.stdout[-3000:] + logs
+    code, logs = two_processes(script, cwd=tmp_path, timeout=600)
+    assert code == 0, logs[-6000:]
     r0, r1 = (np.load(tmp_path / f"rank{r}.npz") for r in (0, 1))
     assert set(r0.files) == set(r1.files)
     for accum in (1, 2, "register"):
