@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,6 +71,56 @@ def test_stage_folder_once_only_included_files_and_resume(s3):
     assert remote.stage(f"s3://{bucket}/data", include=lambda rel: rel.startswith("train/")) == local
     assert (local / "train/a/1.png").read_bytes() == b"x" * 10 and (local / "train/b/2.png").read_bytes() == b"y" * 20
     assert not [p for p in local.rglob(".*part*")]
+
+
+def _staged_files(local):
+    return sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def test_folder_dataset_stages_only_the_split_and_classes_a_run_reads(s3, tmp_path, monkeypatch):
+    """ImageNet-style class folders: train.py with classes [3, 1] fetches train/ and val/ of those two
+    classes only (no test/, no other class, no stray file); the other classes are empty NOT_STAGED
+    folders, so labels, class count and the data fingerprint equal a full local copy's."""
+    from bit_zoo.cli import _stage_data
+    from bit_zoo.data import sources
+    from bit_zoo.data.from_config import DataConfig
+
+    monkeypatch.setenv("BIT_ZOO_HOME", str(tmp_path / "node"))
+    bucket = _bucket(s3, "imnet")
+    full = tmp_path / "full"  # the same tree on local disk, for comparison
+    per_split = {"train": 3, "val": 2, "test": 2}
+    for split, n in per_split.items():
+        for c in range(5):
+            for i in range(n):
+                key = f"ds/{split}/n0{c}/img{i}.JPEG"
+                s3.put_object(Bucket=bucket, Key=key, Body=b"x" * (10 + i))
+                (full / key).parent.mkdir(parents=True, exist_ok=True)
+                (full / key).write_bytes(b"x" * (10 + i))
+    s3.put_object(Bucket=bucket, Key="ds/README.txt", Body=b"not an image")
+    s3.put_object(Bucket=bucket, Key="ds/train/n01/notes.txt", Body=b"not an image")
+
+    data = DataConfig(dataset="imagenet", data_dir=f"s3://{bucket}/ds", classes=[3, 1])
+    local = Path(_stage_data(data, "train"))
+    assert _staged_files(local) == [f"{split}/n0{c}/img{i}.JPEG" for split in ("train", "val") for c in (1, 3) for i in range(per_split[split])]
+    assert sorted(p.parent.relative_to(local).as_posix() for p in local.rglob(remote.NOT_STAGED)) == [
+        f"{split}/n0{c}" for split in ("train", "val") for c in (0, 2, 4)
+    ]
+    # what the loader sees: all five classes in label order, images of the two chosen only
+    staged_train = sources.select_classes(sources.folder_source(local / "train"), [3, 1])
+    local_train = sources.select_classes(sources.folder_source(full / "ds" / "train"), [3, 1])
+    assert staged_train.class_names == local_train.class_names == ["n03", "n01"]
+    pick = lambda src: np.flatnonzero(src.labels >= 0)  # noqa: E731
+    assert sources.fingerprint(staged_train, pick(staged_train)) == sources.fingerprint(local_train, pick(local_train))
+
+    # validate.py on the test split: test/ of those classes; train/ only as empty folders for the label order
+    data.split = "test"
+    _stage_data(data, "validate")
+    assert [f for f in _staged_files(local) if f.startswith("test/")] == [f"test/n0{c}/img{i}.JPEG" for c in (1, 3) for i in range(2)]
+    # another run with all classes completes the staging; the markers go
+    data.classes = None
+    _stage_data(data, "train")
+    assert len([f for f in _staged_files(local) if not f.startswith("test/")]) == 5 * (3 + 2)
+    assert not [p for p in local.rglob(remote.NOT_STAGED) if not p.parent.as_posix().split("/")[-2] == "test"]
 
 
 def test_fetch_single_file_and_local_paths_pass_through(s3, tmp_path):
@@ -144,28 +195,41 @@ def test_bad_credentials_are_reported_without_the_secret(s3, monkeypatch, s3_end
     assert "access denied" in str(e.value).lower() and "s3cr3t" not in str(e.value)
 
 
-def test_train_and_validate_with_data_and_outputs_in_a_bucket(s3, tmp_path, monkeypatch):
-    """The wiring, as a user on a fresh node: data_url / train_url in the bucket; then validate on an
-    empty cache from the bucket's best.ckpt gives the run's own final top-1."""
-    import json
-
-    import numpy as np
+def _digits_in_bucket(s3, bucket: str, tmp_path, *, train_rows=range(0, 60), val_rows=range(1700, 1730), top: int = 2) -> None:
+    """scikit-learn digits 0..top as PNG class folders s3://bucket/digits/{train,val}/<digit>/<row>.png."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    import train
-    import validate
-
-    bucket = _bucket(s3, "job")
     digits = load_digits()
-    for split, rows in (("train", range(0, 60)), ("val", range(1700, 1730))):
+    for split, rows in (("train", train_rows), ("val", val_rows)):
         for i in rows:
-            if digits.target[i] > 2:
+            if digits.target[i] > top:
                 continue
             grey = np.round(digits.images[i] * 255 / 16).astype(np.uint8)
             path = tmp_path / f"{split}_{i}.png"
             Image.fromarray(np.stack([grey] * 3, -1)).save(path)
             s3.upload_file(str(path), bucket, f"digits/{split}/{digits.target[i]}/{i}.png")
+
+
+SECRET = "bitzoo-FAKE-secret-9f1c2e7a"  # distinctive: searched for in every file and log a run writes
+ACCESS_KEY = "AKIABITZOOFAKE42"
+
+
+def test_train_and_validate_with_data_and_outputs_in_a_bucket(s3, tmp_path, monkeypatch, capfd):
+    """The wiring, as a user on a fresh node: data_url / train_url in the bucket; then validate on an
+    empty cache from the bucket's best.ckpt gives the run's own final top-1. config.yaml and
+    summary.json name the URLs the user gave; the credentials appear in no file, object or log."""
+    import json
+
+    import yaml
+
+    import train
+    import validate
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)  # moto accepts any credentials
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    bucket = _bucket(s3, "job")
+    _digits_in_bucket(s3, bucket, tmp_path)
     monkeypatch.setenv("BIT_ZOO_HOME", str(tmp_path / "node1"))
     common = ["--model", "resnetv2", "--layers", "1,1,1,1", "--dataset", "folder", "--data_url", f"s3://{bucket}/digits",
               "--image_size", "32", "--num_workers", "1", "--progress", "false"]  # fmt: skip
@@ -173,13 +237,29 @@ def test_train_and_validate_with_data_and_outputs_in_a_bucket(s3, tmp_path, monk
         [*common, "--train_url", f"s3://{bucket}/run", "--batch_size", "8", "--steps", "3", "--opt", "sgd", "--lr", "0.01"]
     )
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="run/")["Contents"]}
-    assert {"run/last.ckpt", "run/best.ckpt", "run/metrics.jsonl", "run/summary.json", "run/config.yaml"} <= keys
+    assert {"run/last.ckpt", "run/best.ckpt", "run/metrics.jsonl", "run/summary.json", "run/config.yaml", "run/curves.png"} <= keys
+    assert not [k for k in keys if "/." in k]  # no temporary or bookkeeping file uploaded
     uploaded = json.loads(s3.get_object(Bucket=bucket, Key="run/summary.json")["Body"].read())
-    assert uploaded["final"]["top1"] == summary["final"]["top1"] and "AWS_SECRET" not in json.dumps(uploaded)
+    assert uploaded["final"]["top1"] == summary["final"]["top1"] and uploaded["outputs"] == f"s3://{bucket}/run"
+    config = yaml.safe_load(s3.get_object(Bucket=bucket, Key="run/config.yaml")["Body"].read())
+    assert config["data_dir"] == f"s3://{bucket}/digits" and config["output_dir"] == f"s3://{bucket}/run"
 
     monkeypatch.setenv("BIT_ZOO_HOME", str(tmp_path / "node2"))  # a fresh node: nothing staged yet
     result = validate.main([*common, "--ckpt_path", f"s3://{bucket}/run/best.ckpt"])
     assert result["images"] == summary["final"]["images"] and result["top1"] == summary["final"]["top1"]
+    assert result["checkpoint"] == f"s3://{bucket}/run/best.ckpt"
+
+    # the secret and the key id: in no object of the bucket, no file either node wrote, no line logged
+    out, err = capfd.readouterr()
+    for key in keys:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        assert SECRET.encode() not in body and ACCESS_KEY.encode() not in body, key
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) > 20
+    for path in written:
+        body = path.read_bytes()
+        assert SECRET.encode() not in body and ACCESS_KEY.encode() not in body, path
+    assert "s3://job/run" in out + err and SECRET not in out + err and ACCESS_KEY not in out + err
 
 
 def test_convert_from_and_to_a_bucket(s3, tmp_path, make_upstream_npz):
@@ -196,3 +276,75 @@ def test_convert_from_and_to_a_bucket(s3, tmp_path, make_upstream_npz):
     back = load_file(str(tmp_path / "back.safetensors"))
     assert np.array_equal(back["stem.conv.weight"], params["stem.conv.weight"])
     assert convert.main(["--model", "bit_s_r50x1", "--input", f"s3://{bucket}/in/missing.npz", "--output", str(tmp_path / "x.ckpt")]) == 2
+
+
+def _train_process(home, *args: str):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), BIT_ZOO_HOME=str(home))
+    return subprocess.Popen(
+        [sys.executable, str(root / "train.py"), *args], cwd=home.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+@pytest.mark.heavy
+def test_sigkill_then_resume_on_a_fresh_node_from_the_bucket(s3, tmp_path):
+    """Heavy: three train.py processes, 244 s on the shared 2-core CPU (checkpoint and upload every 2 steps).
+
+    Data and outputs in the bucket; the run is SIGKILLed after a periodic checkpoint reached the bucket;
+    `--resume auto` on another node (an empty cache: nothing staged, no local outputs) continues from the
+    bucket's last.ckpt, and every tensor of its final checkpoint equals an uninterrupted run's."""
+    import signal
+    import time
+
+    import mindspore as ms
+
+    bucket = _bucket(s3, "resume")
+    _digits_in_bucket(s3, bucket, tmp_path, train_rows=range(0, 90), val_rows=range(1700, 1720))
+    args = ["--model", "resnetv2", "--layers", "1,1,1,1", "--dataset", "folder", "--data_dir", f"s3://{bucket}/digits",
+            "--image_size", "16", "--num_workers", "1", "--progress", "false", "--batch_size", "8", "--steps", "30",
+            "--opt", "sgd", "--lr", "0.01", "--save_interval", "2", "--eval_interval", "0", "--seed", "3"]  # fmt: skip
+    reference = _train_process(tmp_path / "ref_node", *args, "--output_dir", f"s3://{bucket}/ref")
+    killed = _train_process(tmp_path / "node1", *args, "--output_dir", f"s3://{bucket}/run")
+
+    def remote_steps():
+        listed = s3.list_objects_v2(Bucket=bucket, Prefix="run/step_").get("Contents", [])
+        return sorted(int(o["Key"][len("run/step_") : -len(".ckpt")]) for o in listed)
+
+    deadline = time.time() + 600
+    while not remote_steps() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert remote_steps(), killed.stdout.read()[-3000:]
+    (tmp_path / "last_at_kill.ckpt").write_bytes(s3.get_object(Bucket=bucket, Key="run/last.ckpt")["Body"].read())
+    at_kill = int(ms.load_checkpoint(str(tmp_path / "last_at_kill.ckpt"))["state.step"].asnumpy())
+    assert 2 <= at_kill < 30, f"killed at step {at_kill}: not mid-run"
+
+    resumed = _train_process(tmp_path / "node2", *args, "--output_dir", f"s3://{bucket}/run", "--resume", "auto")
+    log = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, log[-3000:]
+    assert f"at step {at_kill}/30" in log  # "resumed <last.ckpt> at step N/30"
+    assert reference.wait(timeout=600) == 0, reference.stdout.read()[-3000:]
+
+    def tensors(prefix):
+        path = tmp_path / f"{prefix}_last.ckpt"
+        path.write_bytes(s3.get_object(Bucket=bucket, Key=f"{prefix}/last.ckpt")["Body"].read())
+        return {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path)).items()}
+
+    ref, got = tensors("ref"), tensors("run")
+    assert int(got["state.step"]) == 30 and ref.keys() == got.keys()
+    differ = [k for k in ref if not np.array_equal(ref[k], got[k])]
+    assert not differ, f"{len(differ)} of {len(ref)} tensors differ after resume, e.g. {differ[:5]}"
+    # the bucket holds the whole run: metrics of the steps before the kill and after, the summary
+    import json
+
+    records = [json.loads(line) for line in s3.get_object(Bucket=bucket, Key="run/metrics.jsonl")["Body"].read().splitlines()]
+    epochs = [r["step"] for r in records if r["kind"] == "epoch"]
+    ref_records = [json.loads(line) for line in s3.get_object(Bucket=bucket, Key="ref/metrics.jsonl")["Body"].read().splitlines()]
+    assert epochs == [r["step"] for r in ref_records if r["kind"] == "epoch"] and epochs[-1] == 30
+    summary = json.loads(s3.get_object(Bucket=bucket, Key="run/summary.json")["Body"].read())
+    assert summary["steps"] == 30 and summary["outputs"] == f"s3://{bucket}/run"
