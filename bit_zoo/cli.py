@@ -167,6 +167,7 @@ def localize(cfg: Config, *, script: str = "train") -> Localized:
         return done
     done.given[("system", "output_dir")] = url
     mirror = done.mirror = Mirror(url)
+    mirror.check_writable()
     cfg.system.output_dir = str(mirror.local)
     resume = getattr(cfg.checkpoint, "resume", None)
     if resume == "auto":

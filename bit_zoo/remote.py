@@ -247,6 +247,16 @@ class Mirror:
         st = local.stat()
         return (self._sent.get(name) or [None, None])[:2] == [st.st_size, st.st_mtime_ns]
 
+    def check_writable(self) -> None:
+        """Write and delete a small probe object: a missing bucket, refused credentials or a read-only
+        policy fail here, in one line, before the run computes anything it could not upload."""
+        probe = f"{self.root}/.bit_zoo_probe"
+        try:
+            self.fs.pipe_file(probe, b"bit_zoo write check\n")
+            self.fs.rm_file(probe)
+        except Exception as e:  # noqa: BLE001
+            raise _explain(self.url, e) from e
+
     def exists(self, name: str) -> bool:
         """Whether the remote folder holds `name` (a previous run's last.ckpt, say)."""
         try:

@@ -101,7 +101,9 @@ def test_folder_dataset_stages_only_the_split_and_classes_a_run_reads(s3, tmp_pa
 
     data = DataConfig(dataset="imagenet", data_dir=f"s3://{bucket}/ds", classes=[3, 1])
     local = Path(_stage_data(data, "train"))
-    assert _staged_files(local) == [f"{split}/n0{c}/img{i}.JPEG" for split in ("train", "val") for c in (1, 3) for i in range(per_split[split])]
+    assert _staged_files(local) == [
+        f"{split}/n0{c}/img{i}.JPEG" for split in ("train", "val") for c in (1, 3) for i in range(per_split[split])
+    ]
     assert sorted(p.parent.relative_to(local).as_posix() for p in local.rglob(remote.NOT_STAGED)) == [
         f"{split}/n0{c}" for split in ("train", "val") for c in (0, 2, 4)
     ]
@@ -177,22 +179,150 @@ def test_failed_upload_is_retried_then_reported_and_the_local_copy_kept(s3, monk
     monkeypatch.undo()
 
 
-def test_bad_credentials_are_reported_without_the_secret(s3, monkeypatch, s3_endpoint):
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-bad")
+@pytest.fixture(scope="module")
+def s3_auth_endpoint(tmp_path_factory):
+    """A second moto server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0): unknown keys get 403."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    cwd = tmp_path_factory.mktemp("moto_auth")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], cwd=cwd, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def _cli_error(capsys, cli, argv) -> tuple[int, str]:
+    """(exit code, the one error line); stderr holds nothing else but log records: no traceback of ours
+    (the moto server's request log may report a closed capture stream of an earlier test)."""
+    code = cli(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith(("train.py:", "validate.py:"))]
+    assert len(lines) == 1 and not [line for line in err.splitlines() if "RemoteError" in line or "bit_zoo/" in line], err
+    return code, lines[0]
+
+
+def test_bad_credentials_one_line_exit_2_secret_never_shown(s3_auth_endpoint, monkeypatch, tmp_path, capsys):
+    """A store that checks keys refuses ours: staging data, fetching a checkpoint and the output_dir each
+    end train.py / validate.py with one line and exit 2, naming the fix, never the secret; nothing is written."""
     import fsspec
 
+    import train
+    import validate
+
+    for key, value in {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": s3_auth_endpoint, "BIT_ZOO_HOME": str(tmp_path / "home")}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
     fsspec.filesystem("s3").clear_instance_cache()
+    with pytest.raises(remote.RemoteError, match=r"access denied: check AWS_ACCESS_KEY_ID") as e:
+        remote.stage("s3://any/data")
+    assert SECRET not in str(e.value)
+    base = ["--model", "resnetv2", "--layers", "1,1,1,1", "--image_size", "16", "--progress", "false"]
+    runs = [
+        (train.cli, [*base, "--dataset", "folder", "--data_url", "s3://any/digits", "--output_dir", str(tmp_path / "out")]),
+        (train.cli, [*base, "--dataset", "digits", "--train_url", "s3://any/run", "--steps", "1", "--batch_size", "8"]),
+        (validate.cli, [*base, "--dataset", "digits", "--ckpt_path", "s3://any/run/best.ckpt"]),
+    ]
+    for cli, argv in runs:
+        code, err = _cli_error(capsys, cli, argv)
+        assert code == 2 and len(err.splitlines()) == 1 and "access denied" in err, err
+        assert SECRET not in err and ACCESS_KEY not in err
+    assert not (tmp_path / "out").exists() and not list((tmp_path / "home").rglob("*.ckpt"))
 
-    # moto accepts any key; a store that refuses them answers 403, which s3fs raises as PermissionError
-    def refuse(*args, **kwargs):
-        raise PermissionError("Access Denied")
 
-    fs, _ = remote._filesystem("s3://any/x")  # fsspec hands the same cached instance to stage()
-    monkeypatch.setattr(fs, "info", refuse)
-    with pytest.raises(remote.RemoteError) as e:
-        remote.stage("s3://any/x")
-    assert "access denied" in str(e.value).lower() and "s3cr3t" not in str(e.value)
+def test_missing_bucket_or_key_one_line_exit_2_before_anything_is_written(s3, monkeypatch, tmp_path, capsys):
+    import train
+    import validate
+
+    monkeypatch.setenv("BIT_ZOO_HOME", str(tmp_path / "home"))
+    bucket = _bucket(s3, "present")
+    base = ["--model", "resnetv2", "--layers", "1,1,1,1", "--image_size", "16", "--progress", "false"]
+    runs = [
+        (train.cli, [*base, "--dataset", "folder", "--data_url", "s3://no-such-bucket/digits", "--output_dir", str(tmp_path / "o1")],
+         "s3://no-such-bucket/digits"),
+        (train.cli, [*base, "--dataset", "folder", "--data_url", f"s3://{bucket}/no/such/prefix", "--output_dir", str(tmp_path / "o2")],
+         f"s3://{bucket}/no/such/prefix"),
+        (train.cli, [*base, "--dataset", "digits", "--train_url", "s3://no-such-bucket/run", "--steps", "1", "--batch_size", "8"],
+         "s3://no-such-bucket/run"),
+        (validate.cli, [*base, "--dataset", "digits", "--ckpt_path", f"s3://{bucket}/run/missing.ckpt"], f"s3://{bucket}/run/missing.ckpt"),
+    ]  # fmt: skip
+    for cli, argv, url in runs:
+        code, err = _cli_error(capsys, cli, argv)
+        assert code == 2 and len(err.splitlines()) == 1 and url in err and "does not exist" in err, err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket)  # the probe of a writable output_dir is gone too
+
+
+def test_new_run_refuses_a_remote_output_dir_holding_a_run(s3, monkeypatch, tmp_path, capsys):
+    """A fresh node has no local last.ckpt; the bucket's is what protects the previous run."""
+    import train
+
+    monkeypatch.setenv("BIT_ZOO_HOME", str(tmp_path / "fresh"))
+    bucket = _bucket(s3, "taken")
+    s3.put_object(Bucket=bucket, Key="run/last.ckpt", Body=b"a previous run")
+    argv = ["--model", "resnetv2", "--layers", "1,1,1,1", "--dataset", "digits", "--train_url", f"s3://{bucket}/run", "--steps", "1"]
+    code, err = _cli_error(capsys, train.cli, argv)
+    assert code == 2 and "holds a previous run" in err and "--resume auto" in err
+    assert s3.get_object(Bucket=bucket, Key="run/last.ckpt")["Body"].read() == b"a previous run"
+
+
+def test_interrupted_multipart_upload_leaves_the_previous_object_whole(s3, monkeypatch):
+    """A large checkpoint goes up in parts; the connection drops after part 1 reached the server. The
+    bucket still holds the previous last.ckpt, whole; the new one is kept locally and sent by the next sync."""
+    import functools
+
+    bucket = _bucket(s3, "parts")
+    mirror = remote.Mirror(f"s3://{bucket}/run", backoff_s=0.0)
+    (mirror.local / "last.ckpt").write_bytes(b"step 1" * 10)
+    assert mirror.sync() == ["last.ckpt"]
+    new = np.random.default_rng(0).bytes(11 * 2**20)  # three 5 MiB-or-less parts
+    (mirror.local / "last.ckpt").write_bytes(new)
+    monkeypatch.setattr(mirror.fs, "put_file", functools.partial(mirror.fs.put_file, chunksize=5 * 2**20))
+    call_s3, parts = mirror.fs._call_s3, []
+
+    async def drop_after_first_part(method, *args, **kwargs):
+        if method == "upload_part":
+            parts.append(kwargs["PartNumber"])
+            if kwargs["PartNumber"] > 1:
+                raise ConnectionResetError("connection reset by peer")
+        return await call_s3(method, *args, **kwargs)
+
+    monkeypatch.setattr(mirror.fs, "_call_s3", drop_after_first_part)
+    assert mirror.sync_soon() == []  # during training: a warning, the run goes on
+    with pytest.raises(remote.UploadError, match=r"failed after 3 attempts.*local copy is kept") as e:
+        mirror.sync()  # at the end: one line
+    assert "\n" not in str(e.value) and 1 in parts and 2 in parts
+    assert s3.get_object(Bucket=bucket, Key="run/last.ckpt")["Body"].read() == b"step 1" * 10
+    assert (mirror.local / "last.ckpt").read_bytes() == new
+    monkeypatch.undo()
+    assert mirror.sync() == ["last.ckpt"]  # the connection is back: the next sync sends it
+    assert s3.get_object(Bucket=bucket, Key="run/last.ckpt")["Body"].read() == new
+
+
+def test_upload_failure_at_the_end_is_one_line_and_exit_4(tmp_path, capsys):
+    from bit_zoo.cli import EXIT_UPLOAD, run_cli
+
+    def main(argv):
+        raise remote.UploadError(
+            f"upload of {tmp_path}/best.ckpt to s3://b/run/best.ckpt failed after 3 attempts (x); the local copy is kept"
+        )
+
+    assert run_cli(main, [], prog="train.py") == EXIT_UPLOAD == 4
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.py: upload failed: ") and "local copy is kept" in err and len(err.splitlines()) == 1
 
 
 def _digits_in_bucket(s3, bucket: str, tmp_path, *, train_rows=range(0, 60), val_rows=range(1700, 1730), top: int = 2) -> None:
@@ -286,7 +416,12 @@ def _train_process(home, *args: str):
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), BIT_ZOO_HOME=str(home))
     return subprocess.Popen(
-        [sys.executable, str(root / "train.py"), *args], cwd=home.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [sys.executable, str(root / "train.py"), *args],
+        cwd=home.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
