@@ -30,7 +30,19 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["RemoteError", "UploadError", "NOT_STAGED", "is_remote", "local_cache", "stage", "fetch", "put", "Mirror"]
+__all__ = [
+    "RemoteError",
+    "UploadError",
+    "NOT_STAGED",
+    "is_remote",
+    "local_cache",
+    "stage",
+    "fetch",
+    "put",
+    "upload",
+    "make_bucket",
+    "Mirror",
+]
 
 # A folder staged empty (a class the run does not use): it keeps the class's place in the label order.
 NOT_STAGED = ".bit_zoo_not_staged"
@@ -318,3 +330,63 @@ class Mirror:
     def sync_soon(self) -> list[str]:
         """sync() during training: a failed upload is a warning and is retried at the next checkpoint."""
         return self.sync(strict=False)
+
+
+def upload(local: str | os.PathLike, url: str, *, retries: int = 3, backoff_s: float = 1.0) -> int:
+    """Upload a local file, or every file of a local folder, under url; return the number of files.
+
+    Each object appears only once its upload completed (see put); hidden files are skipped.
+    """
+    local = Path(local)
+    if not local.exists():
+        raise FileNotFoundError(f"{local}: no such file or folder to upload")
+    files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+    fs, root = _filesystem(url)
+    count = 0
+    for path in files:
+        rel = "" if path == local else path.relative_to(local).as_posix()
+        if any(part.startswith(".") for part in Path(rel).parts):
+            continue
+        target, shown = (root, url) if not rel else (f"{root.rstrip('/')}/{rel}", f"{url.rstrip('/')}/{rel}")
+        _put(fs, path, target, shown, retries=retries, backoff_s=backoff_s)
+        count += 1
+    return count
+
+
+def make_bucket(url: str) -> None:
+    """Create the bucket of url (s3://bucket): for a local test server; on OBS, buckets are made in the console."""
+    fs, root = _filesystem(url)
+    try:
+        fs.mkdir(root.split("/", 1)[0])
+    except Exception as e:  # noqa: BLE001
+        raise _explain(url, e) from e
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m bit_zoo.remote {upload LOCAL URL | mb s3://bucket}: one line and exit 2 on failure."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m bit_zoo.remote", description="Put a dataset or weights into object storage.")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("upload", help="upload a local file or folder (every file under it) to a URL")
+    up.add_argument("local")
+    up.add_argument("url")
+    mb = sub.add_parser("mb", help="create a bucket (a local test server; on OBS use the console)")
+    mb.add_argument("url")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        if args.command == "upload":
+            print(f"{upload(args.local, args.url)} files uploaded to {args.url}")
+        else:
+            make_bucket(args.url)
+            print(f"created {args.url}")
+    except (RemoteError, OSError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
