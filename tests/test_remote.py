@@ -168,6 +168,25 @@ def test_mirror_uploads_finished_files_once_and_restores(s3):
     assert fresh.restore("best.ckpt") is None
 
 
+def test_restore_keeps_a_newer_local_copy_and_takes_a_newer_remote_one(s3, tmp_path, monkeypatch):
+    """--resume auto on a node that has a local copy: one whose upload failed is newer than the bucket's
+    and is kept (the next sync sends it); one the bucket has since replaced (another node continued
+    the run) is replaced by the bucket's."""
+    bucket = _bucket(s3, "restore")
+    monkeypatch.setenv("BIT_ZOO_HOME", str(tmp_path / "node1"))
+    mirror = remote.Mirror(f"s3://{bucket}/run")
+    (mirror.local / "last.ckpt").write_bytes(b"step 10")
+    mirror.sync()
+    (mirror.local / "last.ckpt").write_bytes(b"step 20")  # its upload failed: the bucket still has step 10
+    again = remote.Mirror(f"s3://{bucket}/run")  # the next job on this node
+    assert again.restore("last.ckpt").read_bytes() == b"step 20"
+    assert again.sync() == ["last.ckpt"]
+    assert s3.get_object(Bucket=bucket, Key="run/last.ckpt")["Body"].read() == b"step 20"
+    assert remote.Mirror(f"s3://{bucket}/run").restore("last.ckpt").read_bytes() == b"step 20"  # same file: kept
+    s3.put_object(Bucket=bucket, Key="run/last.ckpt", Body=b"step 30")  # another node went on
+    assert remote.Mirror(f"s3://{bucket}/run").restore("last.ckpt").read_bytes() == b"step 30"
+
+
 def test_missing_bucket_and_key_are_one_line_errors(s3):
     with pytest.raises(remote.RemoteError, match=r"s3://no-such-bucket/data: .*does not exist"):
         remote.stage("s3://no-such-bucket/data")
