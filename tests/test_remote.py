@@ -187,6 +187,27 @@ def test_restore_keeps_a_newer_local_copy_and_takes_a_newer_remote_one(s3, tmp_p
     assert remote.Mirror(f"s3://{bucket}/run").restore("last.ckpt").read_bytes() == b"step 30"
 
 
+def test_localize_resume_auto_on_a_fresh_node_brings_back_last_ckpt_and_metrics(s3, tmp_path, monkeypatch):
+    """What a resumed run needs before it starts: the bucket's last.ckpt, and metrics.jsonl, to which it
+    appends (without it the bucket's record of the steps before the kill would be overwritten)."""
+    from bit_zoo.cli import localize
+    from bit_zoo.config import Config
+
+    bucket = _bucket(s3, "fresh")
+    s3.put_object(Bucket=bucket, Key="run/last.ckpt", Body=b"ckpt")
+    s3.put_object(Bucket=bucket, Key="run/metrics.jsonl", Body=b'{"kind": "epoch", "step": 4}\n')
+    s3.put_object(Bucket=bucket, Key="run/step_4.ckpt", Body=b"not needed to resume")
+    monkeypatch.setenv("BIT_ZOO_HOME", str(tmp_path / "empty"))
+    cfg = Config()
+    cfg.data.dataset, cfg.system.output_dir, cfg.checkpoint.resume = "digits", f"s3://{bucket}/run", "auto"
+    done = localize(cfg)
+    local = Path(cfg.system.output_dir)
+    assert local == done.mirror.local and local.is_relative_to(tmp_path / "empty")
+    assert sorted(p.name for p in local.iterdir() if not p.name.startswith(".")) == ["last.ckpt", "metrics.jsonl"]
+    assert (local / "metrics.jsonl").read_bytes() == b'{"kind": "epoch", "step": 4}\n'
+    assert done.as_given(cfg).system.output_dir == f"s3://{bucket}/run" and done.outputs(local) == f"s3://{bucket}/run"
+
+
 def test_missing_bucket_and_key_are_one_line_errors(s3):
     with pytest.raises(remote.RemoteError, match=r"s3://no-such-bucket/data: .*does not exist"):
         remote.stage("s3://no-such-bucket/data")
