@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging(dist.is_main)
     log_device(dist)
     micro = check_batch_split(cfg, dist.world_size)
-    mirror = localize(cfg)  # remote data/weights staged, a remote output_dir mirrored
+    staged = localize(cfg, script="train")  # remote data/weights staged, a remote output_dir mirrored
+    mirror = staged.mirror
     check_weights_source(cfg.model, cfg.model.checkpoint_path, flag="checkpoint_path")
     check_data(cfg.data)
     for seed in (ms.set_seed, np.random.seed, ds.config.set_seed):
@@ -110,7 +111,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     metrics = MetricsLog(out / "metrics.jsonl", enabled=dist.is_main, append=resume_path is not None)
     if dist.is_main:
-        save_config(cfg, out / "config.yaml", command=shlex.join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]))
+        save_config(
+            staged.as_given(cfg),
+            out / "config.yaml",
+            command=shlex.join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+        )
     _logger.info(
         "%s on %s: %d classes, %d train images, global batch %d = %d device(s) x %d micro-batch(es) x %d; %d steps (%d per epoch)",
         cfg.model.model, cfg.data.dataset, num_classes, len(train_data.indices), cfg.data.batch_size, dist.world_size, accum, micro,
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     loop = TrainLoop(
         trainer, model, plan=plan, train_data=train_data, eval_data=eval_data, step=cfg.step, checkpoint=cfg.checkpoint,
         manager=manager, metrics=metrics, dist=dist, progress=cfg.system.progress,
-        on_save=mirror.sync if mirror is not None and dist.is_main else None,
+        on_save=mirror.sync_soon if mirror is not None and dist.is_main else None,
     )  # fmt: skip
     result = loop.run(state)
     summary = {
@@ -140,10 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
         export_weights(model, out / f"weights_rank{dist.rank}.ckpt", meta=meta)
     if dist.is_main:
         plot_curves(metrics.records(), out / "curves.png")
-        summary["outputs"] = str(out)
+        summary["outputs"] = staged.outputs(out)
         write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
         if mirror is not None:
-            mirror.sync()
+            mirror.sync()  # a failure here is one line and exit 4 (run_cli); the local copy is complete
         print_summary(summary)
     return summary
 

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config("validate", argv)
     setup_logging()
     set_device(cfg.system.device_target, cfg.system.mode)
-    localize(cfg)  # a remote ckpt_path / data_dir staged into the cache
+    staged = localize(cfg, script="validate")  # a remote ckpt_path / data_dir staged into the cache
     m, d = cfg.model, cfg.data
     check_weights_source(m, m.ckpt_path, flag="ckpt_path", required=True)
     check_data(d)
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = evaluate(net, info.dataset, progress=cfg.system.progress, desc="validate")
     result.update(
         model=m.model,
-        checkpoint=m.ckpt_path or f"pretrained:{m.model}",
+        checkpoint=staged.given.get(("model", "ckpt_path"), m.ckpt_path) or f"pretrained:{m.model}",
         weights="ema" if used_ema else "raw",
         dataset=d.dataset,
         split=d.split,

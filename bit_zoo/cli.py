@@ -5,9 +5,11 @@ Each check is written once here; the scripts call them in order before anything 
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +19,29 @@ from . import __version__
 from .config import Config, ModelConfig
 from .data import dataset_num_classes
 from .data.from_config import DataConfig
+from .data.sources import IMAGE_EXTENSIONS
 from .errors import ConfigError, FetchError, TrainingStopped
 from .loading import load_state
-from .remote import Mirror, fetch, is_remote, stage
+from .remote import Mirror, UploadError, fetch, is_remote, stage
 from .training.checkpoint import read_model_state
 
-__all__ = ["run_cli", "localize", "setup_logging", "check_data", "check_weights_source", "resolve_num_classes", "build_model", "model_meta"]
+__all__ = [
+    "run_cli",
+    "localize",
+    "Localized",
+    "setup_logging",
+    "check_data",
+    "check_weights_source",
+    "resolve_num_classes",
+    "build_model",
+    "model_meta",
+]
 
 _logger = logging.getLogger(__name__)
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
+EXIT_UPLOAD = 4
 
 
 def _one_line(e: BaseException) -> str:
@@ -38,55 +52,133 @@ def _one_line(e: BaseException) -> str:
 
 
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None, *, prog: str) -> int:
-    """Run a script's main(argv): bad input prints one line and exits 2; a stopped training exits 3."""
+    """Run a script's main(argv): bad input prints one line and exits 2; a stopped training exits 3;
+    outputs that could not be uploaded to a remote output_dir exit 4 (they are kept locally)."""
     try:
         code = main(argv)
     except TrainingStopped as e:
         print(f"{prog}: stopped: {_one_line(e)}", file=sys.stderr)
         return EXIT_STOPPED
-    except (ValueError, OSError, FetchError) as e:  # ConfigError is a ValueError; FileNotFoundError, PermissionError are OSErrors
+    except UploadError as e:  # the run finished; its outputs are complete in the local copy the message names
+        print(f"{prog}: upload failed: {_one_line(e)}", file=sys.stderr)
+        return EXIT_UPLOAD
+    # ConfigError is a ValueError; FileNotFoundError, PermissionError are OSErrors; FetchError: an unreachable
+    # download or remote store (RemoteError among them), nothing was written
+    except (ValueError, OSError, FetchError) as e:
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return code if isinstance(code, int) else 0  # train.main returns its summary
 
 
 def _staged_files(dataset: str):
-    """Which files of a remote data_dir a run reads: CIFAR's binary batches and label names; for
-    class folders, every file (the split and class folders are chosen after the listing)."""
-    if dataset.startswith("cifar"):
-        return lambda rel: rel.endswith((".bin", ".txt"))
-    return None
+    """Which files of a remote CIFAR data_dir a run reads: the binary batches and label names."""
+    return lambda rel: rel.endswith((".bin", ".txt"))
 
 
-def localize(cfg: Config) -> Mirror | None:
+def _folder_selection(data: DataConfig, script: str):
+    """select() for stage(): the files of a class-folder dataset that this run reads, and nothing else.
+
+    The splits read (train.py: train and val; validate.py: its split, or train when val is held out of
+    it) and, with `classes`, only those classes' images. Every other class folder of train is created
+    empty with a NOT_STAGED marker: labels are the sorted train class folders, so all of them must exist.
+    """
+
+    def select(rels: list[str]) -> tuple[list[str], list[str]]:
+        tops = {rel.split("/", 1)[0] for rel in rels if "/" in rel}
+        split_dirs = [s for s in ("train", "val", "test") if s in tops] if "train" in tops else []
+        if not split_dirs:  # class folders at the top: a single train split
+            prefixes = {"train": ""}
+        else:
+            prefixes = {s: f"{s}/" for s in split_dirs}
+        if script == "train":
+            needed = {"train"} if data.val_split else {"train", "val"}
+        else:
+            needed = {"train"} if data.split == "val" and data.val_split else {data.split}
+        train = prefixes["train"]
+        in_train = [rel[len(train) :] for rel in rels if rel.startswith(train)]
+        class_names = sorted({rel.split("/", 1)[0] for rel in in_train if rel.count("/") == 1 and not rel.startswith(".")})
+        chosen = set(class_names) if data.classes is None else {class_names[c] for c in data.classes if 0 <= c < len(class_names)}
+        wanted, empty = [], []
+        for split, prefix in prefixes.items():
+            if split not in needed and split != "train":
+                continue
+            for name in class_names:
+                if split in needed and name in chosen:
+                    folder = f"{prefix}{name}/"
+                    wanted += [rel for rel in rels if rel.startswith(folder) and "/" not in rel[len(folder) :]
+                               and rel.lower().endswith(IMAGE_EXTENSIONS)]  # fmt: skip
+                else:
+                    empty.append(f"{prefix}{name}")
+        return wanted, empty
+
+    return select
+
+
+def _stage_data(data: DataConfig, script: str) -> str:
+    if data.dataset.startswith("cifar"):
+        return str(stage(data.data_dir, include=_staged_files(data.dataset)))
+    if data.dataset == "digits":  # digits comes with scikit-learn: nothing to stage
+        return data.data_dir
+    return str(stage(data.data_dir, select=_folder_selection(data, script)))
+
+
+@dataclass
+class Localized:
+    """What localize() changed: the remote URLs the user gave, and the Mirror of a remote output_dir."""
+
+    given: dict[tuple[str, str], str] = field(default_factory=dict)  # (group, option) -> URL
+    mirror: Mirror | None = None
+
+    def as_given(self, cfg: Config) -> Config:
+        """A copy of cfg with the user's URLs in place of the local copies (for config.yaml, the summary)."""
+        out = copy.deepcopy(cfg)
+        for (group, key), url in self.given.items():
+            setattr(getattr(out, group), key, url)
+        return out
+
+    def outputs(self, local: str | Path) -> str:
+        """Where a run's outputs are, as the user named it."""
+        return self.mirror.url if self.mirror is not None else str(local)
+
+
+def localize(cfg: Config, *, script: str = "train") -> Localized:
     """Replace remote locations (s3://..., see bit_zoo.remote) in cfg by local ones, in place.
 
-    Inputs (data_dir, checkpoint_path, ckpt_path, resume) are staged into the cache; a remote
-    output_dir becomes a local folder whose files the returned Mirror uploads (``--resume auto``
-    first brings the remote last.ckpt back, for a fresh node).
+    Inputs (data_dir, checkpoint_path, ckpt_path, resume, teacher_checkpoint_path) are staged into
+    the cache (of a class-folder dataset only the files this run reads); a remote output_dir becomes
+    a local folder whose files the returned Mirror uploads (``--resume auto`` first brings the remote
+    last.ckpt and metrics.jsonl back, for a fresh node). A new run refuses a remote output_dir that
+    holds a previous run, as it does a local one.
     """
+    done = Localized()
     data = cfg.data
     if is_remote(data.data_dir):
-        data.data_dir = str(stage(data.data_dir, include=_staged_files(data.dataset)))
-    staged = (
-        (cfg.model, "checkpoint_path"),
-        (cfg.model, "ckpt_path"),
-        (cfg.checkpoint, "resume"),
-        (cfg.distill, "teacher_checkpoint_path"),
-    )
+        done.given[("data", "data_dir")] = data.data_dir
+        data.data_dir = _stage_data(data, script)
+    staged = (("model", "checkpoint_path"), ("model", "ckpt_path"), ("checkpoint", "resume"), ("distill", "teacher_checkpoint_path"))
     for group, key in staged:
-        value = getattr(group, key, None)
+        value = getattr(getattr(cfg, group), key, None)
         if value is not None and is_remote(value):
-            setattr(group, key, fetch(value))
+            done.given[(group, key)] = value
+            setattr(getattr(cfg, group), key, fetch(value))
     url = getattr(cfg.system, "output_dir", None)
     if not is_remote(url):
-        return None
-    mirror = Mirror(url)
+        return done
+    done.given[("system", "output_dir")] = url
+    mirror = done.mirror = Mirror(url)
+    mirror.check_writable()
     cfg.system.output_dir = str(mirror.local)
-    if getattr(cfg.checkpoint, "resume", None) == "auto":
-        mirror.restore("last.ckpt")
+    resume = getattr(cfg.checkpoint, "resume", None)
+    if resume == "auto":
+        if mirror.restore("last.ckpt") is not None:
+            mirror.restore("metrics.jsonl")  # the resumed run appends to it
+    elif resume is None and not getattr(cfg.system, "overwrite", False) and mirror.exists("last.ckpt"):
+        raise ConfigError(
+            f"output_dir {url} holds a previous run (last.ckpt): pass --resume auto to continue it, "
+            "--output_dir NEW for a new run, or --overwrite true to replace it"
+        )
     _logger.info("output_dir %s: written to %s, uploaded after every checkpoint", url, mirror.local)
-    return mirror
+    return done
 
 
 def setup_logging(is_main: bool = True) -> None:

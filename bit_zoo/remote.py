@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import time
@@ -31,13 +32,32 @@ from pathlib import Path
 
 from .errors import FetchError
 
-__all__ = ["RemoteError", "is_remote", "local_cache", "stage", "fetch", "put", "Mirror"]
+__all__ = [
+    "RemoteError",
+    "UploadError",
+    "NOT_STAGED",
+    "is_remote",
+    "local_cache",
+    "stage",
+    "fetch",
+    "put",
+    "upload",
+    "make_bucket",
+    "Mirror",
+]
+
+# A folder staged empty (a class the run does not use): it keeps the class's place in the label order.
+NOT_STAGED = ".bit_zoo_not_staged"
 
 _logger = logging.getLogger(__name__)
 
 
 class RemoteError(FetchError):
     """A remote location could not be read or written; the message names it and the fix."""
+
+
+class UploadError(RemoteError):
+    """A finished local file could not be uploaded after the retries; the local copy is kept."""
 
 
 def is_remote(path: str | os.PathLike | None) -> bool:
@@ -119,10 +139,17 @@ def _get_file(fs, remote_path: str, local: Path, size: int, url: str) -> bool:
     return True
 
 
-def stage(url: str, *, include: Callable[[str], bool] | None = None) -> Path:
+def stage(
+    url: str,
+    *,
+    include: Callable[[str], bool] | None = None,
+    select: Callable[[list[str]], tuple[list[str], list[str]]] | None = None,
+) -> Path:
     """Copy a remote file or folder into the local cache once; return the local path.
 
-    `include(relative_path)` limits a folder to the files a run needs (a split, some classes).
+    `include(relative_path)` limits a folder to the files a run needs, one by one. `select(relative_paths)`
+    sees the whole listing and returns (files to fetch, folders to create empty): a class folder the run
+    does not read is created with a NOT_STAGED marker, so the class keeps its place in the label order.
     Files already staged with the right size are kept, so an interrupted staging resumes.
     """
     fs, root = _filesystem(url)
@@ -139,14 +166,25 @@ def stage(url: str, *, include: Callable[[str], bool] | None = None) -> Path:
             listing = fs.find(root, detail=True)
         except Exception as e:  # noqa: BLE001
             raise _explain(url, e) from e
+        sizes = {path[len(root.rstrip("/")) + 1 :]: int(detail["size"]) for path, detail in listing.items()}
+        sizes.pop("", None)
+        if select is not None:
+            wanted, empty = select(sorted(sizes))
+        else:
+            wanted, empty = [rel for rel in sorted(sizes) if include is None or include(rel)], []
         fetched = 0
-        for remote_path, detail in sorted(listing.items()):
-            rel = remote_path[len(root.rstrip("/")) + 1 :]
-            if not rel or (include is not None and not include(rel)):
-                continue
-            fetched += _get_file(fs, remote_path, local_root / rel, int(detail["size"]), f"{url.rstrip('/')}/{rel}")
+        for rel in wanted:
+            fetched += _get_file(fs, f"{root.rstrip('/')}/{rel}", local_root / rel, sizes[rel], f"{url.rstrip('/')}/{rel}")
+        staged_dirs = {(local_root / rel).parent for rel in wanted}
+        for folder in staged_dirs:  # complete now: a folder an earlier run left empty is staged
+            (folder / NOT_STAGED).unlink(missing_ok=True)
+        for rel in empty:
+            folder = local_root / rel
+            folder.mkdir(parents=True, exist_ok=True)
+            if folder not in staged_dirs and not any(folder.iterdir()):
+                (folder / NOT_STAGED).touch()
         if fetched:
-            _logger.info("staged %d files of %s into %s", fetched, url, local_root)
+            _logger.info("staged %d of %d files of %s into %s", fetched, len(sizes), url, local_root)
     local_root.mkdir(parents=True, exist_ok=True)
     return local_root
 
@@ -166,7 +204,7 @@ def _put(fs, local: Path, target: str, url: str, *, retries: int, backoff_s: flo
             return
         except Exception as e:  # noqa: BLE001
             if attempt == retries:
-                raise RemoteError(
+                raise UploadError(
                     f"upload of {local} to {url} failed after {attempt} attempts "
                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the local copy is kept at {local}"
                 ) from e
@@ -200,37 +238,157 @@ class Mirror:
         self.local.mkdir(parents=True, exist_ok=True)
         self.retries = retries
         self.backoff_s = backoff_s
-        self._sent: dict[str, tuple[int, int]] = {}
+        # name -> (size, mtime_ns, remote ETag) of each file as last uploaded or restored; kept on disk, so
+        # a later process on this node knows which local files the remote already holds
+        self._record = self.local / ".sent.json"
+        try:
+            self._sent: dict[str, list] = json.loads(self._record.read_text())
+        except (OSError, ValueError):
+            self._sent = {}
+
+    def _mark_sent(self, name: str, local: Path) -> None:
+        st = local.stat()
+        try:
+            etag = self.fs.info(f"{self.root}/{name}").get("ETag")
+        except Exception:  # noqa: BLE001 - the record is an optimisation; without it the file is compared by time
+            etag = None
+        self._sent[name] = [st.st_size, st.st_mtime_ns, etag]
+        tmp = self._record.with_name(f".sent.json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self._sent))
+        os.replace(tmp, self._record)
+
+    def _unchanged(self, name: str, local: Path) -> bool:
+        st = local.stat()
+        return (self._sent.get(name) or [None, None])[:2] == [st.st_size, st.st_mtime_ns]
+
+    def check_writable(self) -> None:
+        """Write and delete a small probe object: a missing bucket, refused credentials or a read-only
+        policy fail here, in one line, before the run computes anything it could not upload."""
+        probe = f"{self.root}/.bit_zoo_probe"
+        try:
+            self.fs.pipe_file(probe, b"bit_zoo write check\n")
+            self.fs.rm_file(probe)
+        except Exception as e:  # noqa: BLE001
+            raise _explain(self.url, e) from e
+
+    def exists(self, name: str) -> bool:
+        """Whether the remote folder holds `name` (a previous run's last.ckpt, say)."""
+        try:
+            return bool(self.fs.exists(f"{self.root}/{name}"))
+        except Exception as e:  # noqa: BLE001
+            raise _explain(f"{self.url}/{name}", e) from e
 
     def restore(self, name: str) -> Path | None:
-        """Download `name` from the remote folder into the local one, if it exists there."""
+        """Bring `name` from the remote folder into the local one (None when the remote has none).
+
+        A local copy at least as new as the remote object is kept: it is one whose upload failed, and
+        the next sync sends it. Otherwise the remote object replaces it (another node continued the run).
+        """
         remote_path = f"{self.root}/{name}"
         try:
             if not self.fs.exists(remote_path):
                 return None
-            size = int(self.fs.info(remote_path)["size"])
+            info = self.fs.info(remote_path)
         except Exception as e:  # noqa: BLE001
             raise _explain(f"{self.url}/{name}", e) from e
         local = self.local / name
-        _get_file(self.fs, remote_path, local, size, f"{self.url}/{name}")
-        st = local.stat()
-        self._sent[name] = (st.st_size, st.st_mtime_ns)
+        if local.is_file():
+            if not self._unchanged(name, local):
+                return local  # written after its last upload (which failed): newer than the remote; the next sync sends it
+            if info.get("ETag") == self._sent[name][2]:
+                return local  # the remote holds this very file
+        local.unlink(missing_ok=True)  # the remote is newer (another node continued the run)
+        _get_file(self.fs, remote_path, local, int(info["size"]), f"{self.url}/{name}")
+        self._mark_sent(name, local)
         return local
 
     def _put(self, local: Path, name: str) -> None:
         _put(self.fs, local, f"{self.root}/{name}", f"{self.url}/{name}", retries=self.retries, backoff_s=self.backoff_s)
 
-    def sync(self) -> list[str]:
-        """Upload every finished file that changed since the last sync; return their names."""
+    def sync(self, *, strict: bool = True) -> list[str]:
+        """Upload every finished file that changed since the last sync; return their names.
+
+        A file whose upload fails stays unsent, so the next sync tries it again. strict raises the
+        first failure (UploadError, one line); otherwise it is logged as a warning and the run goes on.
+        """
         sent = []
         for path in sorted(self.local.rglob("*")):
             rel = path.relative_to(self.local).as_posix()
             if not path.is_file() or any(part.startswith(".") for part in Path(rel).parts) or ".tmp" in path.name:
                 continue
-            st = path.stat()
-            if self._sent.get(rel) == (st.st_size, st.st_mtime_ns):
+            if self._unchanged(rel, path):
                 continue
-            self._put(path, rel)
-            self._sent[rel] = (st.st_size, st.st_mtime_ns)
+            try:
+                self._put(path, rel)
+            except UploadError as e:
+                if strict:
+                    raise
+                _logger.warning("%s (tried again at the next checkpoint)", e)
+                continue
+            self._mark_sent(rel, path)
             sent.append(rel)
         return sent
+
+    def sync_soon(self) -> list[str]:
+        """sync() during training: a failed upload is a warning and is retried at the next checkpoint."""
+        return self.sync(strict=False)
+
+
+def upload(local: str | os.PathLike, url: str, *, retries: int = 3, backoff_s: float = 1.0) -> int:
+    """Upload a local file, or every file of a local folder, under url; return the number of files.
+
+    Each object appears only once its upload completed (see put); hidden files are skipped.
+    """
+    local = Path(local)
+    if not local.exists():
+        raise FileNotFoundError(f"{local}: no such file or folder to upload")
+    files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+    fs, root = _filesystem(url)
+    count = 0
+    for path in files:
+        rel = "" if path == local else path.relative_to(local).as_posix()
+        if any(part.startswith(".") for part in Path(rel).parts):
+            continue
+        target, shown = (root, url) if not rel else (f"{root.rstrip('/')}/{rel}", f"{url.rstrip('/')}/{rel}")
+        _put(fs, path, target, shown, retries=retries, backoff_s=backoff_s)
+        count += 1
+    return count
+
+
+def make_bucket(url: str) -> None:
+    """Create the bucket of url (s3://bucket): for a local test server; on OBS, buckets are made in the console."""
+    fs, root = _filesystem(url)
+    try:
+        fs.mkdir(root.split("/", 1)[0])
+    except Exception as e:  # noqa: BLE001
+        raise _explain(url, e) from e
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m bit_zoo.remote {upload LOCAL URL | mb s3://bucket}: one line and exit 2 on failure."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m bit_zoo.remote", description="Put a dataset or weights into object storage.")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("upload", help="upload a local file or folder (every file under it) to a URL")
+    up.add_argument("local")
+    up.add_argument("url")
+    mb = sub.add_parser("mb", help="create a bucket (a local test server; on OBS use the console)")
+    mb.add_argument("url")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        if args.command == "upload":
+            print(f"{upload(args.local, args.url)} files uploaded to {args.url}")
+        else:
+            make_bucket(args.url)
+            print(f"created {args.url}")
+    except (RemoteError, OSError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

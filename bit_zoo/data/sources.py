@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..remote import NOT_STAGED
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -233,10 +235,16 @@ def class_folder_names(root: Path) -> list[str]:
 
 
 def scan_class_folders(root: Path) -> tuple[list[str], list[str], np.ndarray]:
-    """Class folders sorted by name, images sorted by path: (class_names, paths, labels)."""
+    """Class folders sorted by name, images sorted by path: (class_names, paths, labels).
+
+    A folder holding remote.NOT_STAGED is a class a remote dataset's staging left out (see
+    bit_zoo.remote.stage): it keeps its label but contributes no images.
+    """
     classes = class_folder_names(root)
     paths, labels = [], []
     for index, cls in enumerate(classes):
+        if (root / cls / NOT_STAGED).exists():
+            continue
         files = sorted(
             str(root / cls / e.name)
             for e in _scandir(root / cls)
@@ -353,7 +361,9 @@ def folder_source(root: Path, class_names: list[str] | None = None, *, strict_im
             python_multiprocessing=False,  # PIL decodes outside the GIL; threads avoid forking big processes
         )
 
-    return Source(labels, len(found), found, build, f"image folders ({root})", bad, paths)
+    # the fingerprint names files relative to root: the same dataset staged elsewhere (a fresh node) resumes
+    names = [os.path.relpath(p, root) for p in paths]
+    return Source(labels, len(found), found, build, f"image folders ({root})", bad, names)
 
 
 def resolve_folder_splits(name: str, data_dir: str | None) -> dict[str, Path]:
