@@ -91,12 +91,12 @@ def test_onnx_over_the_protobuf_limit_writes_one_data_file(tiny, tmp_path, monke
     with caplog.at_level("WARNING", logger="bit_zoo.export"):
         out = export_model(params, TINY, tmp_path / "tiny.onnx", img_size=64)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx", "tiny.onnx.data"]
-    assert "tiny.onnx.data" in caplog.text and "2 GB" in caplog.text
+    assert "tiny.onnx.data" in caplog.text and "2 GiB" in caplog.text
     weight_bytes = sum(a.nbytes for a in params.values())
     assert (tmp_path / "tiny.onnx.data").stat().st_size >= weight_bytes > (tmp_path / "tiny.onnx").stat().st_size
     _run_onnx(ort, out, model, batches=(1, 3))
 
-    monkeypatch.setattr(onnx_export, "PROTO_LIMIT_SIZE", 1024 * 1024 * 2)  # back to 2 GB: the weights fit inline again
+    monkeypatch.setattr(onnx_export, "PROTO_LIMIT_SIZE", 1024 * 1024 * 2)  # MindSpore's 2 GiB again: the weights fit inline
     export_model(params, TINY, tmp_path / "tiny.onnx", img_size=64)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]  # the stale data file went with the old export
     _run_onnx(ort, out, model, batches=(2,))
