@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from .atomic import atomic_path
+from .atomic import atomic_path, file_mode
 
-__all__ = ["ExportResNetV2", "export_model"]
+__all__ = ["ExportResNetV2", "export_model", "external_data_path"]
 
 _logger = logging.getLogger(__name__)
 
@@ -155,30 +157,147 @@ def export_model(
         x = ms.Tensor(shape=[None, in_channels, None, None], dtype=ms.float32)  # dynamic batch, height and width
     else:
         x = ms.Tensor(np.zeros((batch_size, in_channels, img_size, img_size), np.float32))
-    with atomic_path(output, suffix=output.suffix) as tmp:
-        if fmt == "ONNX":
-            from mindspore import onnx as ms_onnx  # ms.export(file_format="ONNX") is deprecated in 2.10
-
-            axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}}
-            ms_onnx.export(net, x, file_name=str(tmp), input_names=["image"], output_names=["logits"], dynamic_axes=axes)
-            _name_output_batch(tmp)
-        else:
+    if fmt == "ONNX":
+        _export_onnx(net, x, output)
+    else:
+        with atomic_path(output, suffix=output.suffix) as tmp:
             ms.export(net, x, file_name=str(tmp.with_suffix("")), file_format=fmt)  # export appends .mindir
     _logger.info("exported %s (units %s, dynamic batch, height and width) to %s", fmt, ",".join(map(str, layers)), output)
     return output
 
 
-def _name_output_batch(path: Path) -> None:
-    """Declare the output's batch axis symbolic: MindSpore 2.10 applies dynamic_axes to inputs only,
-    and onnxruntime then warns on every batch size but the example's."""
+def _import_onnx():
     try:
         import onnx
     except ImportError as e:
         raise RuntimeError("ONNX export needs the onnx package: pip install 'bit_zoo[onnx]' (onnx, onnxruntime)") from e
-    model = onnx.load(str(path))
+    return onnx
+
+
+def external_data_path(output: str | os.PathLike) -> Path:
+    """Where the weights of an ONNX file over protobuf's 2 GB limit go: `<name>.onnx.data` beside it."""
+    output = Path(output)
+    return output.with_name(output.name + ".data")
+
+
+def _export_onnx(net: nn.Cell, x: ms.Tensor, output: Path) -> None:
+    """Export through MindSpore's exporter in a private directory, then move the result beside `output`.
+
+    A protobuf message cannot exceed 2 GiB, so for bigger networks (bit_m_r152x4: 3.7 GB; here from 1.5 GiB
+    of weights, see EXTERNAL_DATA_KIB) MindSpore writes each parameter to a file of its own, named after the parameter, in the .onnx's directory:
+    hundreds of files that a second export into the same directory would overwrite. Here they are
+    written into a temporary directory and gathered into one `<name>.onnx.data` (the layout onnx's
+    own `save_as_external_data` writes), tensor by tensor, so no more than one tensor is in memory.
+    """
+    onnx = _import_onnx()
+    from mindspore import onnx as ms_onnx  # ms.export(file_format="ONNX") is deprecated in 2.10
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    data_out = external_data_path(output)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.export-", dir=output.parent) as work:
+        work = Path(work)
+        axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}}
+        with _external_data_over(EXTERNAL_DATA_KIB):
+            ms_onnx.export(net, x, file_name=str(work / "exported.onnx"), input_names=["image"], output_names=["logits"], dynamic_axes=axes)
+        model = onnx.load(str(work / "exported.onnx"), load_external_data=False)
+        _name_output_batch(model)
+        data_bytes = _gather_external_data(model, work, work / data_out.name)
+        staged = work / output.name
+        onnx.save(model, str(staged))
+        onnx.checker.check_model(str(staged))  # by path: the checker then reads external data beside it
+        mode = file_mode()
+        if data_bytes:
+            os.chmod(work / data_out.name, mode)
+            os.replace(work / data_out.name, data_out)
+        elif data_out.exists():  # a previous, bigger export's weights: no longer what output.onnx refers to
+            data_out.unlink()
+            _logger.info("removed %s, the external weights of a previous export to %s", data_out, output)
+        os.chmod(staged, mode)
+        os.replace(staged, output)
+    if data_bytes:
+        _logger.warning(
+            "%s: the weights (%.2f GB) are too big for one ONNX file (protobuf's limit is 2 GiB; bit_zoo moves weights "
+            "over 1.5 GiB out), so they were written to a second file, %s; keep the two files together in one directory "
+            "(onnxruntime and onnx.load find the weights by that name)",
+            output,
+            data_bytes / 1e9,
+            data_out.name,
+        )
+
+
+# Weights over 1.5 GiB go to the .onnx.data file. Protobuf's hard limit is 2 GiB for the whole
+# message, and MindSpore switches at exactly 2 GiB of weights: bit_m_r101x3 with its 21,843-class
+# head (1.92 GiB) would be written as one 2.06 GB message, a few percent under the limit, which
+# onnx.load and onnx.checker handle only up to the limit; the margin keeps such files well clear.
+EXTERNAL_DATA_KIB = 3 * 1024 * 1024 // 2
+
+
+@contextmanager
+def _external_data_over(kib: int):
+    """Lower MindSpore's switch to external data (onnx_export.PROTO_LIMIT_SIZE, in KiB) for one export;
+    a lower value already set (a test forcing the path) is kept."""
+    from mindspore.onnx import onnx_export
+
+    old = onnx_export.PROTO_LIMIT_SIZE
+    onnx_export.PROTO_LIMIT_SIZE = min(old, kib)
+    try:
+        yield
+    finally:
+        onnx_export.PROTO_LIMIT_SIZE = old
+
+
+_ALIGN = 4096  # tensor offsets in the data file on page boundaries, as onnx's own writer does, so readers may mmap them
+
+
+def _gather_external_data(model, src_dir: Path, data_path: Path) -> int:
+    """Copy every externally stored initializer of `model` into one file `data_path`; point the
+    initializers at it (relative location, offset, length). Return the bytes written (0: all inline)."""
+    from onnx.external_data_helper import uses_external_data
+
+    offset = 0
+    with ExitStack() as stack:
+        out = None
+        for tensor in model.graph.initializer:
+            if not uses_external_data(tensor):
+                continue
+            info = {e.key: e.value for e in tensor.external_data}
+            if out is None:
+                out = stack.enter_context(open(data_path, "wb"))
+            src = src_dir / info["location"]
+            start, length = int(info.get("offset", 0)), info.get("length")
+            length = int(length) if length is not None else src.stat().st_size - start
+            pad = -offset % _ALIGN
+            out.write(b"\0" * pad)
+            offset += pad
+            with open(src, "rb") as f:
+                f.seek(start)
+                copied = _copy_exact(f, out, length)
+            if copied != length:
+                raise RuntimeError(f"ONNX export: {src.name} holds {copied} bytes of {tensor.name}, expected {length}")
+            del tensor.external_data[:]
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            offset += length
+            src.unlink()  # the copy is made: do not hold the weights twice on disk
+    return offset
+
+
+def _copy_exact(src, dst, length: int, chunk: int = 64 << 20) -> int:
+    copied = 0
+    while copied < length:
+        buf = src.read(min(chunk, length - copied))
+        if not buf:
+            break
+        dst.write(buf)
+        copied += len(buf)
+    return copied
+
+
+def _name_output_batch(model) -> None:
+    """Declare the output's batch axis symbolic: MindSpore 2.10 applies dynamic_axes to inputs only,
+    and onnxruntime then warns on every batch size but the example's."""
     dim = model.graph.output[0].type.tensor_type.shape.dim[0]
     if dim.dim_param != "batch":
         dim.ClearField("dim_value")
         dim.dim_param = "batch"
-        onnx.checker.check_model(model)
-        onnx.save(model, str(path))

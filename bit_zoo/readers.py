@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ArrayReader", "open_reader", "empty_array"]
+__all__ = ["MMAP_ENV", "ArrayReader", "open_reader", "empty_array"]
 
 _HUGE_PAGE_MIN = 4 << 20
 
@@ -118,12 +118,37 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+MMAP_ENV = "BIT_ZOO_LOAD_MMAP"
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; Python < 3.13 lacks the name
+
+
+def _private_map(file) -> mmap.mmap | None:
+    """A copy-on-write map of the whole file, or None where there is none (Windows, $BIT_ZOO_LOAD_MMAP=0)."""
+    if os.environ.get(MMAP_ENV, "1") == "0" or not hasattr(mmap, "MAP_PRIVATE"):
+        return None
+    try:
+        return mmap.mmap(file.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, ValueError):  # an empty file, or a file system without mmap
+        return None
+
+
 class _SafetensorsReader(ArrayReader):
-    """The safetensors layout (8-byte little-endian header length, JSON header, raw data), read with
-    plain file reads: a memory map would count every page read in the process's RSS until closed."""
+    """The safetensors layout (8-byte little-endian header length, JSON header, raw data).
+
+    An array is a view of a copy-on-write (MAP_PRIVATE) map of the file: no copy, its pages are the
+    page cache's until something writes to them (an optimizer step copies the pages it touches; the
+    file never changes). Measured on the shared 2-core machine for bit_m_r101x3's 2 GB: 0.5 s to map
+    and populate against 4.8-10 s to read into fresh memory. Only the tensors asked for are faulted
+    in (MADV_POPULATE_READ on their range), so a skipped head costs no RSS. The map lives as long as
+    any array of it. The price of sharing the file's pages: a file truncated in place while its model
+    lives (a `cp` over it; bit_zoo's own writers rename a new file instead) makes the next access
+    fault (SIGBUS). $BIT_ZOO_LOAD_MMAP=0 reads into private memory instead, as on systems without
+    mmap.
+    """
 
     def __init__(self, path: Path) -> None:
         self._file = open(path, "rb")
+        self._mm = None
         try:
             (n,) = struct.unpack("<Q", self._file.read(8))
             header = json.loads(self._file.read(n))
@@ -146,16 +171,34 @@ class _SafetensorsReader(ArrayReader):
                 tuple(info["shape"]),
                 info["data_offsets"],
             )
+        self._mm = _private_map(self._file)
+        self._populate = self._mm is not None
 
     def __getitem__(self, name: str) -> np.ndarray:
         dtype, shape, (begin, end) = self._entries[name]
-        out = empty_array(shape, dtype)
-        if out.nbytes != end - begin:
+        count = int(np.prod(shape))
+        if count * dtype.itemsize != end - begin:
             raise ValueError(f"tensor {name!r}: {end - begin} bytes do not fill its shape {shape}")
-        self._file.seek(self._base + begin)
+        start = self._base + begin
+        if self._mm is not None and start % dtype.itemsize == 0:  # aligned: a view (safetensors writers align)
+            out = np.frombuffer(self._mm, dtype=dtype, count=count, offset=start).reshape(shape)
+            self._fault_in(start, end - begin)
+            return out
+        out = empty_array(shape, dtype)
+        self._file.seek(start)
         if self._file.readinto(memoryview(out).cast("B")) != out.nbytes:
             raise ValueError(f"tensor {name!r} is truncated")
         return out
+
+    def _fault_in(self, start: int, length: int) -> None:
+        """Map the range's pages now, in one call: loading, not the first forward, pays for reading them."""
+        if not self._populate or length == 0:
+            return
+        aligned = start - start % mmap.PAGESIZE
+        try:
+            self._mm.madvise(_MADV_POPULATE_READ, aligned, length + start - aligned)
+        except (OSError, ValueError):  # kernel before 5.14: the pages fault in on first use instead
+            self._populate = False
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
@@ -167,6 +210,12 @@ class _SafetensorsReader(ArrayReader):
         return self._entries[name][1]
 
     def close(self) -> None:
+        mm, self._mm = self._mm, None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # arrays handed out still view it: it is unmapped when the last one goes
+                pass
         self._file.close()
 
 

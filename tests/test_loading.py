@@ -239,3 +239,39 @@ def test_truncated_safetensors_is_a_clear_error(tmp_path, npz_r50_1000):
     bad.write_bytes(good.read_bytes()[:-1000])
     with pytest.raises(ValueError, match=r"bad\.safetensors.*truncated"):
         bit_zoo.create_model("bit_s_r50x1", checkpoint_path=str(bad))
+
+
+def _root(a: np.ndarray):
+    while isinstance(a, np.ndarray) and a.base is not None:
+        a = a.base
+    return a.obj if isinstance(a, memoryview) else a
+
+
+def test_safetensors_arrays_view_a_private_map_of_the_file(tmp_path, monkeypatch):
+    """No copy: an array read from a .safetensors is a view of a copy-on-write map of the file;
+    it stays valid after the reader is closed, is writable, and writing never reaches the file."""
+    import gc
+    import mmap
+
+    from bit_zoo.loading import open_arrays
+    from bit_zoo.readers import MMAP_ENV
+
+    params = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones((5,), np.float32)}
+    path = save_weights(params, tmp_path / "w.safetensors")
+    before = path.read_bytes()
+    _, reader = open_arrays(path)
+    with reader:
+        a = reader["a"]
+    del reader
+    gc.collect()
+    assert isinstance(_root(a), mmap.mmap)
+    np.testing.assert_array_equal(a, params["a"])
+    a[0, 0] = 99.0  # an optimizer updates parameters in place
+    assert a[0, 0] == 99.0 and path.read_bytes() == before
+
+    monkeypatch.setenv(MMAP_ENV, "0")  # the opt-out reads into private memory
+    _, reader = open_arrays(path)
+    with reader:
+        c = reader["a"]
+    assert not isinstance(_root(c), mmap.mmap)
+    np.testing.assert_array_equal(c, params["a"])

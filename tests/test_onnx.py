@@ -77,3 +77,68 @@ def test_export_refuses_other_suffixes(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"must end in \.onnx or \.mindir"):
         export_model(tiny[1], TINY, tmp_path / "tiny.pb", img_size=64)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_over_the_protobuf_limit_writes_one_data_file(tiny, tmp_path, monkeypatch, caplog):
+    """A network over 2 GB: MindSpore's exporter stores the weights outside the protobuf (one file per
+    parameter); export gathers them into `<name>.onnx.data` and says so. Here MindSpore's limit is
+    lowered to 0 so a tiny network takes the same path; the heavy test below exports a real 3.7 GB one."""
+    ort = pytest.importorskip("onnxruntime")
+    from mindspore.onnx import onnx_export
+
+    monkeypatch.setattr(onnx_export, "PROTO_LIMIT_SIZE", 0)
+    model, params = tiny
+    with caplog.at_level("WARNING", logger="bit_zoo.export"):
+        out = export_model(params, TINY, tmp_path / "tiny.onnx", img_size=64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx", "tiny.onnx.data"]
+    assert "tiny.onnx.data" in caplog.text and "2 GiB" in caplog.text
+    weight_bytes = sum(a.nbytes for a in params.values())
+    assert (tmp_path / "tiny.onnx.data").stat().st_size >= weight_bytes > (tmp_path / "tiny.onnx").stat().st_size
+    _run_onnx(ort, out, model, batches=(1, 3))
+
+    monkeypatch.setattr(onnx_export, "PROTO_LIMIT_SIZE", 1024 * 1024 * 2)  # MindSpore's 2 GiB again: the weights fit inline
+    export_model(params, TINY, tmp_path / "tiny.onnx", img_size=64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]  # the stale data file went with the old export
+    _run_onnx(ort, out, model, batches=(2,))
+
+
+def _run_onnx(ort, path, model, *, batches, size: int = 64) -> None:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for seed, batch in enumerate(batches):
+        x = _x(batch, size, 10 + seed)
+        _close(session.run(None, {"image": x})[0], model(ms.Tensor(x)).asnumpy())
+
+
+@pytest.mark.heavy
+def test_onnx_of_bit_m_r152x4_over_2gb(tmp_path):
+    """bit_m_r152x4 with its 21,843-class head (936 M parameters, 3.7 GB): .onnx plus .onnx.data,
+    loaded by onnxruntime, equal to the MindSpore model at two batch sizes. Peak RSS about 3 copies of the weights."""
+    import gc
+
+    ort = pytest.importorskip("onnxruntime")
+    from mindspore.nn.utils import no_init_parameters
+
+    from bit_zoo.registry import get_weights
+
+    arch = get_weights("bit_m_r152x4")
+    rng = np.random.default_rng(0)
+    with no_init_parameters():
+        model = ResNetV2(arch.layers, arch.width_factor, num_classes=21843, eager_jit=False)  # no graph compile per batch size
+    params = {}
+    for p in model.get_parameters():  # names and shapes only: the skeleton holds no data yet
+        k, shape = p.name, tuple(p.shape)
+        if k.endswith("gamma"):
+            params[k] = 1.0 + 0.2 * rng.standard_normal(shape, dtype=np.float32)
+        elif len(shape) < 2:
+            params[k] = 0.2 * rng.standard_normal(shape, dtype=np.float32)
+        else:
+            params[k] = rng.standard_normal(shape, dtype=np.float32) / (np.sqrt(shape[1]) if len(shape) == 2 else 1.0)
+    assert sum(a.nbytes for a in params.values()) > 2**31  # over protobuf's limit: the point of the test
+    out = export_model(params, arch.layers, tmp_path / "r152x4.onnx", img_size=64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r152x4.onnx", "r152x4.onnx.data"]
+    assert (tmp_path / "r152x4.onnx").stat().st_size < 2**24
+    load_state(model, dict(params))  # shares the arrays: no second copy
+    del params
+    gc.collect()
+    model.set_train(False)
+    _run_onnx(ort, out, model, batches=(1, 2))
