@@ -25,6 +25,9 @@ from timm.models.resnetv2 import _load_weights  # noqa: E402  (timm's own upstre
 
 def _timm_model(arch: str, npz, **kwargs):
     model = timm.create_model(TIMM_NAMES[arch], pretrained=False, num_classes=1000, **kwargs).eval()
+    for m in model.modules():  # BiT's weight-standardisation eps (1e-10, as bit_zoo and the upstream release); timm uses 1e-8
+        if hasattr(m, "eps") and type(m).__name__ == "StdConv2d":
+            m.eps = 1e-10
     with torch.no_grad():
         _load_weights(model, str(npz))
     return model

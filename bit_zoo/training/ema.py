@@ -15,8 +15,9 @@ _update = ops.MultitypeFuncGraph("ema_update")
 
 
 @_update.register("Tensor", "Tensor", "Tensor")
-def _ema_update(decay, shadow, param):
-    return ops.assign(shadow, shadow * decay + param.astype(shadow.dtype) * (1.0 - decay))
+def _ema_update(weight, shadow, param):
+    # shadow + (1 - d) * (param - shadow): one Lerp kernel per tensor instead of Mul, Mul and Add
+    return ops.assign(shadow, ops.lerp(shadow, param.astype(shadow.dtype), weight))
 
 
 class EMA(nn.Cell):
@@ -42,7 +43,7 @@ class EMA(nn.Cell):
         if self.warmup:
             n = num_updates.astype(ms.float32)
             decay = ops.minimum(decay, (1.0 + n) / (10.0 + n))
-        return self.hyper_map(ops.partial(_update, decay), self.shadow, self.params)
+        return self.hyper_map(ops.partial(_update, 1.0 - decay), self.shadow, self.params)
 
     def swap(self) -> None:
         """Exchange the model's weights and the averages (call again to swap back)."""
