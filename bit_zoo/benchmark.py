@@ -13,7 +13,13 @@ lands in a temporary directory):
 * ``mindcv BiT_resnet50 ...``: the cell mindcv's train.py builds (``mindcv.utils.create_trainer``
   with its defaults: a mindspore Model's TrainOneStepCell), run once (~1 min a step on CPU, so
   ``--mindcv-warmup`` / ``--mindcv-steps``, 1 / 2, whatever --steps says);
-* ``timm resnetv2_50x1_bit`` (--torch-reference): the standard PyTorch loop (zero_grad, backward, step).
+* ``timm resnetv2_50x1_bit`` (--torch-reference): the standard PyTorch loop (zero_grad, backward, step);
+* with ``--teacher NAME`` (e.g. bit_m_r152x2), in a worker of their own: ``distill step``, train.py's
+  distillation step (the Trainer over DistillNetWithLoss: the frozen teacher's forward on the batch
+  plus the student's step), ``student step``, the same student's plain Trainer step (the two
+  alternate in that process), and ``teacher forward``, the frozen eval-mode teacher alone; peak RSS
+  of the first and last are taken after their warmup, in that worker (the student step's is the
+  ``bit_zoo`` row's).
 
 Columns: first step s = the first training step's wall time, compilation included; train img/s =
 images per second over the timed steps after --warmup; infer img/s = eval-mode forward of the
@@ -92,7 +98,16 @@ def _alternate(calls: dict, *, steps: int, blocks: int) -> dict:
 
 
 def _record(
-    name: str, role: str, framework: str, conv_impl: str, args: argparse.Namespace, train, infer, rss_train: float, warmup: int, steps: int
+    name: str,
+    role: str,
+    framework: str,
+    conv_impl: str,
+    args: argparse.Namespace,
+    train,
+    infer,
+    rss_train: float | None,
+    warmup: int,
+    steps: int,
 ):
     """One result row from the (first s, s per call, last result) timings of training and inference (None: not measured)."""
     return {
@@ -100,9 +115,9 @@ def _record(
         "role": role,
         "framework": framework,
         "conv_impl": conv_impl,
-        "train_img_s": args.batch_size / train[1],
+        "train_img_s": args.batch_size / train[1] if train else None,
         "infer_img_s": args.batch_size / infer[1] if infer else None,
-        "first_step_s": train[0],
+        "first_step_s": train[0] if train else None,
         "first_infer_s": infer[0] if infer else None,
         "peak_rss_train_mib": rss_train,
         "peak_rss_mib": _peak_rss_mib(),
@@ -200,6 +215,63 @@ def _bit_zoo_worker(args: argparse.Namespace) -> list[dict]:
                     None, rss["floor"], args.warmup, args.steps * args.blocks)
         )  # fmt: skip
     return rows
+
+
+def _distill_worker(args: argparse.Namespace) -> list[dict]:
+    """--teacher: train.py's distillation step against the student's plain step (alternating), and the teacher's forward."""
+    import mindspore as ms
+    import numpy as np
+
+    import bit_zoo
+
+    from .training.distill import DistillNetWithLoss, freeze_teacher
+    from .training.optim import OptimConfig, create_optimizer
+    from .training.train_step import Trainer
+
+    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE, device_target="CPU")
+    x_np, y_np, dtype = _ms_data(args)
+    x = ms.Tensor(x_np, dtype)
+    cfg = _step_config(args)
+    micro = args.batch_size // cfg.accum_steps
+    batches = [
+        (ms.Tensor(x_np[i * micro : (i + 1) * micro], dtype), ms.Tensor(y_np[i * micro : (i + 1) * micro])) for i in range(cfg.accum_steps)
+    ]
+
+    def amp(net):
+        return ms.amp.auto_mixed_precision(net, "O2") if args.precision == "fp16" else net
+
+    def trainer(net_with_loss=None):
+        ms.set_seed(0)
+        net = amp(bit_zoo.create_model(args.model, num_classes=args.num_classes, conv_impl=args.conv_impl, recompute=args.recompute))
+        opt = create_optimizer(net.trainable_params(), OptimConfig(opt="sgd", momentum=0.9), np.full(100_000, 1e-3, np.float32))
+        loss_cell = net_with_loss(net) if net_with_loss else None
+        t = Trainer(net, opt, cfg, soft_labels=False, net_with_loss=loss_cell)
+        (loss_cell or t.net_with_loss).set_train(True)
+        return t
+
+    # The teacher as train.py builds it (frozen, eval mode, the run's AMP level); random weights: the time is the same.
+    teacher = freeze_teacher(amp(bit_zoo.create_model(args.teacher, num_classes=args.num_classes, conv_impl=args.conv_impl)))
+    teacher_fwd = _time_calls(lambda: teacher(x), warmup=args.warmup, steps=args.steps, sync=lambda out: out.asnumpy())
+    rss_teacher = _peak_rss_mib()
+    distill = trainer(lambda net: DistillNetWithLoss(net, teacher, soft_labels=False))
+    calls = {"distill": lambda: distill.step(batches)[0]}
+    first = {"distill": _first_calls(calls["distill"], args.warmup)}
+    rss_distill = _peak_rss_mib()
+    student = trainer()
+    calls["student"] = lambda: student.step(batches)[0]
+    first["student"] = _first_calls(calls["student"], args.warmup)
+    per_call = _alternate(calls, steps=args.steps, blocks=args.blocks)
+    framework = f"mindspore {ms.__version__}"
+    options = _options_label(cfg)
+    n = args.steps * args.blocks
+    return [
+        _record(f"distill step {args.teacher} -> {args.model}{options}", "distill", framework, teacher.conv_impl, args,
+                (first["distill"], per_call["distill"], None), None, rss_distill, args.warmup, n),
+        _record(f"student step {args.model}{options}", "student", framework, teacher.conv_impl, args,
+                (first["student"], per_call["student"], None), None, None, args.warmup, n),
+        _record(f"teacher forward {args.teacher}", "teacher", framework, teacher.conv_impl, args, None, teacher_fwd, rss_teacher,
+                args.warmup, args.steps),
+    ]  # fmt: skip
 
 
 def _options_label(cfg) -> str:
@@ -314,6 +386,12 @@ def ratio_lines(rows: list[dict]) -> list[str]:
     ok = {r["role"]: r for r in rows if "error" not in r}
     ours = ok.get("bit_zoo")
     lines = []
+    if {"distill", "student", "teacher"} <= ok.keys():
+        d, s, t = 1 / ok["distill"]["train_img_s"], 1 / ok["student"]["train_img_s"], 1 / ok["teacher"]["infer_img_s"]
+        lines.append(
+            f"distillation step vs the student's step (same process, alternating): x{s / d:.2f} of its speed; per image "
+            f"{d * 1e3:.0f} ms = student step {s * 1e3:.0f} ms + teacher forward {t * 1e3:.0f} ms, {(d - s - t) * 1e3:+.0f} ms left over"
+        )
     if ours is None:
         return lines
     if "floor" in ok:
@@ -349,10 +427,10 @@ def format_table(results: list[dict], args: argparse.Namespace) -> str:
                 rnd,
                 r["name"],
                 r["conv_impl"],
-                f"{r['train_img_s']:.2f}",
+                _fmt(r["train_img_s"], ".2f"),
                 _fmt(r["infer_img_s"], ".2f"),
-                f"{r['first_step_s']:.1f}",
-                f"{r['peak_rss_train_mib']:.0f}",
+                _fmt(r["first_step_s"], ".1f"),
+                _fmt(r["peak_rss_train_mib"], ".0f"),
                 f"{r['warmup']}+{r['steps']}",
             ]
         )
@@ -406,12 +484,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--torch_reference", "--torch-reference", action="store_true", help="also measure timm resnetv2_50x1_bit on PyTorch CPU")
     g.add_argument("--no_bit_zoo", "--no-bit-zoo", action="store_true", help="skip bit_zoo (e.g. with --torch-reference alone)")
     g.add_argument("--json", metavar="OUT", help="write the settings and results to this JSON file")
-    p.add_argument("--worker", choices=("bit_zoo", "mindcv", "torch"), help=argparse.SUPPRESS)
+    g.add_argument(
+        "--teacher", default=None, help="also time distillation from this teacher (e.g. bit_m_r152x2) into --model, in its own worker"
+    )
+    p.add_argument("--worker", choices=tuple(_WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--worker_out", "--worker-out", help=argparse.SUPPRESS)
     return p
 
 
-_WORKERS = {"bit_zoo": _bit_zoo_worker, "mindcv": _mindcv_worker, "torch": _torch_worker}
+_WORKERS = {"bit_zoo": _bit_zoo_worker, "mindcv": _mindcv_worker, "torch": _torch_worker, "distill": _distill_worker}
 _DRIVER_FLAGS = ("--torch-reference", "--no-mindcv", "--no-bit-zoo")
 _DRIVER_OPTIONS = ("--json", "--rounds")
 
@@ -439,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:  # a bad name is one line here, not a traceback in every worker
-        get_weights(args.model)
+        for name in filter(None, (args.model, args.teacher)):
+            get_weights(name)
     except ValueError as e:
         print(f"python -m bit_zoo.benchmark: error: {e}", file=sys.stderr)
         return 2
@@ -453,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         which = [] if args.no_bit_zoo else ["bit_zoo"]
         which += ["torch"] if args.torch_reference else []
         which += ["mindcv"] if rnd == 1 and not args.no_mindcv else []
+        which += ["distill"] if args.teacher else []
         for w in which:
             results += [dict(row, round=rnd) for row in _run_worker(w, wargv)]
     table = format_table(results, args)

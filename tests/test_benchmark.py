@@ -35,6 +35,21 @@ def test_format_table_ratios_per_round():
     assert "torch failed: boom" in table
 
 
+def test_distillation_rows_and_their_breakdown():
+    args = benchmark.build_parser().parse_args(["--teacher", "bit_m_r152x2"])
+    rows = [
+        _row("distill step bit_m_r152x2 -> bit_s_r50x1", "distill", 4.0, None, first=30.0),
+        _row("student step bit_s_r50x1", "student", 10.0, None),
+        dict(_row("teacher forward bit_m_r152x2", "teacher", None, 8.0), first_step_s=None),
+    ]
+    rows[1]["peak_rss_train_mib"] = None
+    table = benchmark.format_table(rows, args)
+    assert "distillation step vs the student's step (same process, alternating): x0.40 of its speed" in table
+    assert "per image 250 ms = student step 100 ms + teacher forward 125 ms, +25 ms left over" in table
+    teacher_line = next(line for line in table.splitlines() if "teacher forward bit_m_r152x2" in line)
+    assert "| 8.00 " in teacher_line and "| - " in teacher_line
+
+
 def test_worker_args_drop_driver_flags(monkeypatch):
     seen = []
     monkeypatch.setattr(
@@ -72,3 +87,15 @@ def test_tiny_graph_run(tmp_path):
     trainer, floor = json.loads(out.read_text())["results"]
     assert trainer["role"] == "bit_zoo" and floor["role"] == "floor"
     assert trainer["train_img_s"] > 0 and trainer["infer_img_s"] > 0 and floor["train_img_s"] > 0 and trainer["peak_rss_train_mib"] > 0
+
+
+@pytest.mark.heavy
+def test_tiny_distillation_run(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["--no-mindcv", "--no-bit-zoo", "--model", "bit_s_r50x1", "--teacher", "bit_s_r50x1", "--img-size", "32", "--batch-size", "4",
+            "--steps", "1", "--blocks", "1", "--warmup", "1", "--json", str(out)]  # fmt: skip
+    assert benchmark.main(argv) == 0
+    distill, student, teacher = json.loads(out.read_text())["results"]
+    assert (distill["role"], student["role"], teacher["role"]) == ("distill", "student", "teacher")
+    assert distill["train_img_s"] > 0 and student["train_img_s"] > 0 and teacher["infer_img_s"] > 0
+    assert distill["peak_rss_train_mib"] >= teacher["peak_rss_train_mib"] > 0
