@@ -214,6 +214,33 @@ def test_seed_config_has_every_value_of_the_recipe():
     assert {k: cfg[k] for k in expected} == expected
 
 
+DISTILL_CONFIGS = sorted((ROOT / "configs" / "distill").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", DISTILL_CONFIGS, ids=[p.stem for p in DISTILL_CONFIGS])
+def test_distill_configs_name_one_teacher_source(path, monkeypatch):
+    """Every shipped distillation config distils (function matching: mixup on, KL, labels out of the loss) from
+    exactly one teacher source; a teacher checkpoint is the output of the shipped config that trains it."""
+    from bit_zoo.training.distill import distilling
+
+    monkeypatch.chdir(ROOT)
+    cfg = parse_config("train", ["-c", str(path)])
+    d = cfg.distill
+    assert distilling(d) and d.distill_loss == "kl" and d.distill_label_weight == 0.0
+    assert bool(d.teacher_pretrained) != bool(d.teacher_checkpoint_path), "exactly one of teacher_pretrained and teacher_checkpoint_path"
+    assert cfg.data.mixup_alpha == 1.0, "the paper's mixup p=1.0"
+    if d.teacher_pretrained:
+        assert bit_zoo.is_model(d.teacher) and bit_zoo.get_weights(d.teacher).num_classes == cfg.model.num_classes
+    else:
+        # the header shows the command that writes the teacher checkpoint, and that command's config writes it there
+        writers = [argv for argv in _header_commands(path) if argv[:2] != ["-c", str(path.relative_to(ROOT))]]
+        outputs = set()
+        for argv in writers:
+            w = parse_config("train", argv)
+            outputs.add(str(Path(w.system.output_dir) / "best.ckpt"))
+        assert d.teacher_checkpoint_path in outputs, (d.teacher_checkpoint_path, outputs)
+
+
 def test_one_hyperrule_resolution_rule():
     """128 px below 96x96 source images, else 480: the same answer for train, validate, transforms and generate.py."""
     assert hyperrule_resolution(32, 32) == (160, 128) and hyperrule_resolution(95, 96) == (160, 128)
