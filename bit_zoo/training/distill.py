@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import mindspore as ms
 import numpy as np
@@ -159,6 +160,11 @@ def build_teacher(
         raise ValueError(
             f"{where}: set exactly one of teacher_pretrained (the published weights) and teacher_checkpoint_path "
             "(a local weights file, e.g. the best.ckpt of a run that trained the teacher); a random teacher teaches nothing"
+        )
+    if checkpoint_path and not Path(checkpoint_path).is_file():
+        raise ValueError(
+            f"teacher_checkpoint_path {checkpoint_path} does not exist: train the teacher first (its run writes <output_dir>/best.ckpt) "
+            "or point teacher_checkpoint_path at its weights file"
         )
     if pretrained and name is None:
         raise ValueError("teacher_pretrained needs teacher: NAME[.tag] (a registered model whose published weights are the teacher)")
