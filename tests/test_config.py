@@ -191,6 +191,15 @@ def test_quickstart_headers_state_the_readme_figures():
     assert f"{measured}" in readme, f"the pretrain header's {measured}% is not the README's"
 
 
+def test_distill_digits_header_states_the_readme_figures():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    header = (ROOT / "configs" / "distill" / "digits_teacher_to_student.yaml").read_text(encoding="utf-8")
+    figures = re.findall(r"(\d+\.\d+)%", header.split("# Hardware")[0].split("# Expected")[1])
+    assert len(figures) >= 5
+    missing = [f for f in figures if f not in readme]
+    assert not missing, f"the digits distillation header's {missing} are not in the README"
+
+
 def test_hyperrule_configs_cover_every_model_and_are_current():
     from importlib.util import module_from_spec, spec_from_file_location
 
