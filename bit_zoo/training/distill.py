@@ -200,9 +200,11 @@ def build_teacher(
 
 def _check_named_architecture(name: str, checkpoint_path: str) -> None:
     """A registered teacher name and a checkpoint whose meta.json names another architecture contradict each other."""
-    from ..loading import read_arrays
+    from ..loading import detect_format, read_arrays
     from ..meta import decode_meta
 
+    if detect_format(checkpoint_path) == "npz":
+        return  # upstream files carry no meta.json: not worth reading a large teacher twice
     _, arrays = read_arrays(checkpoint_path)
     meta = decode_meta(arrays)
     if not meta or "layers" not in meta:
