@@ -30,7 +30,7 @@ from bit_zoo.data.from_config import build_eval_loader, build_train_loader, trai
 from bit_zoo.errors import ConfigError
 from bit_zoo.freeze import freeze
 from bit_zoo.training.checkpoint import CheckpointManager, TrainState, export_weights
-from bit_zoo.training.distill import DistillEvaluator, distill_loss_cell, distill_teacher
+from bit_zoo.training.distill import DistillEvaluator, distill_loss_cell, distill_summary, distill_teacher
 from bit_zoo.training.distributed import init_distributed, log_device, set_device
 from bit_zoo.training.loop import Plan, TrainLoop
 from bit_zoo.training.metrics import MetricsLog, plot_curves
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     net = ms.amp.auto_mixed_precision(model, cfg.model.amp_level) if cfg.model.amp_level != "O0" else model
     optimizer = create_optimizer(model.trainable_params(), cfg.optim, lr)
     soft_labels = mixup_alpha > 0 or cfg.data.label_smoothing > 0
-    teacher = distill_teacher(cfg, num_classes, prep)
+    teacher = distill_teacher(cfg, num_classes, prep, class_names=train_data.class_names)
     loss_cell = None if teacher is None else distill_loss_cell(cfg.distill, net, teacher, soft_labels=soft_labels)
     trainer = Trainer(net, optimizer, cfg.step, soft_labels=soft_labels, distributed=dist.distributed, net_with_loss=loss_cell)
     state = TrainState(total_steps=total_steps, global_batch=cfg.data.batch_size)
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         trainer, model, plan=plan, train_data=train_data, eval_data=eval_data, step=cfg.step, checkpoint=cfg.checkpoint,
         manager=manager, metrics=metrics, dist=dist, progress=cfg.system.progress,
         on_save=mirror.sync_soon if mirror is not None and dist.is_main else None,
+        eval_observer=None if teacher is None else DistillEvaluator(teacher.net, temperature=cfg.distill.distill_temperature),
     )  # fmt: skip
     result = loop.run(state)
     summary = {
@@ -138,8 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
         "devices": dist.world_size,
         **result,
     }
-    if teacher is not None and dist.world_size == 1:  # student vs. teacher on the eval split, once
-        summary["distill"] = {"teacher": cfg.distill.teacher, **DistillEvaluator(teacher)(model, eval_data.dataset, desc="distill eval")}
+    if teacher is not None:  # the teacher's top-1 and the student's agreement with it, from the last evaluation
+        summary["distill"] = distill_summary(teacher, result["final"])
     metrics.write(summary)
     if cfg.system.rank_weights:
         export_weights(model, out / f"weights_rank{dist.rank}.ckpt", meta=meta)
@@ -164,6 +165,12 @@ def print_summary(summary: dict) -> None:
         lines.append(
             f"  eval ({final['weights']} weights, {final['images']} images): top-1 {final['top1']:.2f}%  top-5 {final['top5']:.2f}%  "
             f"loss {final['loss']:.4f}   best top-1 {summary['best_top1']:.2f}%"
+        )
+    d = summary.get("distill")
+    if d and d["agreement"] is not None:
+        lines.append(
+            f"  teacher {d['teacher']} ({d['teacher_source']}): top-1 {d['teacher_top1']:.2f}%; student agreement "
+            f"{d['agreement']:.2f}%, KL {d['kl']:.4f}"
         )
     lines.append(f"  outputs: {summary['outputs']} (last.ckpt, best.ckpt, metrics.jsonl, curves.png, config.yaml, summary.json)")
     print("\n".join(lines))

@@ -214,3 +214,20 @@ def two_processes(launcher, tmp_path):
         return proc.returncode, proc.stdout + logs
 
     return run
+
+
+def write_train_checkpoint(path: Path, net, *, class_names: list[str] | None, image_size: int, model: str = "resnetv2") -> Path:
+    """A weights file as train.py writes it: the net's parameters with meta.json (architecture, classes, preprocessing)."""
+    from bit_zoo.training.checkpoint import export_weights
+
+    meta = {
+        "model": model,
+        "layers": list(net.layers),
+        "width_factor": int(net.width_factor),
+        "num_classes": int(net.num_classes),
+        "in_channels": 3,
+        "class_names": class_names,
+        "preprocess": {"image_size": image_size, "eval_size": image_size, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
+                       "crop_pct": 1.0},
+    }  # fmt: skip
+    return export_weights(net, path, meta=meta)

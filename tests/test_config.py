@@ -191,6 +191,15 @@ def test_quickstart_headers_state_the_readme_figures():
     assert f"{measured}" in readme, f"the pretrain header's {measured}% is not the README's"
 
 
+def test_distill_digits_header_states_the_readme_figures():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    header = (ROOT / "configs" / "distill" / "digits_teacher_to_student.yaml").read_text(encoding="utf-8")
+    figures = re.findall(r"(\d+\.\d+)%", header.split("# Hardware")[0].split("# Expected")[1])
+    assert len(figures) >= 5
+    missing = [f for f in figures if f not in readme]
+    assert not missing, f"the digits distillation header's {missing} are not in the README"
+
+
 def test_hyperrule_configs_cover_every_model_and_are_current():
     from importlib.util import module_from_spec, spec_from_file_location
 
@@ -212,6 +221,29 @@ def test_seed_config_has_every_value_of_the_recipe():
         loss_scale="dynamic", loss_scale_value=2.0**24, amp_level="O2",
     )  # fmt: skip
     assert {k: cfg[k] for k in expected} == expected
+
+
+DISTILL_CONFIGS = sorted((ROOT / "configs" / "distill").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", DISTILL_CONFIGS, ids=[p.stem for p in DISTILL_CONFIGS])
+def test_distill_configs_name_one_teacher_source(path, monkeypatch):
+    """Every shipped distillation config distils (function matching: mixup on, KL, labels out of the loss) from
+    exactly one teacher source; a teacher checkpoint is the output of the shipped config that trains it."""
+    from bit_zoo.training.distill import distilling
+
+    monkeypatch.chdir(ROOT)
+    cfg = parse_config("train", ["-c", str(path)])
+    d = cfg.distill
+    assert distilling(d) and d.distill_loss == "kl" and d.distill_label_weight == 0.0
+    assert bool(d.teacher_pretrained) != bool(d.teacher_checkpoint_path), "exactly one of teacher_pretrained and teacher_checkpoint_path"
+    assert cfg.data.mixup_alpha == 1.0, "the paper's mixup p=1.0"
+    if d.teacher_pretrained:
+        assert bit_zoo.is_model(d.teacher) and bit_zoo.get_weights(d.teacher).num_classes == cfg.model.num_classes
+    else:
+        # the header shows the command that writes the teacher checkpoint, and that command writes it there
+        outputs = {str(Path(parse_config("train", argv).system.output_dir) / "best.ckpt") for argv in _header_commands(path)}
+        assert d.teacher_checkpoint_path in outputs, (d.teacher_checkpoint_path, outputs)
 
 
 def test_one_hyperrule_resolution_rule():

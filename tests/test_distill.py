@@ -8,11 +8,13 @@ by the step tests (module fixture).
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import mindspore as ms
 import numpy as np
 import pytest
+from conftest import write_train_checkpoint
 from mindspore import nn
 
 import bit_zoo
@@ -25,8 +27,9 @@ from bit_zoo.training.distill import (
     DistillNetWithLoss,
     build_teacher,
     check_teacher_input,
-    distill_metrics,
+    distill_counts,
 )
+from bit_zoo.training.metrics import combine_parts, evaluate, evaluate_part, gather_parts
 from bit_zoo.training.optim import OptimConfig, create_optimizer
 from bit_zoo.training.train_step import StepConfig, Trainer
 
@@ -173,35 +176,151 @@ def test_build_teacher_checks_its_weights(tmp_path: Path, make_upstream_npz):
         build_teacher("bit_s_r50x1", num_classes=5, pretrained=True, checkpoint_path="x.npz")
     path = tmp_path / "teacher.npz"
     make_upstream_npz(path, "bit_s_r50x1", 5)
-    with pytest.raises(ValueError, match="does not have 10 classes"):
+    with pytest.raises(ValueError, match="has 5 classes, the training data 10.*teacher_checkpoint_path"):
         build_teacher("bit_s_r50x1", num_classes=10, checkpoint_path=str(path))
+    with pytest.raises(ValueError, match="carries no meta.json.*pass teacher NAME"):
+        build_teacher(None, num_classes=5, checkpoint_path=str(path))  # an upstream file does not name its architecture
     teacher = build_teacher("bit_s_r50x1", num_classes=5, checkpoint_path=str(path))
-    params = list(teacher.get_parameters())
+    params = list(teacher.net.get_parameters())
     assert all(p.name.startswith(TEACHER_PREFIX) and not p.requires_grad for p in params)
-    assert not teacher.training
-    assert teacher.get_classifier().weight.shape == (5, 2048) and np.any(teacher.get_classifier().weight.asnumpy())
+    assert not teacher.net.training
+    assert teacher.net.get_classifier().weight.shape == (5, 2048) and np.any(teacher.net.get_classifier().weight.asnumpy())
     check_teacher_input(teacher, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # BiT's [-1, 1]
     with pytest.raises(ValueError, match="set mean/std to the teacher's"):
         check_teacher_input(teacher, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
-def test_distill_metrics_counts():
+def test_teacher_from_a_train_checkpoint_alone(tmp_path: Path):
+    """teacher_checkpoint_path of a file train.py wrote is enough: its meta.json names the architecture
+    (here a resnetv2 that no registered name has), classes and normalisation; contradictions are one clear error."""
+    net = bit_zoo.ResNetV2((1, 2, 1, 1), 2, num_classes=NUM_CLASSES)
+    rng = np.random.default_rng(0)
+    net.get_classifier().weight.set_data(ms.Tensor(rng.standard_normal((NUM_CLASSES, net.num_features)).astype(np.float32)))
+    names = [str(i) for i in range(NUM_CLASSES)]
+    path = write_train_checkpoint(tmp_path / "best.ckpt", net, class_names=names, image_size=16)
+    teacher = build_teacher(None, num_classes=NUM_CLASSES, checkpoint_path=str(path))
+    assert (teacher.name, teacher.net.layers, teacher.net.width_factor, teacher.class_names) == ("resnetv2", (1, 2, 1, 1), 2, names)
+    x = ms.Tensor(rng.uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32))
+    net.set_train(False)
+    np.testing.assert_allclose(teacher.net(x).asnumpy(), net(x).asnumpy(), rtol=1e-5, atol=1e-5)
+    assert build_teacher("resnetv2", num_classes=NUM_CLASSES, checkpoint_path=str(path)).net.layers == (1, 2, 1, 1)
+    check_teacher_input(teacher, mean=(0.5,) * 3, std=(0.5,) * 3, class_names=names)
+    with pytest.raises(ValueError, match=r"trained on classes \['0'.*set classes \(and dataset\) to the teacher's"):
+        check_teacher_input(teacher, mean=(0.5,) * 3, std=(0.5,) * 3, class_names=names[:5] + names[6:] + ["5"])
+    with pytest.raises(ValueError, match="does not exist: train the teacher first"):
+        build_teacher(None, num_classes=NUM_CLASSES, checkpoint_path=str(tmp_path / "missing.ckpt"))
+    with pytest.raises(ValueError, match="has 10 classes, the training data 4.*fine-tune the teacher"):
+        build_teacher(None, num_classes=4, checkpoint_path=str(path))
+    with pytest.raises(ValueError, match=r"teacher bit_s_r50x1 \(layers \[3, 4, 6, 3\].*unset teacher"):
+        build_teacher("bit_s_r50x1", num_classes=NUM_CLASSES, checkpoint_path=str(path))
+
+
+def test_teacher_pretrained_needs_a_name(monkeypatch):
+    from bit_zoo.config import parse_config
+    from bit_zoo.training.distill import distill_teacher
+
+    cfg = parse_config("train", ["--teacher_pretrained", "true"])
+    with pytest.raises(ValueError, match="teacher_pretrained is set but no teacher"):
+        distill_teacher(cfg, NUM_CLASSES, {"mean": (0.5,) * 3, "std": (0.5,) * 3})
+    with pytest.raises(ValueError, match="teacher_pretrained needs teacher"):
+        build_teacher(None, num_classes=NUM_CLASSES, pretrained=True)
+
+
+def test_distill_counts():
     s = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [0.0, 0.0, 5.0], [1.0, 0.0, 0.0]])
     t = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 4.0, 0.0]])
     labels = np.array([0, 2, 1, 1])
-    out = distill_metrics(s, t, labels)
-    assert (out["n"], out["top1"], out["teacher_top1"], out["agree"]) == (4, 1, 3, 2)
-    assert out["top5"] == 4  # k capped at the 3 classes
-    np.testing.assert_allclose(out["kl"], sum(reference_loss(s[i : i + 1], t[i : i + 1], np.zeros((1, 3)), 1.0, 0.0) for i in range(4)))
+    out = distill_counts(s, t, labels)
+    assert (out["n"], out["teacher_top1"], out["agree"]) == (4, 3, 2)
+    reference = [reference_loss(s[i : i + 1], t[i : i + 1], np.zeros((1, 3)), 1.0, 0.0) for i in range(4)]
+    np.testing.assert_allclose(out["kl"], reference)
 
 
-def test_distill_evaluator_caches_teacher():
+N_VAL = 19  # odd: two ranks hold 10 and 9 images, so the gathered arrays are padded
+
+
+def _digits_val(world: int = 1, rank: int = 0):
+    return create_loader(
+        "digits", None, "val", batch_size=8, image_size=16, num_samples=N_VAL, num_workers=1, shuffle=False, drop_remainder=False,
+        num_shards=world, shard_id=rank,
+    )  # fmt: skip
+
+
+def test_distill_evaluation_reports_agreement_and_caches_the_teacher():
     student, teacher = tiny(0, head_scale=0.5), tiny(1, head_scale=2.0)
     calls = []
     evaluator = DistillEvaluator(Recorder(teacher, calls))
-    data = create_loader("digits", None, "val", batch_size=8, image_size=32, num_samples=12, num_workers=1)
-    first = evaluator(student, data.dataset)
-    second = evaluator(student, data.dataset)
-    assert len(calls) == 2  # two batches, computed once
+    data = _digits_val()
+    first = evaluator(student, data.dataset, num_images=N_VAL)
+    second = evaluator(student, data.dataset, num_images=N_VAL)
+    assert len(calls) == 3 == evaluator.teacher_forwards  # three batches (8, 8, 3 padded to 8), computed once
     assert first == {**second, "seconds": first["seconds"]}
-    assert first["images"] == 12 and first["teacher_top1"] is not None and first["kl"] > 0
+    # the very numbers of a plain evaluation of the student, plus the teacher's, from logits computed here
+    plain = evaluate(student, data.dataset, num_images=N_VAL)
+    assert {k: first[k] for k in plain if k != "seconds"} == {k: v for k, v in plain.items() if k != "seconds"}
+    images, labels = (np.concatenate(a) for a in zip(*data.dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)))
+    padded = ms.Tensor(np.concatenate([images, images[:5]]))  # 24 = 3 x 8 rows: the shapes already compiled above
+    s, t = student(padded[:8]), teacher(padded[:8])
+    s, t = (
+        np.concatenate([out.asnumpy()] + [net(padded[i : i + 8]).asnumpy() for i in (8, 16)])[:N_VAL]
+        for out, net in ((s, student), (t, teacher))
+    )
+    assert first["extras"] == ["agreement", "teacher_top1", "kl"]
+    assert first["agreement"] == 100.0 * (s.argmax(-1) == t.argmax(-1)).sum() / N_VAL
+    assert first["teacher_top1"] == 100.0 * (t.argmax(-1) == labels).sum() / N_VAL
+    np.testing.assert_allclose(first["kl"], reference_loss(s, t, np.zeros_like(s), 1.0, 0.0), rtol=1e-5)
+    assert 0 < first["agreement"] < 100 and first["kl"] > 0
+
+
+def test_distill_evaluation_over_ranks_equals_one_process(monkeypatch):
+    """Two ranks with shards of 10 and 9 images (run one after the other, then through gather_parts with a
+    simulated AllGather): agreement, teacher top-1 and the KL sum combine to the one-process numbers exactly."""
+    student, teacher = tiny(0, head_scale=0.5), tiny(1, head_scale=2.0)
+    single = DistillEvaluator(teacher)(student, _digits_val().dataset, num_images=N_VAL)
+    drop = ("seconds", "ranks")
+    for world in (2,):
+        parts = [
+            evaluate_part(
+                student, _digits_val(world, r).dataset, rank=r, world_size=world, sharded=True, observer=DistillEvaluator(teacher)
+            )
+            for r in range(world)
+        ]
+        combined = combine_parts(parts, sharded=True, num_images=N_VAL)
+        assert {k: v for k, v in combined.items() if k not in drop} == {k: v for k, v in single.items() if k not in drop}
+        # through gather_parts on every rank at once (threads), over an AllGather that concatenates
+        # every rank's array in rank order, as MindSpore's does
+        monkeypatch.setattr("bit_zoo.training.metrics._all_gather", collective := _ThreadAllGather(world))
+        for result in _gather_on_threads(parts, collective):
+            assert {k: v for k, v in result.items() if k not in drop} == {k: v for k, v in single.items() if k not in drop}
+
+
+def _gather_on_threads(parts, collective) -> list[dict]:
+    world = len(parts)
+    results: list = [None] * world
+
+    def rank_main(r):
+        collective.local.rank = r
+        results[r] = combine_parts(gather_parts(parts[r], world), sharded=True, num_images=sum(p.images for p in parts))
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    return results
+
+
+class _ThreadAllGather:
+    """AllGather among threads: each rank's float32 array, concatenated along axis 0 in rank order."""
+
+    def __init__(self, world: int) -> None:
+        self.barrier = threading.Barrier(world, timeout=30)
+        self.slots: list = [None] * world
+        self.local = threading.local()
+
+    def __call__(self, x):
+        self.slots[self.local.rank] = np.ascontiguousarray(x, np.float32)
+        self.barrier.wait()
+        out = np.concatenate(self.slots)
+        self.barrier.wait()  # nobody overwrites a slot before everyone has read it
+        return out

@@ -9,13 +9,16 @@ is the plain KL divergence of the two softmaxes; the T^2 keeps gradient magnitud
 temperatures, as in Hinton et al.
 
 Pieces:
-    build_teacher(name, ...)        a registered name.tag with pretrained weights or a local file,
-                                    frozen, in eval mode, in the run's AMP level
+    build_teacher(name, ...)        a Teacher: a registered name.tag with published weights, or a local
+                                    file (a train.py checkpoint names its own architecture), frozen,
+                                    in eval mode, in the run's AMP level, with the normalisation and
+                                    classes it expects
     DistillNetWithLoss(net, teacher) the loss cell: same call as train_step.NetWithLoss, so the
                                     Trainer's ForwardBackward takes it in its place
-    DistillEvaluator(teacher)       student top-1/top-5/loss plus top-1 agreement with the teacher and
-                                    mean KL over an eval split; the teacher's own top-1 (measured once)
-    distill_metrics(...)            the numpy counts behind it, for one batch of logits
+    DistillEvaluator(teacher)       an observer of metrics.evaluate: top-1 agreement with the teacher,
+                                    mean KL and the teacher's top-1, gathered over ranks; the
+                                    teacher's eval logits cached (they never change)
+    distill_counts(...)             the numpy numbers behind it, for one batch of logits
 
 The teacher is held by the loss cell, never by the student: the student's parameters (and hence its
 checkpoints, ``bit_zoo.loading.model_state(student)``) hold no teacher weight, and the optimizer,
@@ -25,8 +28,8 @@ built over the student's parameters, has no state for it.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import mindspore as ms
 import numpy as np
@@ -34,7 +37,7 @@ from mindspore import nn, ops
 
 from ..factory import create_model
 from ..options import non_negative, option, positive
-from .metrics import Progress, topk_correct
+from .metrics import evaluate, topk_correct
 
 __all__ = [
     "DISTILL_LOSSES",
@@ -43,7 +46,10 @@ __all__ = [
     "DistillNetWithLoss",
     "build_teacher",
     "check_teacher_input",
-    "distill_metrics",
+    "distill_counts",
+    "distilling",
+    "Teacher",
+    "distill_summary",
     "freeze_teacher",
     "kl_divergence",
     "np_kl_divergence",
@@ -58,9 +64,13 @@ DISTILL_LOSSES = ("kl",)
 class DistillConfig:
     """The "distill" option group: train.py distils from `teacher` when it is set (see bit_zoo.options)."""
 
-    teacher: str | None = option(None, "distil from this registered name[.tag] (function matching); unset: train on labels")
+    teacher: str | None = option(
+        None, "distil from this registered name[.tag] (function matching); unset with teacher_checkpoint_path: the checkpoint's own"
+    )
     teacher_pretrained: bool = option(False, "the teacher's weights record (downloaded)")
-    teacher_checkpoint_path: str | None = option(None, "the teacher's weights file (any format bit_zoo reads)")
+    teacher_checkpoint_path: str | None = option(
+        None, "the teacher's weights file: a train.py checkpoint (carries its architecture) or any format bit_zoo reads with teacher"
+    )
     distill_loss: str = option("kl", "student-teacher loss", choices=DISTILL_LOSSES)
     distill_temperature: float = option(1.0, "softmax temperature of the KL (T^2-scaled)", check=positive)
     distill_label_weight: float = option(0.0, "weight of the label cross-entropy added to the KL", check=non_negative)
@@ -100,50 +110,125 @@ def freeze_teacher(teacher: nn.Cell) -> nn.Cell:
     return teacher
 
 
+@dataclass
+class Teacher:
+    """The frozen teacher and what it expects: the input normalisation it was trained with and its class names."""
+
+    net: nn.Cell
+    name: str  # registered name[.tag], or the checkpoint's (e.g. 'resnetv2')
+    source: str  # the checkpoint path or 'pretrained:<name>'
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: list[str] | None  # from the checkpoint's meta.json; None for published weights
+    num_classes: int
+
+
+def _architecture(name: str) -> tuple[tuple[int, ...], int]:
+    from mindspore.nn.utils import no_init_parameters
+
+    with no_init_parameters():
+        skeleton = create_model(name)
+    return tuple(skeleton.layers), int(skeleton.width_factor)
+
+
 def build_teacher(
-    name: str,
+    name: str | None = None,
     *,
     num_classes: int,
     pretrained: bool = False,
     checkpoint_path: str | None = None,
     amp_level: str = "O0",
     conv_impl: str = "auto",
-) -> nn.Cell:
-    """The frozen teacher: a registered ``name`` or ``name.tag`` with its weights, in the run's AMP level.
+) -> Teacher:
+    """The frozen teacher, from a registered ``name[.tag]`` with its published weights (``pretrained``)
+    or from a local weights file (``checkpoint_path``), in the run's AMP level.
 
-    Exactly one of ``pretrained`` (the weights record, downloaded) and ``checkpoint_path`` (a local
-    file of any format bit_zoo reads, e.g. a train.py best.ckpt). Its classifier must already have
-    ``num_classes`` outputs: a teacher whose head would be left out (another class count) is an
-    error, since a zero head teaches nothing.
+    A checkpoint train.py wrote carries its architecture (meta.json: e.g. ``resnetv2`` with layers and
+    width_factor), so ``name`` may be left unset; other files (upstream .npz, mindcv .ckpt) need it.
+    A training checkpoint's EMA weights are used when it has them (as validate.py does). The
+    classifier must have ``num_classes`` outputs: a teacher of another class count teaches nothing.
     """
-    if bool(pretrained) == bool(checkpoint_path):
+    from ..inference import load_model  # inference imports the data pipeline: only when distilling
+
+    where = f"teacher {name or checkpoint_path}"
+    if pretrained and checkpoint_path:
         raise ValueError(
-            f"teacher {name}: set exactly one of teacher_pretrained (the published weights) and teacher_checkpoint_path "
+            f"{where}: set exactly one of teacher_pretrained (the published weights) and teacher_checkpoint_path "
+            "(a local weights file, e.g. the best.ckpt of a run that trained the teacher), not both"
+        )
+    if not pretrained and not checkpoint_path:
+        raise ValueError(
+            f"{where}: set exactly one of teacher_pretrained (the published weights) and teacher_checkpoint_path "
             "(a local weights file, e.g. the best.ckpt of a run that trained the teacher); a random teacher teaches nothing"
         )
-    teacher = create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path, num_classes=num_classes, conv_impl=conv_impl)
-    head = teacher.get_classifier().weight.asnumpy()
-    if not np.any(head):
-        source = checkpoint_path or f"{name}'s published weights ({teacher.weights.num_classes} classes)"
+    if checkpoint_path and not Path(checkpoint_path).is_file():
         raise ValueError(
-            f"teacher {name}: the classifier in {source} does not have {num_classes} classes, so it was left out (zero head). "
-            "Distil from a teacher fine-tuned on this dataset's classes: fine-tune it with train.py first and pass its checkpoint"
+            f"teacher_checkpoint_path {checkpoint_path} does not exist: train the teacher first (its run writes <output_dir>/best.ckpt) "
+            "or point teacher_checkpoint_path at its weights file"
+        )
+    if pretrained and name is None:
+        raise ValueError("teacher_pretrained needs teacher: NAME[.tag] (a registered model whose published weights are the teacher)")
+    if name is not None and name != "resnetv2" and checkpoint_path:
+        _check_named_architecture(name, checkpoint_path)
+    try:
+        loaded = load_model(
+            None if name == "resnetv2" else name,
+            checkpoint_path=checkpoint_path,
+            pretrained=pretrained,
+            conv_impl=conv_impl,
+            num_classes=num_classes if pretrained else None,
+        )
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}".replace("--model", "teacher").replace("--layers", "a checkpoint train.py wrote")) from e
+    teacher = loaded.model
+    head = teacher.get_classifier()
+    classes = int(head.weight.shape[0]) if head is not None else 0
+    source = checkpoint_path or f"{name}'s published weights ({teacher.weights.num_classes} classes)"
+    if classes != num_classes or (pretrained and not np.any(head.weight.asnumpy())):
+        have = classes if checkpoint_path else teacher.weights.num_classes
+        raise ValueError(
+            f"teacher {loaded.name}: the classifier in {source} has {have} classes, the training data {num_classes}, "
+            f"so it does not have {num_classes} classes to teach. Distil on the classes the teacher was trained on (classes), "
+            "or fine-tune the teacher on this dataset with train.py first and pass its best.ckpt as teacher_checkpoint_path"
         )
     if amp_level != "O0":
         teacher = ms.amp.auto_mixed_precision(teacher, amp_level)
-    _logger.info("teacher %s (%s), %d classes, amp %s", name, checkpoint_path or "pretrained", num_classes, amp_level)
-    return freeze_teacher(teacher)
+    _logger.info("teacher %s from %s (%s weights), %d classes, amp %s", loaded.name, loaded.source, loaded.weights, classes, amp_level)
+    pp = loaded.preprocess
+    return Teacher(freeze_teacher(teacher), loaded.name, loaded.source, tuple(pp.mean), tuple(pp.std), loaded.class_names, classes)
 
 
-def check_teacher_input(teacher: nn.Cell, *, mean, std) -> None:
-    """The teacher sees the student's batch, so it must expect the student's normalisation."""
-    weights = getattr(teacher, "weights", None)
-    if weights is None:
+def _check_named_architecture(name: str, checkpoint_path: str) -> None:
+    """A registered teacher name and a checkpoint whose meta.json names another architecture contradict each other."""
+    from ..loading import detect_format, read_arrays
+    from ..meta import decode_meta
+
+    if detect_format(checkpoint_path) == "npz":
+        return  # upstream files carry no meta.json: not worth reading a large teacher twice
+    _, arrays = read_arrays(checkpoint_path)
+    meta = decode_meta(arrays)
+    if not meta or "layers" not in meta:
         return
-    if not (np.allclose(weights.mean, mean) and np.allclose(weights.std, std)):
+    wanted = _architecture(name)
+    found = (tuple(meta["layers"]), int(meta.get("width_factor", 1)))
+    if wanted != found:
         raise ValueError(
-            f"the teacher expects inputs normalised with mean {tuple(weights.mean)} std {tuple(weights.std)}, the student's batch "
+            f"teacher {name} (layers {list(wanted[0])}, width {wanted[1]}) but {checkpoint_path} holds a {meta['model']} with layers "
+            f"{list(found[0])}, width {found[1]}: unset teacher (the checkpoint names its architecture) or name the one it holds"
+        )
+
+
+def check_teacher_input(teacher: Teacher, *, mean, std, class_names: list[str] | None = None) -> None:
+    """The teacher sees the student's batch, so it must expect the student's normalisation (and classes, when both are named)."""
+    if not (np.allclose(teacher.mean, mean) and np.allclose(teacher.std, std)):
+        raise ValueError(
+            f"the teacher expects inputs normalised with mean {tuple(teacher.mean)} std {tuple(teacher.std)}, the student's batch "
             f"has mean {tuple(mean)} std {tuple(std)}: both see the same batch, so set mean/std to the teacher's"
+        )
+    if teacher.class_names is not None and class_names is not None and list(teacher.class_names) != list(class_names):
+        raise ValueError(
+            f"the teacher ({teacher.source}) was trained on classes {teacher.class_names}, the training data has {list(class_names)}: "
+            "its outputs would teach the wrong labels; set classes (and dataset) to the teacher's"
         )
 
 
@@ -196,81 +281,87 @@ class DistillNetWithLoss(nn.Cell):
         return loss
 
 
-def distill_metrics(student_logits: np.ndarray, teacher_logits: np.ndarray, labels: np.ndarray, *, temperature: float = 1.0) -> dict:
-    """Counts over one batch: student top-1/top-5 correct, teacher top-1 correct, top-1 agreement,
-    summed KL(teacher || student) at ``temperature`` and summed student cross-entropy; ``n`` rows."""
+def distill_counts(student_logits: np.ndarray, teacher_logits: np.ndarray, labels: np.ndarray, *, temperature: float = 1.0) -> dict:
+    """One batch: teacher top-1 hits, student-teacher top-1 agreements and every image's
+    KL(teacher || student) at ``temperature`` (float64), for ``n`` rows."""
     s = np.asarray(student_logits, np.float64)
     t = np.asarray(teacher_logits, np.float64)
     labels = np.asarray(labels)
     hard = labels.argmax(-1) if labels.ndim == 2 else labels.astype(np.int64)
-    student_correct = topk_correct(s, hard)
     return {
         "n": len(hard),
-        "top1": student_correct[1],
-        "top5": student_correct[5],
         "teacher_top1": topk_correct(t, hard, ks=(1,))[1],
         "agree": int((s.argmax(-1) == t.argmax(-1)).sum()),
-        "kl": float(np_kl_divergence(s, t, temperature).sum()),
-        "loss": float(-_np_log_softmax(s)[np.arange(len(hard)), hard].sum()),
+        "kl": np_kl_divergence(s, t, temperature),
     }
 
 
 class DistillEvaluator:
-    """Student vs. teacher over an eval split: one pass gives the student's top-1/top-5/loss (as
-    metrics.evaluate), its top-1 agreement with the teacher and mean KL (percent / nats per image).
+    """Student vs. teacher over an eval split, in the same pass as the student's top-1.
+
+    An observer of ``metrics.evaluate`` (see there): for every batch a rank evaluates it adds the
+    teacher's top-1 hits, the student's top-1 agreement with the teacher and each image's
+    KL(teacher || student) at ``temperature``; they are gathered over ranks exactly as the
+    student's own counts and losses, so a data-parallel result equals the one-process one. The
+    result gains ``agreement`` (percent), ``kl`` (mean, nats per image) and ``teacher_top1``.
 
     The eval pipeline is deterministic (no shuffle, resize + center crop), so the teacher's logits
-    are computed on the first call and cached (``cache=True``; N x classes float32 on the host);
-    ``teacher_top1`` is measured then, once.
+    are computed on the first pass and cached by batch index (``cache=True``; this rank's images x
+    classes float32 on the host): the teacher runs once per run, however many evaluations follow.
     """
 
     def __init__(self, teacher: nn.Cell, *, temperature: float = 1.0, cache: bool = True) -> None:
         self.teacher = teacher
         self.temperature = float(temperature)
         self.cache = cache
-        self._teacher_logits: list[np.ndarray] | None = None
-        self.teacher_top1: float | None = None
+        self._cached: dict[int, np.ndarray] | None = None
+        self._fresh: dict[int, np.ndarray] = {}
+        self._counts: dict[str, int] = {}
+        self._kl: list[np.ndarray] = []
+        self.teacher_forwards = 0  # batches the teacher ran on (a test checks the cache)
 
-    def __call__(self, student: nn.Cell, dataset, *, progress: bool = False, desc: str = "eval") -> dict:
-        student.set_train(False)
+    def begin(self) -> None:
         self.teacher.set_train(False)
-        cached = self._teacher_logits
-        fresh: list[np.ndarray] = []
-        totals = {"n": 0, "top1": 0, "top5": 0, "teacher_top1": 0, "agree": 0, "kl": 0.0, "loss": 0.0}
-        start = time.perf_counter()
-        batches = dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)
-        for i, (images, labels) in enumerate(Progress(batches, total=dataset.get_dataset_size(), desc=desc, enabled=progress)):
-            x = ms.Tensor(images)
-            s = student(x).asnumpy()
-            t = cached[i] if cached is not None else self.teacher(x).asnumpy().astype(np.float32)
-            fresh.append(t)
-            for k, v in distill_metrics(s, t, labels, temperature=self.temperature).items():
-                totals[k] += v
-        n = totals["n"]
-        if n == 0:
-            raise ValueError("the evaluation split is empty: check data_dir, val_split and num_samples")
-        if cached is not None and len(fresh) != len(cached):
-            raise RuntimeError(f"the eval split gave {len(fresh)} batches, the cached teacher logits {len(cached)}: build it once")
-        if cached is None:
-            self.teacher_top1 = 100.0 * totals["teacher_top1"] / n
-            if self.cache:
-                self._teacher_logits = fresh
-        return {
-            "top1": 100.0 * totals["top1"] / n,
-            "top5": 100.0 * totals["top5"] / n,
-            "loss": totals["loss"] / n,
-            "agreement": 100.0 * totals["agree"] / n,
-            "kl": totals["kl"] / n,
-            "teacher_top1": self.teacher_top1,
-            "images": n,
-            "seconds": time.perf_counter() - start,
-        }
+        self._fresh, self._kl = {}, []
+        self._counts = {"agreement": 0, "teacher_top1": 0}
+
+    def batch(self, index: int, x: ms.Tensor, real: int, logits: np.ndarray, labels: np.ndarray) -> None:
+        t = None if self._cached is None else self._cached.get(index)
+        if t is None:
+            t = self.teacher(x).asnumpy()[:real].astype(np.float32)  # x is padded to one shape; keep the real rows
+            self.teacher_forwards += 1
+        if len(t) != real:
+            raise RuntimeError(f"eval batch {index}: {real} images but {len(t)} cached teacher rows; the eval split changed")
+        self._fresh[index] = t
+        counts = distill_counts(logits, t, labels, temperature=self.temperature)
+        self._counts["agreement"] += counts["agree"]
+        self._counts["teacher_top1"] += counts["teacher_top1"]
+        self._kl.append(counts["kl"])
+
+    def end(self) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+        if self.cache and self._cached is None:
+            self._cached = self._fresh
+        kl = np.concatenate(self._kl) if self._kl else np.zeros(0, np.float64)
+        return dict(self._counts), {"kl": kl}
+
+    def __call__(self, student: nn.Cell, dataset, *, dist=None, sharded: bool = False, num_images: int | None = None,
+                 progress: bool = False, desc: str = "eval") -> dict:  # fmt: skip
+        """metrics.evaluate of ``student`` with this observer: top1/top5/loss plus agreement, kl, teacher_top1."""
+        return evaluate(student, dataset, dist=dist, sharded=sharded, num_images=num_images, progress=progress, desc=desc, observer=self)
 
 
-def distill_teacher(cfg, num_classes: int, prep: dict) -> nn.Cell | None:
-    """The run's frozen teacher (None without ``teacher``), checked against the student's input normalisation."""
+def distilling(d: DistillConfig) -> bool:
+    """Whether the run distils: a teacher is named or its checkpoint given."""
+    return d.teacher is not None or d.teacher_checkpoint_path is not None
+
+
+def distill_teacher(cfg, num_classes: int, prep: dict, class_names: list[str] | None = None) -> Teacher | None:
+    """The run's frozen teacher (None when not distilling), checked against the student's input
+    normalisation and, when both are known, its class names."""
     d = cfg.distill
-    if d.teacher is None:
+    if not distilling(d):
+        if d.teacher_pretrained:
+            raise ValueError("teacher_pretrained is set but no teacher: set teacher: NAME[.tag], or unset teacher_pretrained")
         return None
     teacher = build_teacher(
         d.teacher,
@@ -280,12 +371,31 @@ def distill_teacher(cfg, num_classes: int, prep: dict) -> nn.Cell | None:
         amp_level=cfg.model.amp_level,
         conv_impl=cfg.model.conv_impl,
     )
-    check_teacher_input(teacher, mean=prep["mean"], std=prep["std"])
+    check_teacher_input(teacher, mean=prep["mean"], std=prep["std"], class_names=class_names)
     return teacher
 
 
-def distill_loss_cell(d: DistillConfig, net: nn.Cell, teacher: nn.Cell, *, soft_labels: bool) -> DistillNetWithLoss:
+def distill_loss_cell(d: DistillConfig, net: nn.Cell, teacher: Teacher, *, soft_labels: bool) -> DistillNetWithLoss:
     """The Trainer's loss cell for function matching: the teacher sees the student's very batch."""
     return DistillNetWithLoss(
-        net, teacher, soft_labels=soft_labels, temperature=d.distill_temperature, label_weight=d.distill_label_weight, loss=d.distill_loss
+        net,
+        teacher.net,
+        soft_labels=soft_labels,
+        temperature=d.distill_temperature,
+        label_weight=d.distill_label_weight,
+        loss=d.distill_loss,
     )
+
+
+def distill_summary(teacher: Teacher, final: dict) -> dict:
+    """The summary's "distill" entry: the teacher, its top-1 (measured once: its logits are cached)
+    and the student's agreement with it at the last evaluation."""
+    return {
+        "teacher": teacher.name,
+        "teacher_source": teacher.source,
+        "teacher_top1": final.get("teacher_top1"),
+        "student_top1": final.get("top1"),
+        "agreement": final.get("agreement"),
+        "kl": final.get("kl"),
+        "images": final.get("images"),
+    }

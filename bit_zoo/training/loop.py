@@ -104,13 +104,17 @@ class TrainLoop:
         dist: DistInfo | None = None,
         progress: bool = False,
         on_save: Callable[[], object] | None = None,
+        eval_observer=None,
     ) -> None:
+        """``eval_observer`` adds its numbers to every evaluation (metrics.evaluate's observer, e.g.
+        distillation's agreement with the teacher): they go into the epoch record and log line."""
         self.trainer, self.model, self.plan = trainer, model, plan
         self.train_data, self.eval_data = train_data, eval_data
         self.step_cfg, self.ckpt_cfg = step, checkpoint
         self.manager, self.metrics = manager, metrics
         self.dist = dist
         self.on_save = on_save  # e.g. the upload of a remote output_dir (bit_zoo.remote.Mirror.sync)
+        self.eval_observer = eval_observer
         self.is_main, self.progress = (dist is None or dist.is_main), progress
         self.last_eval: dict = {}
         self.saved_step: int | None = None
@@ -217,7 +221,7 @@ class TrainLoop:
             # every rank evaluates its shard; the counts are gathered, so all ranks get the same result
             result = evaluate(
                 self.trainer.net, self.eval_data.dataset, dist=self.dist, sharded=True, num_images=len(self.eval_data.indices),
-                progress=self.progress and self.is_main, desc="eval",
+                progress=self.progress and self.is_main, desc="eval", observer=self.eval_observer,
             )  # fmt: skip
         finally:
             if ema is not None:
@@ -248,12 +252,14 @@ class TrainLoop:
         if due:  # on every rank: each evaluates its shard of the eval split
             ev = self.last_eval = self._evaluate()
             record.update(top1=ev["top1"], top5=ev["top5"], eval_loss=ev["loss"], eval_images=ev["images"])
+            record.update({k: ev[k] for k in ev.get("extras", ())})
             best = ev["top1"] > state.best_top1
             state.best_top1 = max(state.best_top1, ev["top1"])
         if due and self.is_main:
+            extras = "".join(f", {k} {ev[k]:.4g}" for k in ev.get("extras", ()))
             _logger.info(
-                "%s: train loss %.4f, eval top-1 %.2f top-5 %.2f loss %.4f (%d images, %s weights), %.1f img/s",
-                where, meter.mean_loss, ev["top1"], ev["top5"], ev["loss"], ev["images"], ev["weights"], record["img_per_s"],
+                "%s: train loss %.4f, eval top-1 %.2f top-5 %.2f loss %.4f%s (%d images, %s weights), %.1f img/s",
+                where, meter.mean_loss, ev["top1"], ev["top5"], ev["loss"], extras, ev["images"], ev["weights"], record["img_per_s"],
             )  # fmt: skip
         elif self.is_main:
             _logger.info("%s: train loss %.4f, %.1f img/s", where, meter.mean_loss, record["img_per_s"])

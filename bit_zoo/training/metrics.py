@@ -8,7 +8,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mindspore as ms
@@ -52,13 +52,19 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class EvalPart:
-    """One rank's share of an evaluation: hit counts and every image's loss (float64)."""
+    """One rank's share of an evaluation: hit counts and every image's loss (float64).
+
+    ``counts`` and ``values`` carry an observer's further numbers (see :func:`evaluate`): integer
+    counts reported as a percentage of the images, per-image float64 values reported as their mean.
+    """
 
     rank: int
     top1: int
     top5: int
     losses: np.ndarray
     seconds: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
+    values: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def images(self) -> int:
@@ -74,6 +80,7 @@ def evaluate(
     num_images: int | None = None,
     progress: bool = False,
     desc: str = "eval",
+    observer=None,
 ) -> dict:
     """top1 / top5 (percent), mean cross-entropy and the image count over one pass of the eval split.
 
@@ -95,18 +102,35 @@ def evaluate(
     ranks, so neither the shard boundaries nor the summation order change a bit. Each batch is
     padded to the first batch's size (the padded rows are dropped) so graph mode compiles one
     shape, and an image's logits do not depend on the batch it sits in.
+
+    ``observer`` adds numbers of its own (distillation's agreement with the teacher, see
+    training/distill.py): ``observer.begin()`` before the pass, ``observer.batch(index, x, real,
+    logits, labels)`` for every batch this rank evaluates (x the padded input tensor, ``real`` its
+    real rows, logits and int labels of those rows), ``observer.end() -> (counts, values)`` after
+    it. They travel and combine as top1 and the losses do (exactly), and appear in the result
+    under their names, listed in ``result["extras"]``.
     """
     rank, world = (0, 1) if dist is None else (int(dist.rank), int(dist.world_size))
-    part = evaluate_part(net, dataset, rank=rank, world_size=world, sharded=sharded, progress=progress, desc=desc)
+    part = evaluate_part(net, dataset, rank=rank, world_size=world, sharded=sharded, progress=progress, desc=desc, observer=observer)
     parts = [part] if world == 1 else gather_parts(part, world)
     return combine_parts(parts, sharded=sharded, num_images=num_images)
 
 
 def evaluate_part(
-    net: nn.Cell, dataset, *, rank: int = 0, world_size: int = 1, sharded: bool = False, progress: bool = False, desc: str = "eval"
+    net: nn.Cell,
+    dataset,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    sharded: bool = False,
+    progress: bool = False,
+    desc: str = "eval",
+    observer=None,
 ) -> EvalPart:
     """This rank's share of the evaluation (no communication): see :func:`evaluate`."""
     net.set_train(False)
+    if observer is not None:
+        observer.begin()
     top1 = top5 = 0
     losses = []
     start = time.perf_counter()
@@ -121,15 +145,24 @@ def evaluate_part(
         real = len(images)
         if real < batch_size:
             images = np.concatenate([images, np.repeat(images[-1:], batch_size - real, axis=0)])
-        logits = net(ms.Tensor(images)).asnumpy()[:real].astype(np.float64)
+        x = ms.Tensor(images)
+        logits = net(x).asnumpy()[:real].astype(np.float64)
         labels = np.asarray(labels)
         hard = labels.argmax(-1) if labels.ndim == 2 else labels.astype(np.int64)
+        if observer is not None:
+            observer.batch(index, x, real, logits, hard)
         losses.append(-_log_softmax(logits)[np.arange(real), hard])
         hits = _topk_hits(logits, hard)
         top1 += int(hits[1].sum())
         top5 += int(hits[5].sum())
     loss = np.concatenate(losses) if losses else np.zeros(0, np.float64)
-    return EvalPart(rank, top1, top5, loss, time.perf_counter() - start)
+    counts, values = observer.end() if observer is not None else ({}, {})
+    for name, v in values.items():
+        if len(v) != len(loss):
+            raise ValueError(f"the eval observer gave {len(v)} {name} values for {len(loss)} images: one per image")
+    return EvalPart(
+        rank, top1, top5, loss, time.perf_counter() - start, dict(counts), {k: np.asarray(v, np.float64) for k, v in values.items()}
+    )
 
 
 def combine_parts(parts: list[EvalPart], *, sharded: bool = False, num_images: int | None = None) -> dict:
@@ -155,7 +188,7 @@ def combine_parts(parts: list[EvalPart], *, sharded: bool = False, num_images: i
     top1 = sum(p.top1 for p in parts)
     top5 = sum(p.top5 for p in parts)
     seconds = max(p.seconds for p in parts)
-    return {
+    result = {
         "top1": 100.0 * top1 / n,
         "top5": 100.0 * top5 / n,
         "loss": loss_sum / n,
@@ -163,6 +196,14 @@ def combine_parts(parts: list[EvalPart], *, sharded: bool = False, num_images: i
         "seconds": seconds,
         "ranks": world,
     }
+    extras = {}
+    for name in parts[0].counts:
+        extras[name] = 100.0 * sum(p.counts[name] for p in parts) / n
+    for name in parts[0].values:
+        extras[name] = math.fsum(x for p in parts for x in p.values[name].tolist()) / n
+    if extras:
+        result.update(extras, extras=list(extras))
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,19 +234,35 @@ def _all_gather(x: np.ndarray) -> np.ndarray:
 
 
 def gather_parts(part: EvalPart, world_size: int) -> list[EvalPart]:
-    """Every rank's EvalPart on every rank (two AllGathers: the counts, then the padded losses)."""
+    """Every rank's EvalPart on every rank (two AllGathers: the counts, then the padded per-image
+    losses and observer values). Every rank has the same observer, hence the same names."""
     if part.images >= 2**24:
         raise ValueError(f"{part.images} images on one rank: counts travel as float32, exact below 2**24 only")
-    header = _all_gather(np.array([part.images, part.top1, part.top5, part.seconds], np.float32)).reshape(world_size, 4)
+    names, value_names = list(part.counts), list(part.values)
+    row = [part.images, part.top1, part.top5, part.seconds, *(part.counts[k] for k in names)]
+    header = _all_gather(np.array(row, np.float32)).reshape(world_size, len(row))
     counts = header[:, 0].astype(np.int64)
     width = max(1, int(counts.max()))
-    mine = np.zeros((width, 3), np.float32)
-    mine[: part.images] = split_float64(part.losses)
-    pieces = _all_gather(mine).reshape(world_size, width, 3)
-    return [
-        EvalPart(r, int(header[r, 1]), int(header[r, 2]), join_float64(pieces[r, : counts[r]]), float(header[r, 3]))
-        for r in range(world_size)
-    ]
+    columns = [part.losses, *(part.values[k] for k in value_names)]
+    mine = np.zeros((width, len(columns), 3), np.float32)
+    for c, column in enumerate(columns):
+        mine[: part.images, c] = split_float64(column)
+    pieces = _all_gather(mine).reshape(world_size, width, len(columns), 3)
+    parts = []
+    for r in range(world_size):
+        joined = join_float64(pieces[r, : counts[r]])  # (images, columns)
+        parts.append(
+            EvalPart(
+                r,
+                int(header[r, 1]),
+                int(header[r, 2]),
+                joined[:, 0],
+                float(header[r, 3]),
+                {k: int(header[r, 4 + i]) for i, k in enumerate(names)},
+                {k: joined[:, 1 + i] for i, k in enumerate(value_names)},
+            )  # fmt: skip
+        )
+    return parts
 
 
 class Progress:
