@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     manager = CheckpointManager(
         out, keep_max=cfg.checkpoint.keep_max, enabled=dist.is_main, meta=meta, async_save=cfg.checkpoint.async_save
     )
-    metrics = MetricsLog(out / "metrics.jsonl", enabled=dist.is_main, append=resume_path is not None)
+    metrics = MetricsLog(out / "metrics.jsonl", enabled=dist.is_main, append=resume_path is not None, resumed_step=state.step)
     if dist.is_main:
         save_config(
             staged.as_given(cfg),

@@ -579,3 +579,17 @@ def test_a_failed_background_write_is_raised_and_keeps_the_earlier_checkpoint(tm
         manager.wait()
     assert uploaded == [1], "nothing is uploaded after a failed write"
     assert ms.load_checkpoint(str(tmp_path / "last.ckpt"))["w"].asnumpy()[0] == 1
+
+
+def test_resumed_metrics_drop_the_records_of_steps_done_again(tmp_path):
+    """A kill between an epoch's record and its checkpoint: the resumed run redoes those steps, so
+    their records go (no step logged twice), and the ones up to the checkpoint stay."""
+    from bit_zoo.training.metrics import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    for step in (3, 6, 9):
+        log.write({"kind": "epoch", "step": step})
+    assert [r["step"] for r in MetricsLog(path, append=True, resumed_step=6).records()] == [3, 6]
+    assert [r["step"] for r in MetricsLog(path, append=True, resumed_step=6).records()] == [3, 6]
+    assert MetricsLog(path, append=False).records() == []

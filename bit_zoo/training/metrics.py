@@ -15,7 +15,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_text_atomic
 
 __all__ = [
     "evaluate",
@@ -301,12 +301,19 @@ class Progress:
 class MetricsLog:
     """Append one JSON object per line (per epoch, plus the final summary) to metrics.jsonl."""
 
-    def __init__(self, path: str | Path, *, enabled: bool = True, append: bool = False) -> None:
+    def __init__(self, path: str | Path, *, enabled: bool = True, append: bool = False, resumed_step: int | None = None) -> None:
+        """append: continue a resumed run's file. Its records of steps after `resumed_step` (the resumed
+        checkpoint's) are dropped, since the run does those steps again: a kill can land between an
+        epoch's record and its checkpoint reaching the disk (or, with a remote output_dir, the bucket)."""
         self.path = Path(path)
         self.enabled = enabled
         if enabled and not append:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("", encoding="utf-8")
+        elif enabled and resumed_step is not None:
+            kept = [r for r in self.records() if r.get("step", 0) <= resumed_step]
+            if len(kept) != len(self.records()):
+                write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
