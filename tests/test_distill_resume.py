@@ -96,3 +96,33 @@ def test_sigkill_mid_epoch_then_resume_of_a_distillation_run_is_bit_identical(tm
     assert len(records) == 2 and all({"agreement", "kl", "teacher_top1"} <= r.keys() for r in records)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["distill"]["teacher_top1"] == records[-1]["teacher_top1"] and summary["distill"]["teacher"] == "resnetv2"
+
+
+@pytest.mark.heavy
+def test_distillation_in_two_processes_matches_one(tmp_path, two_processes):
+    """The same distillation step as 2 ranks (msrun, and mpirun where installed) and as 1 process, global batch 8:
+    both ranks end bit-identical, close to the single process (float summation order), and the sharded
+    evaluation reports agreement and KL over the whole eval split."""
+    ms.set_seed(7)
+    teacher_net = bit_zoo.ResNetV2((1, 1, 1, 1), 1, num_classes=10)
+    rng = np.random.default_rng(7)
+    teacher_net.get_classifier().weight.set_data(ms.Tensor(rng.standard_normal((10, teacher_net.num_features)).astype(np.float32)))
+    teacher = write_train_checkpoint(tmp_path / "teacher.ckpt", teacher_net, class_names=[str(i) for i in range(10)], image_size=16)
+    # the same images in both runs: mixup pairs images within a rank's micro-batch and random crops are
+    # per-rank draws, so they are off here; SGD, since Adam's first steps magnify float-order differences
+    same = ["--steps", "6", "--eval_interval", "0", "--rank_weights", "true", "--mixup_alpha", "0", "--transform", "eval", "--opt", "sgd"]
+    same += ["--lr", "0.01", "--clip_grad_norm", "0"]
+    argv = [*_args(teacher), *same]
+    single = _train(tmp_path, teacher, "single", *same)
+    assert single.wait(timeout=900) == 0, single.stderr.read()[-3000:]
+    code, logs = two_processes(ROOT / "train.py", *argv, "--output_dir", tmp_path / "dp", cwd=tmp_path)
+    assert code == 0, logs[-3000:]
+    r0, r1, one = (_tensors(tmp_path / d / f"weights_rank{r}.ckpt") for d, r in (("dp", 0), ("dp", 1), ("single", 0)))
+    params = [k for k in r0 if k != "meta.json"]
+    for k in params:
+        np.testing.assert_array_equal(r0[k], r1[k], err_msg=k)
+        np.testing.assert_allclose(r0[k], one[k], atol=2e-5, rtol=0, err_msg=k)
+    dp, sp = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("dp", "single"))
+    assert dp["final"]["images"] == sp["final"]["images"] == 40
+    dp, sp = dp["distill"], sp["distill"]
+    assert abs(dp["agreement"] - sp["agreement"]) <= 100 / 40 and dp["kl"] == pytest.approx(sp["kl"], rel=1e-3, abs=1e-4)
