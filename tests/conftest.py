@@ -4,6 +4,7 @@ and a real HTTP server on 127.0.0.1 to download them from."""
 from __future__ import annotations
 
 import http.server
+import logging
 import os
 import shutil
 import socket
@@ -33,6 +34,13 @@ def _workdir(tmp_path, monkeypatch):
     monkeypatch.delenv("BIT_ZOO_MINDCV_BASE_URL", raising=False)
     monkeypatch.delenv("BIT_ZOO_WEIGHTS_SOURCE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # never the real hub from a test
+    # A script's logging.basicConfig in one test binds the root logger to that test's captured stderr,
+    # closed once the test ends: later log records would hit a closed file. Each test gets its own.
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def random_params(model_name: str, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
