@@ -311,8 +311,9 @@ class MetricsLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("", encoding="utf-8")
         elif enabled and resumed_step is not None:
-            kept = [r for r in self.records() if r.get("step", 0) <= resumed_step]
-            if len(kept) != len(self.records()):
+            records = self.records()
+            kept = [r for r in records if r.get("step", 0) <= resumed_step]
+            if len(kept) != len(records):
                 write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
