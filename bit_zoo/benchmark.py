@@ -149,6 +149,42 @@ def _ms_data(args: argparse.Namespace):
     return x, y, dtype
 
 
+def _micro_batches(args: argparse.Namespace, accum_steps: int) -> list:
+    """The random batch as train.py's step takes it: accum_steps (x, y) micro-batches."""
+    import mindspore as ms
+
+    x_np, y_np, dtype = _ms_data(args)
+    micro = args.batch_size // accum_steps
+    return [(ms.Tensor(x_np[i * micro : (i + 1) * micro], dtype), ms.Tensor(y_np[i * micro : (i + 1) * micro])) for i in range(accum_steps)]
+
+
+def _bit_zoo_model(args: argparse.Namespace, name: str | None = None):
+    """(net, the net under the run's AMP level) as create_model returns it, seeded alike for every row."""
+    import mindspore as ms
+
+    import bit_zoo
+
+    ms.set_seed(0)
+    net = bit_zoo.create_model(name or args.model, num_classes=args.num_classes, conv_impl=args.conv_impl, recompute=args.recompute)
+    return net, ms.amp.auto_mixed_precision(net, "O2") if args.precision == "fp16" else net
+
+
+def _train_py_trainer(args: argparse.Namespace, net_with_loss=None):
+    """(net, amp net, Trainer): train.py's path, create_optimizer (SGD = nn.Momentum over the lr array) and Trainer."""
+    import numpy as np
+
+    from .training.optim import OptimConfig, create_optimizer
+    from .training.train_step import Trainer
+
+    net, amp = _bit_zoo_model(args)
+    # lr schedule of 100k steps: indexed by the optimizer's step counter
+    opt = create_optimizer(net.trainable_params(), OptimConfig(opt="sgd", momentum=0.9), np.full(100_000, 1e-3, np.float32))
+    loss_cell = net_with_loss(amp) if net_with_loss else None
+    trainer = Trainer(amp, opt, _step_config(args), soft_labels=False, net_with_loss=loss_cell)
+    trainer.net_with_loss.set_train(True)
+    return net, amp, trainer
+
+
 def _bit_zoo_worker(args: argparse.Namespace) -> list[dict]:
     """bit_zoo through train.py's own step (Trainer), and (unless --no-floor) the plain TrainOneStepCell floor.
 
@@ -156,39 +192,18 @@ def _bit_zoo_worker(args: argparse.Namespace) -> list[dict]:
     machine hits both alike. Peak RSS of the Trainer row is taken before the floor model exists.
     """
     import mindspore as ms
-    import numpy as np
     from mindspore import nn
-
-    import bit_zoo
-
-    from .training.optim import OptimConfig, create_optimizer
-    from .training.train_step import Trainer
 
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE, device_target="CPU")
     x_np, y_np, dtype = _ms_data(args)
-    total = 100_000  # lr schedule length: indexed by the optimizer's step counter
-
-    def model():
-        ms.set_seed(0)
-        net = bit_zoo.create_model(args.model, num_classes=args.num_classes, conv_impl=args.conv_impl, recompute=args.recompute)
-        amp = ms.amp.auto_mixed_precision(net, "O2") if args.precision == "fp16" else net
-        return net, amp
-
-    # train.py's path: create_optimizer (SGD = nn.Momentum over the lr array) and Trainer.step.
-    net, amp = model()
-    opt = create_optimizer(net.trainable_params(), OptimConfig(opt="sgd", momentum=0.9), np.full(total, 1e-3, np.float32))
     cfg = _step_config(args)
-    trainer = Trainer(amp, opt, cfg, soft_labels=False)
-    micro = args.batch_size // cfg.accum_steps
-    batches = [
-        (ms.Tensor(x_np[i * micro : (i + 1) * micro], dtype), ms.Tensor(y_np[i * micro : (i + 1) * micro])) for i in range(cfg.accum_steps)
-    ]
-    amp.set_train(True)
+    net, amp, trainer = _train_py_trainer(args)
+    batches = _micro_batches(args, cfg.accum_steps)
     calls = {"trainer": lambda: trainer.step(batches)[0]}
     first = {"trainer": _first_calls(calls["trainer"], args.warmup)}
     rss = {"trainer": _peak_rss_mib()}
     if not args.no_floor:
-        floor_net, floor_amp = model()
+        floor_net, floor_amp = _bit_zoo_model(args)
         floor_opt = nn.Momentum(floor_net.trainable_params(), 1e-3, 0.9)
         loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
         cell = nn.TrainOneStepCell(nn.WithLossCell(floor_amp, loss_fn), floor_opt)
@@ -220,44 +235,24 @@ def _bit_zoo_worker(args: argparse.Namespace) -> list[dict]:
 def _distill_worker(args: argparse.Namespace) -> list[dict]:
     """--teacher: train.py's distillation step against the student's plain step (alternating), and the teacher's forward."""
     import mindspore as ms
-    import numpy as np
-
-    import bit_zoo
 
     from .training.distill import DistillNetWithLoss, freeze_teacher
-    from .training.optim import OptimConfig, create_optimizer
-    from .training.train_step import Trainer
 
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE, device_target="CPU")
-    x_np, y_np, dtype = _ms_data(args)
+    x_np, _, dtype = _ms_data(args)
     x = ms.Tensor(x_np, dtype)
     cfg = _step_config(args)
-    micro = args.batch_size // cfg.accum_steps
-    batches = [
-        (ms.Tensor(x_np[i * micro : (i + 1) * micro], dtype), ms.Tensor(y_np[i * micro : (i + 1) * micro])) for i in range(cfg.accum_steps)
-    ]
-
-    def amp(net):
-        return ms.amp.auto_mixed_precision(net, "O2") if args.precision == "fp16" else net
-
-    def trainer(net_with_loss=None):
-        ms.set_seed(0)
-        net = amp(bit_zoo.create_model(args.model, num_classes=args.num_classes, conv_impl=args.conv_impl, recompute=args.recompute))
-        opt = create_optimizer(net.trainable_params(), OptimConfig(opt="sgd", momentum=0.9), np.full(100_000, 1e-3, np.float32))
-        loss_cell = net_with_loss(net) if net_with_loss else None
-        t = Trainer(net, opt, cfg, soft_labels=False, net_with_loss=loss_cell)
-        (loss_cell or t.net_with_loss).set_train(True)
-        return t
+    batches = _micro_batches(args, cfg.accum_steps)
 
     # The teacher as train.py builds it (frozen, eval mode, the run's AMP level); random weights: the time is the same.
-    teacher = freeze_teacher(amp(bit_zoo.create_model(args.teacher, num_classes=args.num_classes, conv_impl=args.conv_impl)))
+    teacher = freeze_teacher(_bit_zoo_model(args, args.teacher)[1])
     teacher_fwd = _time_calls(lambda: teacher(x), warmup=args.warmup, steps=args.steps, sync=lambda out: out.asnumpy())
     rss_teacher = _peak_rss_mib()
-    distill = trainer(lambda net: DistillNetWithLoss(net, teacher, soft_labels=False))
+    distill = _train_py_trainer(args, lambda net: DistillNetWithLoss(net, teacher, soft_labels=False))[2]
     calls = {"distill": lambda: distill.step(batches)[0]}
     first = {"distill": _first_calls(calls["distill"], args.warmup)}
     rss_distill = _peak_rss_mib()
-    student = trainer()
+    student = _train_py_trainer(args)[2]
     calls["student"] = lambda: student.step(batches)[0]
     first["student"] = _first_calls(calls["student"], args.warmup)
     per_call = _alternate(calls, steps=args.steps, blocks=args.blocks)
