@@ -173,6 +173,25 @@ def pytest_unconfigure(config):
     gc.collect()
 
 
+@pytest.fixture
+def train_process():
+    """start(cwd, *argv) runs `python train.py *argv` of this checkout as a child process (stdout dropped, stderr
+    piped), for the tests that kill a run and resume it."""
+
+    def start(cwd, *argv) -> subprocess.Popen:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.Popen(
+            [sys.executable, str(root / "train.py"), *map(str, argv)],
+            cwd=cwd,
+            env=dict(os.environ, PYTHONPATH=str(root)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    return start
+
+
 # ------------------------------------------------------------------ two ranks under msrun or mpirun
 
 

@@ -10,10 +10,7 @@ Heavy: three short train.py processes (two at once): 40 s on a quiet 2-core CPU,
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -39,16 +36,13 @@ def _args(teacher: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def _train(cwd: Path, teacher: Path, out: str, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *_args(teacher), "--output_dir", out, *extra],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def _teacher(tmp_path: Path) -> Path:
+    """A tiny resnetv2 teacher with a random head, written as train.py writes its checkpoints."""
+    ms.set_seed(7)
+    net = bit_zoo.ResNetV2((1, 1, 1, 1), 1, num_classes=10)
+    rng = np.random.default_rng(7)
+    net.get_classifier().weight.set_data(ms.Tensor(rng.standard_normal((10, net.num_features)).astype(np.float32)))
+    return write_train_checkpoint(tmp_path / "teacher.ckpt", net, class_names=[str(i) for i in range(10)], image_size=16)
 
 
 def _tensors(path: Path) -> dict[str, np.ndarray]:
@@ -62,15 +56,14 @@ def _epoch_records(path: Path) -> list[dict]:
 
 
 @pytest.mark.heavy
-def test_sigkill_mid_epoch_then_resume_of_a_distillation_run_is_bit_identical(tmp_path):
-    ms.set_seed(7)
-    teacher_net = bit_zoo.ResNetV2((1, 1, 1, 1), 1, num_classes=10)
-    rng = np.random.default_rng(7)
-    teacher_net.get_classifier().weight.set_data(ms.Tensor(rng.standard_normal((10, teacher_net.num_features)).astype(np.float32)))
-    teacher = write_train_checkpoint(tmp_path / "teacher.ckpt", teacher_net, class_names=[str(i) for i in range(10)], image_size=16)
+def test_sigkill_mid_epoch_then_resume_of_a_distillation_run_is_bit_identical(tmp_path, train_process):
+    teacher = _teacher(tmp_path)
 
-    reference = _train(tmp_path, teacher, "ref")
-    killed = _train(tmp_path, teacher, "run")
+    def _train(out: str, *extra: str):
+        return train_process(tmp_path, *_args(teacher), "--output_dir", out, *extra)
+
+    reference = _train("ref")
+    killed = _train("run")
     first = tmp_path / "run" / f"step_{SAVE_EVERY}.ckpt"
     deadline = time.time() + 600
     while not first.exists() and killed.poll() is None and time.time() < deadline:
@@ -81,7 +74,7 @@ def test_sigkill_mid_epoch_then_resume_of_a_distillation_run_is_bit_identical(tm
     at_kill = int(_tensors(tmp_path / "run" / "last.ckpt")["state.step"])
     assert SAVE_EVERY <= at_kill < STEPS_PER_EPOCH, f"killed at step {at_kill}: not mid-epoch 1"
 
-    resumed = _train(tmp_path, teacher, "run", "--resume", "auto")
+    resumed = _train("run", "--resume", "auto")
     assert resumed.wait(timeout=900) == 0, resumed.stderr.read()[-2000:]
     assert reference.wait(timeout=900) == 0, reference.stderr.read()[-2000:]
 
@@ -99,21 +92,17 @@ def test_sigkill_mid_epoch_then_resume_of_a_distillation_run_is_bit_identical(tm
 
 
 @pytest.mark.heavy
-def test_distillation_in_two_processes_matches_one(tmp_path, two_processes):
+def test_distillation_in_two_processes_matches_one(tmp_path, two_processes, train_process):
     """The same distillation step as 2 ranks (msrun, and mpirun where installed) and as 1 process, global batch 8:
     both ranks end bit-identical, close to the single process (float summation order), and the sharded
     evaluation reports agreement and KL over the whole eval split."""
-    ms.set_seed(7)
-    teacher_net = bit_zoo.ResNetV2((1, 1, 1, 1), 1, num_classes=10)
-    rng = np.random.default_rng(7)
-    teacher_net.get_classifier().weight.set_data(ms.Tensor(rng.standard_normal((10, teacher_net.num_features)).astype(np.float32)))
-    teacher = write_train_checkpoint(tmp_path / "teacher.ckpt", teacher_net, class_names=[str(i) for i in range(10)], image_size=16)
+    teacher = _teacher(tmp_path)
     # the same images in both runs: mixup pairs images within a rank's micro-batch and random crops are
     # per-rank draws, so they are off here; SGD, since Adam's first steps magnify float-order differences
     same = ["--steps", "6", "--eval_interval", "0", "--rank_weights", "true", "--mixup_alpha", "0", "--transform", "eval", "--opt", "sgd"]
     same += ["--lr", "0.01", "--clip_grad_norm", "0"]
     argv = [*_args(teacher), *same]
-    single = _train(tmp_path, teacher, "single", *same)
+    single = train_process(tmp_path, *argv, "--output_dir", "single")
     assert single.wait(timeout=900) == 0, single.stderr.read()[-3000:]
     code, logs = two_processes(ROOT / "train.py", *argv, "--output_dir", tmp_path / "dp", cwd=tmp_path)
     assert code == 0, logs[-3000:]

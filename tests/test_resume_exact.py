@@ -9,10 +9,7 @@ The loader-level equivalent (seconds) is in test_data.py: test_train_augmentatio
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,18 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "quickstart_digits_pretrain.yaml"
 # 27 steps per epoch: the kill lands after step 20 (mid-epoch 1), the resumed run crosses into epoch 2.
 ARGS = ["-c", str(CONFIG), "--epochs", "2", "--save_interval", "10", "--progress", "false"]
-
-
-def _train(cwd: Path, out: str, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *ARGS, "--output_dir", out, *extra],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def _tensors(path: Path) -> dict[str, np.ndarray]:
@@ -50,9 +35,12 @@ def _eval_records(path: Path) -> list[dict]:
 
 
 @pytest.mark.heavy
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
-    reference = _train(tmp_path, "ref")  # runs beside the killed one: both are single-threaded enough
-    killed = _train(tmp_path, "run")
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, train_process):
+    def _train(out: str, *extra: str):
+        return train_process(tmp_path, *ARGS, "--output_dir", out, *extra)
+
+    reference = _train("ref")  # runs beside the killed one: both are single-threaded enough
+    killed = _train("run")
     deadline = time.time() + 900
     while not (tmp_path / "run" / "step_20.ckpt").exists() and killed.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -62,7 +50,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     at_kill = int(_tensors(tmp_path / "run" / "last.ckpt")["state.step"])
     assert 20 <= at_kill < 27, f"killed at step {at_kill}: not mid-epoch 1"
 
-    resumed = _train(tmp_path, "run", "--resume", "auto")
+    resumed = _train("run", "--resume", "auto")
     assert resumed.wait(timeout=1200) == 0, resumed.stderr.read()[-2000:]
     assert reference.wait(timeout=1200) == 0, reference.stderr.read()[-2000:]
 
