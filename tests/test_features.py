@@ -178,14 +178,19 @@ def test_freeze_specs_nest_and_unfreeze():
 # ------------------------------------------------------------------------------- eager inference
 
 
+def _compiled_and_eager(*, num_classes: int, seed: int):
+    """The same random weights in a model with compiled eager inference and in one without, both in eval mode."""
+    model = bit_zoo.ResNetV2(LAYERS, num_classes=num_classes)
+    reference = bit_zoo.ResNetV2(LAYERS, num_classes=num_classes, eager_jit=False)
+    state = _random_state(model, seed=seed)
+    for m in (model, reference):
+        load_state(m, state)
+        m.set_train(False)
+    return model, reference
+
+
 def test_eager_inference_is_compiled_and_sees_new_weights():
-    model = bit_zoo.ResNetV2(LAYERS, num_classes=5)
-    reference = bit_zoo.ResNetV2(LAYERS, num_classes=5, eager_jit=False)
-    state = _random_state(model, seed=2)
-    load_state(model, state)
-    load_state(reference, state)
-    model.set_train(False)
-    reference.set_train(False)
+    model, reference = _compiled_and_eager(num_classes=5, seed=2)
     x = _x(n=2, size=32)
     np.testing.assert_allclose(model(x).asnumpy(), reference(x).asnumpy(), rtol=1e-5, atol=1e-5)
     assert model._jit_forward is not None and reference._jit_forward is None
@@ -207,13 +212,7 @@ def test_pynative_training_is_not_compiled_and_learns():
 
 def test_eager_inference_falls_back_when_the_graph_compiler_cannot_parse(caplog):
     """A user's monkeypatched sub-cell (a closure the compiler rejects) still runs, eagerly."""
-    model = bit_zoo.ResNetV2(LAYERS, num_classes=4)
-    reference = bit_zoo.ResNetV2(LAYERS, num_classes=4, eager_jit=False)
-    state = _random_state(model, seed=6)
-    load_state(model, state)
-    load_state(reference, state)
-    model.set_train(False)
-    reference.set_train(False)
+    model, reference = _compiled_and_eager(num_classes=4, seed=6)
     x = _x(n=1, size=32)
     expected = reference(x).asnumpy()
     head = model.head
