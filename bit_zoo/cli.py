@@ -70,11 +70,6 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None, *, 
     return code if isinstance(code, int) else 0  # train.main returns its summary
 
 
-def _staged_files(dataset: str):
-    """Which files of a remote CIFAR data_dir a run reads: the binary batches and label names."""
-    return lambda rel: rel.endswith((".bin", ".txt"))
-
-
 def _folder_selection(data: DataConfig, script: str):
     """select() for stage(): the files of a class-folder dataset that this run reads, and nothing else.
 
@@ -116,7 +111,8 @@ def _folder_selection(data: DataConfig, script: str):
 
 def _stage_data(data: DataConfig, script: str) -> str:
     if data.dataset.startswith("cifar"):
-        return str(stage(data.data_dir, include=_staged_files(data.dataset)))
+        # the files a CIFAR run reads: the binary batches and the label names
+        return str(stage(data.data_dir, include=lambda rel: rel.endswith((".bin", ".txt"))))
     if data.dataset == "digits":  # digits comes with scikit-learn: nothing to stage
         return data.data_dir
     return str(stage(data.data_dir, select=_folder_selection(data, script)))
