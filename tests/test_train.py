@@ -392,10 +392,17 @@ def test_quickstart_fine_tunes_the_pretrained_checkpoint(tmp_path):
 
 @pytest.mark.heavy
 def test_quickstart_as_in_the_readme(tmp_path):
-    """The full quickstart (about 1 minute of training per step on 2 cores) reaches the README's accuracy."""
+    """The full quickstart (about 1 minute of training per step on 2 cores) gives the README's figures.
+
+    The README's quickstart table states the final top-1 of each step in bold; the run is
+    deterministic on one machine, so they must match to the printed digit.
+    """
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("### Quickstart on a CPU, no download") :]
+    expected = [float(v) for v in re.findall(r"\*\*(\d+\.\d\d)\*\*", table)[:2]]
     pre, fine, _ = _run_quickstart(tmp_path, [], [])
-    assert pre["final"]["top1"] >= 98.0 and pre["final"]["images"] == 216
-    assert fine["final"]["top1"] >= 90.0 and fine["final"]["images"] == 143
+    assert pre["final"]["images"] == 216 and fine["final"]["images"] == 143
+    assert [round(pre["final"]["top1"], 2), round(fine["final"]["top1"], 2)] == expected
 
 
 # ------------------------------------------------------------------ the loop itself, with a scripted trainer
