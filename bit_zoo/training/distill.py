@@ -38,7 +38,6 @@ from mindspore import nn, ops
 from ..factory import create_model
 from ..options import non_negative, option, positive
 from .metrics import evaluate, topk_correct
-from .train_step import sparse_cross_entropy
 
 __all__ = [
     "DISTILL_LOSSES",
@@ -262,7 +261,6 @@ class DistillNetWithLoss(nn.Cell):
         self.temperature = float(temperature)
         self.label_weight = float(label_weight)
         self.use_labels = label_weight > 0
-        self.hard_ce = sparse_cross_entropy()
 
     def set_train(self, mode: bool = True):
         # The loop switches the whole cell to training; the teacher stays in eval mode.
@@ -278,7 +276,7 @@ class DistillNetWithLoss(nn.Cell):
             if self.soft_labels:
                 ce = -(y * ops.log_softmax(student, -1)).sum(-1).mean()
             else:
-                ce = self.hard_ce(student, y)
+                ce = ops.cross_entropy(student, y)
             loss = loss + self.label_weight * ce
         return loss
 

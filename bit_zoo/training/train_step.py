@@ -50,7 +50,6 @@ __all__ = [
     "Trainer",
     "create_loss_scaler",
     "jit_level_for",
-    "sparse_cross_entropy",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -186,23 +185,12 @@ class NetWithLoss(nn.Cell):
         super().__init__(auto_prefix=False)
         self.net = net
         self.soft_labels = soft_labels
-        self.hard_ce = sparse_cross_entropy()
 
     def construct(self, x: ms.Tensor, y: ms.Tensor) -> ms.Tensor:
         logits = self.net(x).astype(ms.float32)
         if self.soft_labels:
             return -(y * ops.log_softmax(logits, -1)).sum(-1).mean()
-        return self.hard_ce(logits, y)
-
-
-def sparse_cross_entropy() -> nn.Cell:
-    """Mean softmax cross-entropy on int labels, as one fused kernel.
-
-    Not ``ops.cross_entropy``: that functional form (weights, smoothing, reductions in Python)
-    compiled ~0.9 s slower into the training step's graph (R50x1, three fresh processes each,
-    docs/speed.md), for the same value.
-    """
-    return nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+        return ops.cross_entropy(logits, y)
 
 
 class _Update(nn.Cell):
