@@ -41,8 +41,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from ._timm import import_timm
+from .factory import create_model
 from .options import ToolParser
 from .registry import get_weights  # `python -m bit_zoo.benchmark` has imported the package (and its registry) already
+from .training.distill import DistillNetWithLoss, freeze_teacher
+from .training.optim import OptimConfig, create_optimizer
+from .training.train_step import StepConfig, Trainer
 
 _logger = logging.getLogger(__name__)
 
@@ -127,8 +132,6 @@ def _record(
 
 
 def _step_config(args: argparse.Namespace):
-    from .training.train_step import StepConfig
-
     return StepConfig(
         accum_steps=args.accum_steps,
         clip_grad_norm=args.clip_grad_norm,
@@ -162,19 +165,14 @@ def _bit_zoo_model(args: argparse.Namespace, name: str | None = None):
     """(net, the net under the run's AMP level) as create_model returns it, seeded alike for every row."""
     import mindspore as ms
 
-    import bit_zoo
-
     ms.set_seed(0)
-    net = bit_zoo.create_model(name or args.model, num_classes=args.num_classes, conv_impl=args.conv_impl, recompute=args.recompute)
+    net = create_model(name or args.model, num_classes=args.num_classes, conv_impl=args.conv_impl, recompute=args.recompute)
     return net, ms.amp.auto_mixed_precision(net, "O2") if args.precision == "fp16" else net
 
 
 def _train_py_trainer(args: argparse.Namespace, net_with_loss=None):
     """(net, amp net, Trainer): train.py's path, create_optimizer (SGD = nn.Momentum over the lr array) and Trainer."""
     import numpy as np
-
-    from .training.optim import OptimConfig, create_optimizer
-    from .training.train_step import Trainer
 
     net, amp = _bit_zoo_model(args)
     # lr schedule of 100k steps: indexed by the optimizer's step counter
@@ -235,8 +233,6 @@ def _bit_zoo_worker(args: argparse.Namespace) -> list[dict]:
 def _distill_worker(args: argparse.Namespace) -> list[dict]:
     """--teacher: train.py's distillation step against the student's plain step (alternating), and the teacher's forward."""
     import mindspore as ms
-
-    from .training.distill import DistillNetWithLoss, freeze_teacher
 
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE, device_target="CPU")
     x_np, _, dtype = _ms_data(args)
@@ -316,8 +312,6 @@ def _mindcv_worker(args: argparse.Namespace) -> list[dict]:
 def _torch_worker(args: argparse.Namespace) -> list[dict]:
     # Lazy: torch and timm are only needed for this reference measurement.
     import torch
-
-    from ._timm import import_timm
 
     timm = import_timm()
 

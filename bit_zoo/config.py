@@ -36,7 +36,7 @@ from .data.from_config import DataConfig
 from .errors import ConfigError
 from .freeze import FREEZE_CHOICES
 from .layers import CONV_IMPLS
-from .options import SCRIPTS, at_least, check_group, default_of, each, option
+from .options import SCRIPTS, at_least, check_group, default_of, each, float_list, int_list, number, option, str2bool
 from .training.checkpoint import CheckpointConfig
 from .training.distill import DistillConfig
 from .training.optim import OptimConfig
@@ -136,56 +136,6 @@ CONFIG_HELP = {"train": "YAML config (configs/)", "validate": "a training YAML c
 # ----------------------------------------------------------------------------------- value parsers
 
 
-def str2bool(value: str | bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    v = str(value).strip().lower()
-    if v in ("1", "true", "yes", "y", "on"):
-        return True
-    if v in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
-
-
-def _number(kind):
-    def parse(value):
-        if isinstance(value, bool):  # YAML true/false are not numbers
-            raise ValueError(f"expected a number, got {value!r}")
-        if kind is int and isinstance(value, float):
-            if not value.is_integer():
-                raise ValueError(f"expected a whole number, got {value!r}")
-            return int(value)
-        if kind is int and isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                number = float(value)  # "1e3" -> 1000; "2.5" stays an error
-                if not number.is_integer():
-                    raise ValueError(f"expected a whole number, got {value!r}") from None
-                return int(number)
-        return kind(value)
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _list_of(kind):
-    item = _number(kind)
-
-    def parse(value):
-        if isinstance(value, (list, tuple)):
-            return [item(v) for v in value]
-        text = str(value).strip().strip("[]()")
-        return [item(v) for v in text.replace(",", " ").split()] if text else []
-
-    parse.__name__ = f"{kind.__name__}_list"
-    return parse
-
-
-int_list = _list_of(int)
-float_list = _list_of(float)
-
-
 def _optional(parse):
     def parse_optional(value):
         if value is None or str(value).strip().lower() in ("none", "null", ""):
@@ -196,7 +146,7 @@ def _optional(parse):
     return parse_optional
 
 
-_PARSERS = {bool: str2bool, int: _number(int), float: _number(float), str: str, list[int]: int_list, list[float]: float_list}
+_PARSERS = {bool: str2bool, int: number(int), float: number(float), str: str, list[int]: int_list, list[float]: float_list}
 
 
 def _parser_for(hint) -> Any:

@@ -19,6 +19,7 @@ import time
 import mindspore as ms
 import numpy as np
 
+from .atomic import write_text_atomic
 from .factory import create_model
 from .options import ToolParser
 
@@ -86,8 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"eager (compiled) / graph: {results['ratio_eager_compiled_to_graph']:.2f}x")
     if args.output_json:
-        from .atomic import write_text_atomic
-
         write_text_atomic(args.output_json, json.dumps(results, indent=2))
     return 0
 

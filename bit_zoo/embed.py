@@ -33,9 +33,10 @@ import numpy as np
 
 from .atomic import atomic_path, write_text_atomic
 from .cli import run_cli
+from .config import load_yaml
 from .data import create_loader, sources
 from .inference import LoadedModel, Preprocess, add_model_args, model_from_args
-from .options import ToolParser
+from .options import ToolParser, float_list, int_list, str2bool
 from .training.metrics import Progress
 
 __all__ = ["compute_embeddings", "load_embeddings", "record_names", "add_data_args", "parse_args", "main"]
@@ -232,8 +233,6 @@ def compute_embeddings(
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    from .config import float_list, int_list
-
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="digits", choices=("cifar10", "cifar100", "imagenet", "folder", "digits"))
     g.add_argument("--data_dir", default=None, help="not needed for digits")
@@ -254,8 +253,6 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """-c CONFIG sets defaults from the YAML keys this parser knows (a training config's others are skipped)."""
-    from .config import load_yaml
-
     pre = ToolParser(add_help=False)
     pre.add_argument("-c", "--config", default=None)
     known, _ = pre.parse_known_args(argv)
@@ -290,8 +287,6 @@ def preprocess_overrides(pp: Preprocess, args) -> Preprocess:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import str2bool
-
     parser = ToolParser(prog="python -m bit_zoo.embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     g = add_data_args(parser)

@@ -29,7 +29,7 @@ from .atomic import write_text_atomic
 from .cli import run_cli
 from .embed import add_data_args, compute_embeddings, parse_args, preprocess_overrides
 from .inference import Preprocess, add_model_args, model_from_args
-from .options import ToolParser
+from .options import ToolParser, str2bool
 
 __all__ = ["BIAS_CONSTANT", "ridge_fit", "ridge_accuracy", "fewshot_indices", "run_fewshot", "main"]
 
@@ -104,8 +104,6 @@ def format_table(results: dict, *, title: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import str2bool
-
     parser = ToolParser(prog="python -m bit_zoo.fewshot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     g = add_data_args(parser)

@@ -20,6 +20,7 @@ from .data.transforms import build_transforms
 from .factory import create_model
 from .loading import EMA_PREFIX, load_state, read_arrays, read_weights_file
 from .meta import decode_meta
+from .options import int_list, str2bool
 from .pretrained import BIT_MEAN_STD, Weights
 from .resnetv2 import ResNetV2
 
@@ -193,8 +194,6 @@ def load_model(
 
 
 def add_model_args(parser, *, checkpoint_required: bool = False) -> None:
-    from .config import int_list, str2bool
-
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, help="NAME[.tag] (bit_zoo.list_models()) or resnetv2; default: the checkpoint's meta.json")
     g.add_argument("--pretrained", type=str2bool, default=False, help="download and load the model's weights record")

@@ -29,14 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
+from ._timm import import_timm
+from .factory import create_model
+from .formats import npz_key_map, timm_key_map
+from .zoo import WEIGHTS
+
 __all__ = ["build_files", "main"]
 
 
 def _params(model_name: str):
     """(name, shape) of every parameter of the model's default record, without allocating them."""
     from mindspore.nn.utils import no_init_parameters
-
-    from .factory import create_model
 
     with no_init_parameters():
         model = create_model(model_name)
@@ -103,8 +106,6 @@ def _write_ckpt(path: Path, arrays) -> None:
 
 def build_files(model_name: str, out_dir: Path, *, seed: int = 0) -> dict[str, Path]:
     """Write (or reuse) the model's random weights as upstream .npz, mindcv .ckpt and timm .safetensors."""
-    from .formats import npz_key_map, timm_key_map
-
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "npz": out_dir / f"{model_name}.npz",
@@ -182,17 +183,12 @@ def _rss_mib() -> float:
 
 def _worker(lib: str, model_name: str, path: str, fmt: str) -> dict:
     if lib == "bit_zoo":
-        from .factory import create_model
-
         after_import = _rss_mib()
         t = time.perf_counter()
         model = create_model(model_name, checkpoint_path=path)
         seconds = time.perf_counter() - t
         n = sum(int(np.prod(p.shape)) for p in model.get_parameters())
     else:
-        from ._timm import import_timm
-        from .zoo import WEIGHTS
-
         timm = import_timm()
         import torch
 
@@ -236,8 +232,6 @@ def _measure(lib: str, model_name: str, path: Path, fmt: str) -> dict:
 
 def _timm_available() -> bool:
     try:
-        from ._timm import import_timm
-
         import_timm()
         return True
     except Exception:  # noqa: BLE001 - optional reference

@@ -20,9 +20,78 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["ToolParser", "option", "check_group", "positive", "non_negative", "at_least", "unit_interval", "each", "length"]
+__all__ = [
+    "ToolParser",
+    "str2bool",
+    "number",
+    "int_list",
+    "float_list",
+    "option",
+    "check_group",
+    "positive",
+    "non_negative",
+    "at_least",
+    "unit_interval",
+    "each",
+    "length",
+]
 
 SCRIPTS = ("train", "validate")
+
+
+# ----------------------------------------------------------------------------------- value parsers
+# What a command-line or YAML value becomes (config.py's schema and the inference tools' own
+# parsers both use them; here, below both, so neither imports the other for them).
+
+
+def str2bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+def number(kind):
+    def parse(value):
+        if isinstance(value, bool):  # YAML true/false are not numbers
+            raise ValueError(f"expected a number, got {value!r}")
+        if kind is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(f"expected a whole number, got {value!r}")
+            return int(value)
+        if kind is int and isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                number = float(value)  # "1e3" -> 1000; "2.5" stays an error
+                if not number.is_integer():
+                    raise ValueError(f"expected a whole number, got {value!r}") from None
+                return int(number)
+        return kind(value)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _list_of(kind):
+    item = number(kind)
+
+    def parse(value):
+        if isinstance(value, (list, tuple)):
+            return [item(v) for v in value]
+        text = str(value).strip().strip("[]()")
+        return [item(v) for v in text.replace(",", " ").split()] if text else []
+
+    parse.__name__ = f"{kind.__name__}_list"
+    return parse
+
+
+int_list = _list_of(int)
+float_list = _list_of(float)
 
 
 class ToolParser(argparse.ArgumentParser):

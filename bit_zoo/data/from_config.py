@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..hyperrule import hyperrule, hyperrule_resolution
 from ..options import at_least, each, length, non_negative, option, positive, unit_interval
 from ..pretrained import BIT_MEAN_STD
-from ..training.schedules import hyperrule, hyperrule_resolution
 from .loader import DATASETS, DataInfo, create_loader
 from .transforms import _INTERPOLATION, TRANSFORMS
 

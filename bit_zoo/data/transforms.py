@@ -18,7 +18,7 @@ import mindspore.dataset.vision as vision
 import numpy as np
 from mindspore.dataset.vision import Inter
 
-from ..training.schedules import hyperrule_resolution
+from ..hyperrule import hyperrule_resolution
 
 TRANSFORMS = ("hyperrule", "seed", "eval")
 

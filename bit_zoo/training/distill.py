@@ -36,6 +36,9 @@ import numpy as np
 from mindspore import nn, ops
 
 from ..factory import create_model
+from ..inference import load_model
+from ..loading import detect_format, read_arrays
+from ..meta import decode_meta
 from ..options import non_negative, option, positive
 from .metrics import evaluate, topk_correct
 
@@ -148,8 +151,6 @@ def build_teacher(
     A training checkpoint's EMA weights are used when it has them (as validate.py does). The
     classifier must have ``num_classes`` outputs: a teacher of another class count teaches nothing.
     """
-    from ..inference import load_model  # inference imports the data pipeline: only when distilling
-
     where = f"teacher {name or checkpoint_path}"
     if pretrained and checkpoint_path:
         raise ValueError(
@@ -200,9 +201,6 @@ def build_teacher(
 
 def _check_named_architecture(name: str, checkpoint_path: str) -> None:
     """A registered teacher name and a checkpoint whose meta.json names another architecture contradict each other."""
-    from ..loading import detect_format, read_arrays
-    from ..meta import decode_meta
-
     if detect_format(checkpoint_path) == "npz":
         return  # upstream files carry no meta.json: not worth reading a large teacher twice
     _, arrays = read_arrays(checkpoint_path)
