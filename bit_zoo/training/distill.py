@@ -35,11 +35,11 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from ..factory import create_model
 from ..inference import load_model
 from ..loading import detect_format, read_arrays
 from ..meta import decode_meta
 from ..options import non_negative, option, positive
+from ..registry import get_weights
 from .metrics import evaluate, topk_correct
 
 __all__ = [
@@ -126,14 +126,6 @@ class Teacher:
     num_classes: int
 
 
-def _architecture(name: str) -> tuple[tuple[int, ...], int]:
-    from mindspore.nn.utils import no_init_parameters
-
-    with no_init_parameters():
-        skeleton = create_model(name)
-    return tuple(skeleton.layers), int(skeleton.width_factor)
-
-
 def build_teacher(
     name: str | None = None,
     *,
@@ -207,7 +199,8 @@ def _check_named_architecture(name: str, checkpoint_path: str) -> None:
     meta = decode_meta(arrays)
     if not meta or "layers" not in meta:
         return
-    wanted = _architecture(name)
+    record = get_weights(name)  # the weights record names its geometry: no model skeleton needed
+    wanted = (tuple(record.layers), int(record.width_factor))
     found = (tuple(meta["layers"]), int(meta.get("width_factor", 1)))
     if wanted != found:
         raise ValueError(
