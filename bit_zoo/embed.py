@@ -35,6 +35,7 @@ from .atomic import atomic_path, write_text_atomic
 from .cli import run_cli
 from .config import load_yaml
 from .data import create_loader, sources
+from .data.from_config import val_split_arg
 from .inference import LoadedModel, Preprocess, add_model_args, model_from_args
 from .options import ToolParser, float_list, int_list, str2bool
 from .training.metrics import Progress
@@ -315,7 +316,7 @@ def _main(argv: list[str] | None) -> int:
         split=args.split,
         output=args.output,
         classes=args.classes,
-        val_split=int(args.val_split) if float(args.val_split).is_integer() else args.val_split,
+        val_split=val_split_arg(args.val_split),
         num_samples=args.num_samples,
         batch_size=args.batch_size,
         num_workers=args.num_workers,

@@ -27,6 +27,7 @@ import numpy as np
 
 from .atomic import write_text_atomic
 from .cli import run_cli
+from .data.from_config import val_split_arg
 from .embed import add_data_args, compute_embeddings, parse_args, preprocess_overrides
 from .inference import Preprocess, add_model_args, model_from_args
 from .options import ToolParser, str2bool
@@ -140,12 +141,11 @@ def _main(argv: list[str] | None) -> int:
     loaded.preprocess = preprocess_overrides(Preprocess(size, resize), args)
     if resize is None:
         loaded.preprocess = replace(loaded.preprocess, resize_size=None)
-    val_split = int(args.val_split) if float(args.val_split).is_integer() else args.val_split
     common = dict(
         dataset=args.dataset,
         data_dir=args.data_dir,
         classes=args.classes,
-        val_split=val_split,
+        val_split=val_split_arg(args.val_split),
         num_samples=args.num_samples,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
