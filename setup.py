@@ -17,7 +17,7 @@ setup(
     license="Apache-2.0",
     packages=find_packages(include=["bit_zoo", "bit_zoo.*"]),
     # ImageNet-1k / -21k class names (copied from timm; see bit_zoo/_data/SOURCES.md)
-    package_data={"bit_zoo": ["_data/*.txt", "_data/*.md"]},
+    package_data={"bit_zoo": ["_data/*.txt", "_data/*.md", "_kernels/*.cc"]},
     python_requires=">=3.10,<3.13",
     install_requires=[
         "mindspore>=2.2,<3",

@@ -27,8 +27,11 @@ from __future__ import annotations
 import os
 
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import HeNormal, initializer
+
+from . import cpu_kernels
 
 __all__ = ["CONV_IMPLS", "resolve_conv_impl", "StdConv2d", "GroupNormAct", "zero_pad2d"]
 
@@ -152,6 +155,11 @@ class StdConv2d(_Float32Statistics):
         # (cuDNN's batch norm refuses eps below 1e-5, and Ascend's has its own layouts).
         self._fused = self.conv_impl == "unfold"
         self._standardize = _stats_norm_op(eps)
+        # On CPU, bit_zoo's multi-threaded kernel when evaluating (cpu_kernels; None elsewhere). Training
+        # keeps the forms below: with the kernel the training step ran slower (docs/speed.md).
+        self._kernel = cpu_kernels.std_weight()
+        if self._kernel is not None:
+            self._kernel_cfg = ms.Tensor(np.array([eps], np.float32))
         self.conv = _Conv(
             in_channels, out_channels, kernel_size, stride=stride, padding=padding, conv_impl=self.conv_impl, dilation=dilation
         )
@@ -159,7 +167,9 @@ class StdConv2d(_Float32Statistics):
     def standardized_weight(self, dtype: ms.Type) -> ms.Tensor:
         # float32 whatever the parameter's storage or the AMP level: the statistics need it.
         w = self.weight.astype(ms.float32)
-        if self._fused:
+        if self._kernel is not None and not self.training:
+            w = self._kernel(w, self._kernel_cfg)
+        elif self._fused:
             # One fused kernel instead of ~8 elementwise ops and reductions (the CPU ReduceMean is
             # slow): each output channel is a "batch-norm channel" of a (1, O, I*k*k, 1) tensor.
             w = _batch_stats_norm(self._standardize, w.reshape(1, w.shape[0], -1, 1)).reshape(w.shape)
@@ -198,12 +208,19 @@ class GroupNormAct(_Float32Statistics):
         self.beta = Parameter(initializer("zeros", (num_channels,)), name="beta")
         self.act = act
         self._norm = _stats_norm_op(eps)
+        # Statistics, affine and ReLU in one multi-threaded pass when evaluating on CPU (cpu_kernels).
+        # Training keeps the forms below: with the kernel the training step ran slower (docs/speed.md).
+        self._kernel = cpu_kernels.group_norm_act()
+        if self._kernel is not None:
+            self._kernel_cfg = ms.Tensor(np.array([num_groups, eps, float(act)], np.float32))
 
     def construct(self, x: ms.Tensor) -> ms.Tensor:
         n, c, h, w = x.shape
         out_dtype = x.dtype if self.compute_dtype is None else self.compute_dtype
         x = x.astype(ms.float32)
         gamma, beta = self.gamma, self.beta  # float32: this cell keeps the fp32 flag under AMP
+        if self._kernel is not None and not self.training:
+            return self._kernel(x, gamma, beta, self._kernel_cfg)[0].astype(out_dtype)  # ReLU included when act
         if self._fused:
             # The statistics of group g of sample i are those of "batch-norm channel" i * G + g.
             y = _batch_stats_norm(self._norm, x.reshape(1, n * self.num_groups, -1, w)).reshape(n, c, h, w)

@@ -32,6 +32,7 @@ import numpy as np
 from ._timm import import_timm
 from .factory import create_model
 from .formats import npz_key_map, timm_key_map
+from .pretrained import home_dir
 from .zoo import WEIGHTS
 
 __all__ = ["build_files", "main"]
@@ -253,8 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(_worker(args.worker, args.model, args.file, args.format)), flush=True)
         os._exit(0)  # skip MindSpore's noisy interpreter teardown
-    home = os.environ.get("BIT_ZOO_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "bit_zoo")
-    out_dir = Path(args.dir or Path(home) / "load_bench")
+    out_dir = Path(args.dir or home_dir() / "load_bench")
     t = time.perf_counter()
     files = build_files(args.model, out_dir)
     print(f"files ready in {time.perf_counter() - t:.1f} s under {out_dir}", flush=True)

@@ -49,6 +49,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "cache_dir",
+    "home_dir",
     "resolve_url",
     "download_weights",
     "sha256_file",
@@ -104,10 +105,14 @@ class Weights:
         return (3, self.input_size, self.input_size)
 
 
+def home_dir() -> Path:
+    """bit_zoo's cache root: $BIT_ZOO_HOME, default ~/.cache/bit_zoo (weights/, remote/, kernels/ below it)."""
+    return Path(os.environ.get("BIT_ZOO_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "bit_zoo"))
+
+
 def cache_dir() -> Path:
     """Where downloaded weights live: $BIT_ZOO_HOME/weights (default ~/.cache/bit_zoo/weights)."""
-    home = os.environ.get("BIT_ZOO_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "bit_zoo")
-    return Path(home) / "weights"
+    return home_dir() / "weights"
 
 
 def resolve_url(weights: Weights) -> str:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import FetchError
+from .pretrained import home_dir
 
 __all__ = [
     "RemoteError",
@@ -101,9 +102,8 @@ def _explain(url: str, e: Exception) -> RemoteError:
 
 def local_cache(url: str) -> Path:
     """Where a remote location is staged: $BIT_ZOO_HOME/remote/<protocol>/<bucket>/<key>."""
-    home = os.environ.get("BIT_ZOO_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "bit_zoo")
     protocol, rest = url.split("://", 1)
-    return Path(home) / "remote" / protocol / rest.strip("/")
+    return home_dir() / "remote" / protocol / rest.strip("/")
 
 
 @contextlib.contextmanager
@@ -233,8 +233,7 @@ class Mirror:
     def __init__(self, url: str, *, retries: int = 3, backoff_s: float = 1.0) -> None:
         self.url = url.rstrip("/")
         self.fs, self.root = _filesystem(self.url)
-        home = os.environ.get("BIT_ZOO_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "bit_zoo")
-        self.local = Path(home) / "outputs" / _digest(self.url)
+        self.local = home_dir() / "outputs" / _digest(self.url)
         self.local.mkdir(parents=True, exist_ok=True)
         self.retries = retries
         self.backoff_s = backoff_s

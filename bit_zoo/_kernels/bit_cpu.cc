@@ -1,0 +1,216 @@
+// bit_zoo's CPU kernels, loaded by bit_zoo/cpu_kernels.py as MindSpore AOT custom operators.
+//
+// Why: on the CPU "unfold" path GroupNorm and the weight standardisation run on MindSpore's
+// BatchNorm kernel, which uses one thread and computes its statistics in float32. These two
+// kernels do the same arithmetic on all threads (OpenMP over samples x groups, or output
+// channels), with the mean and variance accumulated in double (two passes: mean, then the
+// squared deviations), and GroupNorm's affine and ReLU in the same pass over the data.
+// Each unit of work sums in a fixed order, so the result does not depend on the thread count.
+//
+// Interface (MindSpore's AOT convention): params[] holds the inputs then the output; shapes[i]
+// and ndims[i] describe params[i]; all tensors are contiguous float32. Return 0 on success.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+// A sum of float terms accumulated in double SIMD lanes (omp simd vectorises the reduction
+// without -ffast-math): double precision at close to float speed for these memory-bound loops.
+template <class F>
+static inline double lane_sum(int64_t n, F f) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += static_cast<double>(f(i));
+  return acc;
+}
+
+// mean and 1 / sqrt(biased var + eps) of v[0..n), two passes.
+static inline void moments(const float *v, int64_t n, double eps, double *mean, double *rstd) {
+  const double m = lane_sum(n, [v](int64_t i) { return v[i]; }) / static_cast<double>(n);
+  const float mf = static_cast<float>(m);
+  const double dm = m - static_cast<double>(mf);  // E[(v - mf)^2] = var + (m - mf)^2
+  const double sq = lane_sum(n, [v, mf](int64_t i) {
+    const float d = v[i] - mf;
+    return d * d;
+  });
+  *mean = m;
+  *rstd = 1.0 / std::sqrt(sq / static_cast<double>(n) - dm * dm + eps);
+}
+
+// y = [relu]((x - mean) / sqrt(var + eps) * gamma[c] + beta[c]), statistics per (sample, group).
+// inputs: x (N, C, ...), gamma (C), beta (C), cfg (3) = {groups, eps, relu (0 or 1)};
+// outputs: y like x, stats (2, N, C): each channel's group mean and 1 / sqrt(var + eps), for the backward.
+extern "C" int GroupNormAct(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                            void *extra) {
+  (void)dtypes, (void)stream, (void)extra;
+  if (nparam != 6 || ndims[0] < 2) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *gamma = static_cast<const float *>(params[1]);
+  const float *beta = static_cast<const float *>(params[2]);
+  const float *cfg = static_cast<const float *>(params[3]);
+  float *y = static_cast<float *>(params[4]);
+  float *stats = static_cast<float *>(params[5]);
+  const int64_t n = shapes[0][0], c = shapes[0][1];
+  int64_t hw = 1;
+  for (int i = 2; i < ndims[0]; ++i) hw *= shapes[0][i];
+  const int64_t groups = static_cast<int64_t>(cfg[0]);
+  if (groups <= 0 || c % groups != 0) return 2;
+  const double eps = cfg[1];
+  const bool relu = cfg[2] != 0.0f;
+  const int64_t per_group = c / groups, k = per_group * hw;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t u = 0; u < n * groups; ++u) {
+    const float *xs = x + u * k;
+    float *ys = y + u * k;
+    double mean, rstd;
+    moments(xs, k, eps, &mean, &rstd);
+    const float mf = static_cast<float>(mean);
+    const int64_t first = (u % groups) * per_group, sample = u / groups;
+    for (int64_t j = 0; j < per_group; ++j) {
+      stats[sample * c + first + j] = mf;
+      stats[n * c + sample * c + first + j] = static_cast<float>(rstd);
+      // The affine folded in: y = (x - mf) * a + b, centred on the float mean first (x * a + b
+      // alone would cancel digits when |mean| >> std); b carries mean - mf and beta.
+      const double g = gamma[first + j];
+      const float a = static_cast<float>(g * rstd);
+      const float b = static_cast<float>(beta[first + j] - (mean - mf) * g * rstd);
+      const float *xc = xs + j * hw;
+      float *yc = ys + j * hw;
+      if (relu) {
+#pragma omp simd
+        for (int64_t i = 0; i < hw; ++i) yc[i] = std::max((xc[i] - mf) * a + b, 0.0f);
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < hw; ++i) yc[i] = (xc[i] - mf) * a + b;
+      }
+    }
+  }
+  return 0;
+}
+
+// Backward of GroupNormAct. inputs: x, gamma, y (the forward's output: its zeros mark ReLU's cut),
+// dy, stats (the forward's), cfg; outputs: dx (like x), dgamma (C), dbeta (C).
+// With xhat = (x - mean) * rstd and g = dy * gamma (dy masked by y > 0 under ReLU), per group:
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); dgamma = sum over samples and positions of
+// dy * xhat, dbeta = sum of dy (per sample first, then over samples, in a fixed order).
+extern "C" int GroupNormActGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                                void *extra) {
+  (void)dtypes, (void)stream, (void)extra;
+  if (nparam != 9 || ndims[0] < 2) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *gamma = static_cast<const float *>(params[1]);
+  const float *y = static_cast<const float *>(params[2]);
+  const float *dy = static_cast<const float *>(params[3]);
+  const float *stats = static_cast<const float *>(params[4]);
+  const float *cfg = static_cast<const float *>(params[5]);
+  float *dx = static_cast<float *>(params[6]);
+  float *dgamma = static_cast<float *>(params[7]);
+  float *dbeta = static_cast<float *>(params[8]);
+  const int64_t n = shapes[0][0], c = shapes[0][1];
+  int64_t hw = 1;
+  for (int i = 2; i < ndims[0]; ++i) hw *= shapes[0][i];
+  const int64_t groups = static_cast<int64_t>(cfg[0]);
+  if (groups <= 0 || c % groups != 0) return 2;
+  const bool relu = cfg[2] != 0.0f;
+  const int64_t per_group = c / groups, k = per_group * hw;
+  std::vector<double> part_gamma(n * c), part_beta(n * c);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t u = 0; u < n * groups; ++u) {
+    const int64_t off = u * k, first = (u % groups) * per_group, sample = u / groups;
+    const float *xs = x + off, *ys = y + off, *dys = dy + off;
+    const float mf = stats[sample * c + first], r = stats[n * c + sample * c + first];
+    const double rstd = r;
+    // Per channel: db = sum(d), dg = sum(d * xhat) with xhat = (x - mf) * r; then sum(g) =
+    // sum_j gamma_j db_j and sum(g * xhat) = sum_j gamma_j dg_j, so one pass gives all four.
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t j = 0; j < per_group; ++j) {
+      const float *xc = xs + j * hw, *yc = ys + j * hw, *dyc = dys + j * hw;
+      const double db = lane_sum(hw, [=](int64_t i) { return (relu && !(yc[i] > 0.0f)) ? 0.0f : dyc[i]; });
+      const double dg = lane_sum(hw, [=](int64_t i) { return ((relu && !(yc[i] > 0.0f)) ? 0.0f : dyc[i]) * ((xc[i] - mf) * r); });
+      part_gamma[sample * c + first + j] = dg;
+      part_beta[sample * c + first + j] = db;
+      s1 += gamma[first + j] * db;
+      s2 += gamma[first + j] * dg;
+    }
+    // dx = rstd * (d * gamma - mean(g) - xhat * mean(g * xhat)) = d * A + (x - mf) * B + C per channel.
+    const double m1 = s1 / static_cast<double>(k), m2 = s2 / static_cast<double>(k);
+    const float bf = static_cast<float>(-rstd * rstd * m2), cf = static_cast<float>(-rstd * m1);
+    float *dxs = dx + off;
+    for (int64_t j = 0; j < per_group; ++j) {
+      const float af = static_cast<float>(rstd * gamma[first + j]);
+      const float *xc = xs + j * hw, *yc = ys + j * hw, *dyc = dys + j * hw;
+      float *dxc = dxs + j * hw;
+#pragma omp simd
+      for (int64_t i = 0; i < hw; ++i) dxc[i] = ((relu && !(yc[i] > 0.0f)) ? 0.0f : dyc[i]) * af + (xc[i] - mf) * bf + cf;
+    }
+  }
+  for (int64_t ch = 0; ch < c; ++ch) {
+    double dg = 0.0, db = 0.0;
+    for (int64_t s = 0; s < n; ++s) {
+      dg += part_gamma[s * c + ch];
+      db += part_beta[s * c + ch];
+    }
+    dgamma[ch] = static_cast<float>(dg);
+    dbeta[ch] = static_cast<float>(db);
+  }
+  return 0;
+}
+
+// Weight standardisation: per output channel o, w <- (w - mean) / sqrt(var + eps).
+// inputs: w (O, ...), cfg (1) = {eps}; output: like w.
+extern "C" int StdWeight(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                         void *extra) {
+  (void)dtypes, (void)stream, (void)extra;
+  if (nparam != 3 || ndims[0] < 1) return 1;
+  const float *w = static_cast<const float *>(params[0]);
+  const float *cfg = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  const int64_t out = shapes[0][0];
+  int64_t k = 1;
+  for (int i = 1; i < ndims[0]; ++i) k *= shapes[0][i];
+  const double eps = cfg[0];
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t u = 0; u < out; ++u) {
+    const float *ws = w + u * k;
+    float *ys = y + u * k;
+    double mean, rstd;
+    moments(ws, k, eps, &mean, &rstd);
+    // Centred on the float mean first (w * r - mean * r would cancel digits when |mean| >> std).
+    const float mf = static_cast<float>(mean), r = static_cast<float>(rstd), q = static_cast<float>(-(mean - mf) * rstd);
+#pragma omp simd
+    for (int64_t i = 0; i < k; ++i) ys[i] = (ws[i] - mf) * r + q;
+  }
+  return 0;
+}
+
+// Backward of StdWeight. inputs: w, dv (gradient of the standardised weight), cfg; output: dw.
+// Per output channel, with what = (w - mean) * rstd: dw = rstd * (dv - mean(dv) - what * mean(dv * what)).
+extern "C" int StdWeightGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                             void *extra) {
+  (void)dtypes, (void)stream, (void)extra;
+  if (nparam != 4 || ndims[0] < 1) return 1;
+  const float *w = static_cast<const float *>(params[0]);
+  const float *dv = static_cast<const float *>(params[1]);
+  const float *cfg = static_cast<const float *>(params[2]);
+  float *dw = static_cast<float *>(params[3]);
+  const int64_t out = shapes[0][0];
+  int64_t k = 1;
+  for (int i = 1; i < ndims[0]; ++i) k *= shapes[0][i];
+  const double eps = cfg[0];
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t u = 0; u < out; ++u) {
+    const float *ws = w + u * k, *dvs = dv + u * k;
+    double mean, rstd;
+    moments(ws, k, eps, &mean, &rstd);
+    const float mf = static_cast<float>(mean), r = static_cast<float>(rstd);
+    const double m1 = lane_sum(k, [=](int64_t i) { return dvs[i]; }) / static_cast<double>(k);
+    const double m2 = lane_sum(k, [=](int64_t i) { return dvs[i] * ((ws[i] - mf) * r); }) / static_cast<double>(k);
+    // dw = dv * rstd + (w - mf) * B + C with B = -rstd^2 m2, C = -rstd m1 (mean - mf is below float's resolution here).
+    const float b = static_cast<float>(-rstd * rstd * m2), cc = static_cast<float>(-rstd * m1);
+    float *dws = dw + u * k;
+#pragma omp simd
+    for (int64_t i = 0; i < k; ++i) dws[i] = dvs[i] * r + (ws[i] - mf) * b + cc;
+  }
+  return 0;
+}
