@@ -152,30 +152,39 @@ def _norm_dtype(x, *_):
     return x, x
 
 
+# The backward operators of the library in use, set with the forward ones. The bprop functions
+# are module-level, not closures: MindSpore caches a parsed bprop by its function object, and a
+# closure re-created after a reset (tests do that) could reuse a freed one's identity.
+_group_norm_act_grad = None
+_std_weight_grad = None
+
+
+def _group_norm_act_bprop(x, gamma, beta, cfg, out, dout):
+    dx, dgamma, dbeta = _group_norm_act_grad(x, gamma, out[0], dout[0], out[1], cfg)
+    return dx, dgamma, dbeta, ops.zeros_like(cfg)
+
+
+def _std_weight_bprop(w, cfg, out, dout):
+    return _std_weight_grad(w, dout, cfg), ops.zeros_like(cfg)
+
+
 @functools.cache
 def group_norm_act() -> ops.Custom | None:
     """(x, gamma, beta, cfg=[groups, eps, relu]) -> (relu?(GroupNorm(x) * gamma + beta), stats), or None; differentiable."""
+    global _group_norm_act_grad
     path = library()
     if path is None:
         return None
-    grad = ops.Custom(f"{path}:GroupNormActGrad", out_shape=_grad_shapes, out_dtype=_grad_shapes, func_type="aot")
-
-    def bprop(x, gamma, beta, cfg, out, dout):
-        dx, dgamma, dbeta = grad(x, gamma, out[0], dout[0], out[1], cfg)
-        return dx, dgamma, dbeta, ops.zeros_like(cfg)
-
-    return ops.Custom(f"{path}:GroupNormAct", out_shape=_norm_shape, out_dtype=_norm_dtype, func_type="aot", bprop=bprop)
+    _group_norm_act_grad = ops.Custom(f"{path}:GroupNormActGrad", out_shape=_grad_shapes, out_dtype=_grad_shapes, func_type="aot")
+    return ops.Custom(f"{path}:GroupNormAct", out_shape=_norm_shape, out_dtype=_norm_dtype, func_type="aot", bprop=_group_norm_act_bprop)
 
 
 @functools.cache
 def std_weight() -> ops.Custom | None:
     """(w, cfg=[eps]) -> per output channel (w - mean) / sqrt(var + eps), or None; differentiable."""
+    global _std_weight_grad
     path = library()
     if path is None:
         return None
-    grad = _custom(path, "StdWeightGrad")
-
-    def bprop(w, cfg, out, dout):
-        return grad(w, dout, cfg), ops.zeros_like(cfg)
-
-    return _custom(path, "StdWeight", bprop)
+    _std_weight_grad = _custom(path, "StdWeightGrad")
+    return _custom(path, "StdWeight", _std_weight_bprop)

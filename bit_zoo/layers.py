@@ -19,6 +19,11 @@ kernel (a GroupNorm is a batch norm of the (1, N*G, ...) reshaped tensor) and th
 affine is an inference-mode BatchNorm; the native path keeps the plain reduction form, since
 cuDNN's batch norm refuses eps below 1e-5. On every device the stem's zero pad is two
 concatenations (``zero_pad2d``).
+
+That BatchNorm kernel runs on one thread. So on CPU, a model that is not training (evaluation,
+inference, features) runs GroupNorm and the weight standardisation in bit_zoo's own multi-threaded
+kernels instead (``cpu_kernels``; the BatchNorm form when they are unavailable). Training keeps the
+BatchNorm form: with the kernels the training step ran slower.
 docs/speed.md has the measurements.
 """
 

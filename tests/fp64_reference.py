@@ -5,6 +5,8 @@
 Writes the same random upstream .npz as test_parity_features (seed 3), runs timm's
 forward_intermediates in float32 and float64, then bit_zoo on both convolution paths, and prints
 per map (stem, stages 1-4) max |a - b| / max |b| against float64 and against timm's float32.
+It also prints timm against itself: the same float32 model in channels_last memory format (another
+oneDNN kernel, another summation order) and with oneDNN switched off, against timm's default run.
 Why: for the 50-unit R152 the last stage misses the parity test's 1e-4 against timm's float32;
 this shows how much of that is each side's fp32 rounding. Not collected by pytest (a script).
 """
@@ -42,12 +44,19 @@ def main(arch: str) -> None:
         model = _timm_model(arch, npz)
         with torch.no_grad():
             _, r32 = model.forward_intermediates(torch.from_numpy(x))
-            model = model.double()
+            with torch.backends.mkldnn.flags(enabled=False):
+                _, plain = model.forward_intermediates(torch.from_numpy(x))
+            model = model.to(memory_format=torch.channels_last)
+            _, last = model.forward_intermediates(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
+            model = model.to(memory_format=torch.contiguous_format).double()
             _, r64 = model.forward_intermediates(torch.from_numpy(x).double())
         r32, r64 = [a.numpy() for a in r32], [a.numpy() for a in r64]
+        plain, last = [a.numpy() for a in plain], [a.numpy() for a in last]
         del model
         gc.collect()
         print(f"timm fp32 vs fp64: {_rel(r32, r64)}", flush=True)
+        print(f"timm fp32 channels_last vs timm fp32: {_rel(last, r32)}", flush=True)
+        print(f"timm fp32 without oneDNN vs timm fp32: {_rel(plain, r32)}", flush=True)
         for impl in ("native", "unfold"):
             ours = bit_zoo.create_model(f"bit_s_{arch}", checkpoint_path=npz, conv_impl=impl, eager_jit=False)
             ours.set_train(False)
