@@ -134,7 +134,13 @@ def library() -> Path | None:
         _self_check(path)
     except Exception as e:  # any failure leaves the BatchNorm form, which is correct, only slower
         _status = f"unavailable: {type(e).__name__}: {e}"
-        _logger.warning("bit_zoo CPU kernels %s; using MindSpore's BatchNorm form (slower on CPU). Set %s=0 to skip them.", _status, ENV)
+        _logger.warning(
+            "bit_zoo CPU kernels %s; using MindSpore's BatchNorm form (slower on CPU). They are built in %s "
+            "(set BIT_ZOO_HOME for another place); set %s=0 to skip them.",
+            _status,
+            home_dir() / "kernels",
+            ENV,
+        )
         return None
     _status = f"in use: {path}"
     return path

@@ -185,3 +185,13 @@ def test_a_model_in_graph_mode_uses_them_and_agrees_with_training_form(fresh_ker
         ms.load_param_into_net(plain, {p.name: ms.Parameter(p.data.copy(), name=p.name) for p in net.get_parameters()})
         ref = plain.forward_features(x).asnumpy()
     assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@needs_compiler
+def test_an_unwritable_cache_falls_back(fresh_kernels, monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the cache directory would go")
+    monkeypatch.setenv("BIT_ZOO_HOME", str(blocker))
+    assert cpu_kernels.library() is None
+    assert cpu_kernels.status().startswith("unavailable"), cpu_kernels.status()
+    assert GroupNormAct(64)._kernel is None

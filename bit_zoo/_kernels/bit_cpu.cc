@@ -38,6 +38,36 @@ static inline void moments(const float *v, int64_t n, double eps, double *mean, 
   *rstd = 1.0 / std::sqrt(sq / static_cast<double>(n) - dm * dm + eps);
 }
 
+// The layout GroupNorm works on: x is (n, c, hw...) and each (sample, group) unit holds k =
+// (c / groups) * hw contiguous values. cfg = {groups, eps, relu}. ok is false for a bad cfg.
+struct GroupLayout {
+  int64_t n, c, hw, groups, per_group, k;
+  double eps;
+  bool relu, ok;
+};
+
+static GroupLayout group_layout(int ndim, const int64_t *shape, const float *cfg) {
+  GroupLayout g{};
+  g.n = shape[0];
+  g.c = shape[1];
+  g.hw = 1;
+  for (int i = 2; i < ndim; ++i) g.hw *= shape[i];
+  g.groups = static_cast<int64_t>(cfg[0]);
+  g.eps = cfg[1];
+  g.relu = cfg[2] != 0.0f;
+  g.ok = g.groups > 0 && g.c % g.groups == 0;
+  g.per_group = g.ok ? g.c / g.groups : 0;
+  g.k = g.per_group * g.hw;
+  return g;
+}
+
+// Rows of a weight (out, ...): out rows of k values each.
+static inline int64_t row_length(int ndim, const int64_t *shape) {
+  int64_t k = 1;
+  for (int i = 1; i < ndim; ++i) k *= shape[i];
+  return k;
+}
+
 // y = [relu]((x - mean) / sqrt(var + eps) * gamma[c] + beta[c]), statistics per (sample, group).
 // inputs: x (N, C, ...), gamma (C), beta (C), cfg (3) = {groups, eps, relu (0 or 1)};
 // outputs: y like x, stats (2, N, C): each channel's group mean and 1 / sqrt(var + eps), for the backward.
@@ -51,14 +81,11 @@ extern "C" int GroupNormAct(int nparam, void **params, int *ndims, int64_t **sha
   const float *cfg = static_cast<const float *>(params[3]);
   float *y = static_cast<float *>(params[4]);
   float *stats = static_cast<float *>(params[5]);
-  const int64_t n = shapes[0][0], c = shapes[0][1];
-  int64_t hw = 1;
-  for (int i = 2; i < ndims[0]; ++i) hw *= shapes[0][i];
-  const int64_t groups = static_cast<int64_t>(cfg[0]);
-  if (groups <= 0 || c % groups != 0) return 2;
-  const double eps = cfg[1];
-  const bool relu = cfg[2] != 0.0f;
-  const int64_t per_group = c / groups, k = per_group * hw;
+  const GroupLayout L = group_layout(ndims[0], shapes[0], cfg);
+  if (!L.ok) return 2;
+  const int64_t n = L.n, c = L.c, hw = L.hw, groups = L.groups, per_group = L.per_group, k = L.k;
+  const double eps = L.eps;
+  const bool relu = L.relu;
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t u = 0; u < n * groups; ++u) {
     const float *xs = x + u * k;
@@ -107,13 +134,10 @@ extern "C" int GroupNormActGrad(int nparam, void **params, int *ndims, int64_t *
   float *dx = static_cast<float *>(params[6]);
   float *dgamma = static_cast<float *>(params[7]);
   float *dbeta = static_cast<float *>(params[8]);
-  const int64_t n = shapes[0][0], c = shapes[0][1];
-  int64_t hw = 1;
-  for (int i = 2; i < ndims[0]; ++i) hw *= shapes[0][i];
-  const int64_t groups = static_cast<int64_t>(cfg[0]);
-  if (groups <= 0 || c % groups != 0) return 2;
-  const bool relu = cfg[2] != 0.0f;
-  const int64_t per_group = c / groups, k = per_group * hw;
+  const GroupLayout L = group_layout(ndims[0], shapes[0], cfg);
+  if (!L.ok) return 2;
+  const int64_t n = L.n, c = L.c, hw = L.hw, groups = L.groups, per_group = L.per_group, k = L.k;
+  const bool relu = L.relu;
   std::vector<double> part_gamma(n * c), part_beta(n * c);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t u = 0; u < n * groups; ++u) {
@@ -166,9 +190,7 @@ extern "C" int StdWeight(int nparam, void **params, int *ndims, int64_t **shapes
   const float *w = static_cast<const float *>(params[0]);
   const float *cfg = static_cast<const float *>(params[1]);
   float *y = static_cast<float *>(params[2]);
-  const int64_t out = shapes[0][0];
-  int64_t k = 1;
-  for (int i = 1; i < ndims[0]; ++i) k *= shapes[0][i];
+  const int64_t out = shapes[0][0], k = row_length(ndims[0], shapes[0]);
   const double eps = cfg[0];
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t u = 0; u < out; ++u) {
@@ -194,9 +216,7 @@ extern "C" int StdWeightGrad(int nparam, void **params, int *ndims, int64_t **sh
   const float *dv = static_cast<const float *>(params[1]);
   const float *cfg = static_cast<const float *>(params[2]);
   float *dw = static_cast<float *>(params[3]);
-  const int64_t out = shapes[0][0];
-  int64_t k = 1;
-  for (int i = 1; i < ndims[0]; ++i) k *= shapes[0][i];
+  const int64_t out = shapes[0][0], k = row_length(ndims[0], shapes[0]);
   const double eps = cfg[0];
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t u = 0; u < out; ++u) {
