@@ -150,8 +150,13 @@ extern "C" int GroupNormActGrad(int nparam, void **params, int *ndims, int64_t *
     double s1 = 0.0, s2 = 0.0;
     for (int64_t j = 0; j < per_group; ++j) {
       const float *xc = xs + j * hw, *yc = ys + j * hw, *dyc = dys + j * hw;
-      const double db = lane_sum(hw, [=](int64_t i) { return (relu && !(yc[i] > 0.0f)) ? 0.0f : dyc[i]; });
-      const double dg = lane_sum(hw, [=](int64_t i) { return ((relu && !(yc[i] > 0.0f)) ? 0.0f : dyc[i]) * ((xc[i] - mf) * r); });
+      double db = 0.0, dg = 0.0;  // one pass for both sums
+#pragma omp simd reduction(+ : db, dg)
+      for (int64_t i = 0; i < hw; ++i) {
+        const float d = (relu && !(yc[i] > 0.0f)) ? 0.0f : dyc[i];
+        db += static_cast<double>(d);
+        dg += static_cast<double>(d * ((xc[i] - mf) * r));
+      }
       part_gamma[sample * c + first + j] = dg;
       part_beta[sample * c + first + j] = db;
       s1 += gamma[first + j] * db;
