@@ -87,9 +87,21 @@ def _same_as_first(*args):
     return args[0]
 
 
-def _custom(path: Path, name: str, bprop=None) -> ops.Custom:
-    """The AOT operator `name` of the library; its output has the first input's shape and dtype."""
-    return ops.Custom(f"{path}:{name}", out_shape=_same_as_first, out_dtype=_same_as_first, func_type="aot", bprop=bprop)
+def _grad_shapes(x, gamma, *_):
+    return x, gamma, gamma  # dx, dgamma, dbeta
+
+
+def _norm_shape(x, *_):
+    return x, [2, x[0], x[1]]  # y, stats: per (sample, channel) its group's mean and 1 / std
+
+
+def _norm_dtype(x, *_):
+    return x, x
+
+
+def _custom(path: Path, name: str, bprop=None, *, shapes=_same_as_first, dtypes=_same_as_first) -> ops.Custom:
+    """The AOT operator `name` of the library; by default its output has the first input's shape and dtype."""
+    return ops.Custom(f"{path}:{name}", out_shape=shapes, out_dtype=dtypes, func_type="aot", bprop=bprop)
 
 
 def _self_check(path: Path) -> None:
@@ -98,7 +110,7 @@ def _self_check(path: Path) -> None:
     x = (rng.standard_normal((2, 8, 3, 5)) * 2 + 3).astype(np.float32)
     g = (1 + 0.2 * rng.standard_normal(8)).astype(np.float32)
     b = (0.2 * rng.standard_normal(8)).astype(np.float32)
-    y = ops.Custom(f"{path}:GroupNormAct", out_shape=_norm_shape, out_dtype=_norm_dtype, func_type="aot")(
+    y = _custom(path, "GroupNormAct", shapes=_norm_shape, dtypes=_norm_dtype)(
         ms.Tensor(x), ms.Tensor(g), ms.Tensor(b), ms.Tensor(np.array([4, 1e-5, 1], np.float32))
     )[0]
     a = x.astype(np.float64).reshape(2, 4, -1)
@@ -146,18 +158,6 @@ def library() -> Path | None:
     return path
 
 
-def _grad_shapes(x, gamma, *_):
-    return x, gamma, gamma  # dx, dgamma, dbeta
-
-
-def _norm_shape(x, *_):
-    return x, [2, x[0], x[1]]  # y, stats: per (sample, channel) its group's mean and 1 / std
-
-
-def _norm_dtype(x, *_):
-    return x, x
-
-
 # The backward operators of the library in use, set with the forward ones. The bprop functions
 # are module-level, not closures: MindSpore caches a parsed bprop by its function object, and a
 # closure re-created after a reset (tests do that) could reuse a freed one's identity.
@@ -181,8 +181,8 @@ def group_norm_act() -> ops.Custom | None:
     path = library()
     if path is None:
         return None
-    _group_norm_act_grad = ops.Custom(f"{path}:GroupNormActGrad", out_shape=_grad_shapes, out_dtype=_grad_shapes, func_type="aot")
-    return ops.Custom(f"{path}:GroupNormAct", out_shape=_norm_shape, out_dtype=_norm_dtype, func_type="aot", bprop=_group_norm_act_bprop)
+    _group_norm_act_grad = _custom(path, "GroupNormActGrad", shapes=_grad_shapes, dtypes=_grad_shapes)
+    return _custom(path, "GroupNormAct", _group_norm_act_bprop, shapes=_norm_shape, dtypes=_norm_dtype)
 
 
 @functools.cache
