@@ -20,10 +20,9 @@ affine is an inference-mode BatchNorm; the native path keeps the plain reduction
 cuDNN's batch norm refuses eps below 1e-5. On every device the stem's zero pad is two
 concatenations (``zero_pad2d``).
 
-That BatchNorm kernel runs on one thread. So on CPU, a model that is not training (evaluation,
-inference, features) runs GroupNorm and the weight standardisation in bit_zoo's own multi-threaded
-kernels instead (``cpu_kernels``; the BatchNorm form when they are unavailable). Training keeps the
-BatchNorm form: with the kernels the training step ran slower.
+That BatchNorm kernel runs on one thread. So on CPU, GroupNorm and the weight standardisation run
+in bit_zoo's own multi-threaded kernels instead (``cpu_kernels``), forward and backward, training
+and evaluation alike; the BatchNorm form remains for when they are unavailable.
 docs/speed.md has the measurements.
 """
 
@@ -160,8 +159,7 @@ class StdConv2d(_Float32Statistics):
         # (cuDNN's batch norm refuses eps below 1e-5, and Ascend's has its own layouts).
         self._fused = self.conv_impl == "unfold"
         self._standardize = _stats_norm_op(eps)
-        # On CPU, bit_zoo's multi-threaded kernel when evaluating (cpu_kernels; None elsewhere). Training
-        # keeps the forms below: with the kernel the training step ran slower (docs/speed.md).
+        # On CPU, bit_zoo's multi-threaded kernel (cpu_kernels; None elsewhere or when unavailable).
         self._kernel = cpu_kernels.std_weight()
         if self._kernel is not None:
             self._kernel_cfg = ms.Tensor(np.array([eps], np.float32))
@@ -172,7 +170,7 @@ class StdConv2d(_Float32Statistics):
     def standardized_weight(self, dtype: ms.Type) -> ms.Tensor:
         # float32 whatever the parameter's storage or the AMP level: the statistics need it.
         w = self.weight.astype(ms.float32)
-        if self._kernel is not None and not self.training:
+        if self._kernel is not None:
             w = self._kernel(w, self._kernel_cfg)
         elif self._fused:
             # One fused kernel instead of ~8 elementwise ops and reductions (the CPU ReduceMean is
@@ -213,8 +211,7 @@ class GroupNormAct(_Float32Statistics):
         self.beta = Parameter(initializer("zeros", (num_channels,)), name="beta")
         self.act = act
         self._norm = _stats_norm_op(eps)
-        # Statistics, affine and ReLU in one multi-threaded pass when evaluating on CPU (cpu_kernels).
-        # Training keeps the forms below: with the kernel the training step ran slower (docs/speed.md).
+        # Statistics, affine and ReLU in one multi-threaded pass on CPU (cpu_kernels; None elsewhere or when unavailable).
         self._kernel = cpu_kernels.group_norm_act()
         if self._kernel is not None:
             self._kernel_cfg = ms.Tensor(np.array([num_groups, eps, float(act)], np.float32))
@@ -224,7 +221,7 @@ class GroupNormAct(_Float32Statistics):
         out_dtype = x.dtype if self.compute_dtype is None else self.compute_dtype
         x = x.astype(ms.float32)
         gamma, beta = self.gamma, self.beta  # float32: this cell keeps the fp32 flag under AMP
-        if self._kernel is not None and not self.training:
+        if self._kernel is not None:
             return self._kernel(x, gamma, beta, self._kernel_cfg)[0].astype(out_dtype)  # ReLU included when act
         if self._fused:
             # The statistics of group g of sample i are those of "batch-norm channel" i * G + g.

@@ -46,15 +46,21 @@ class _Loss(nn.Cell):
         return (self.cell(x) * t).sum()
 
 
-def _grads(cell, x, t, *, training: bool):
-    cell.set_train(training)
+def _grads(cell, x, t):
+    cell.set_train(True)
     loss = _Loss(cell)
-    loss.set_train(training)
+    loss.set_train(True)
     return ms.grad(loss, grad_position=0, weights=cell.trainable_params())(ms.Tensor(x), ms.Tensor(t))
 
 
+def _batchnorm_form(cell):
+    """The same cell without the kernel: MindSpore's BatchNorm form, as when the kernels are unavailable."""
+    cell._kernel = None
+    return cell
+
+
 @needs_compiler
-def test_kernels_are_used_for_evaluation_on_cpu(fresh_kernels):
+def test_kernels_are_used_on_cpu(fresh_kernels):
     gn = GroupNormAct(64)
     assert gn._kernel is not None, cpu_kernels.status()
     assert cpu_kernels.status().startswith("in use")
@@ -74,18 +80,17 @@ def test_group_norm_kernel_matches_float64_and_the_batchnorm_form(act):
     gn.gamma.set_data(ms.Tensor(gamma))
     gn.beta.set_data(ms.Tensor(beta))
     ref = _group_norm_ref(x, gamma, beta, relu=act)
-    gn.set_train(False)
-    ours = gn(ms.Tensor(x)).asnumpy()
-    gn.set_train(True)  # training runs the BatchNorm form
-    batchnorm_form = gn(ms.Tensor(x)).asnumpy()
-    scale = np.abs(ref).max()
-    assert np.abs(ours - ref).max() <= 2e-7 * scale
-    assert np.abs(batchnorm_form - ref).max() <= 2e-6 * scale
+    for training in (False, True):  # the kernel in both modes
+        gn.set_train(training)
+        ours = gn(ms.Tensor(x)).asnumpy()
+        assert np.abs(ours - ref).max() <= 2e-7 * np.abs(ref).max()
+    batchnorm_form = _batchnorm_form(gn)(ms.Tensor(x)).asnumpy()
+    assert np.abs(batchnorm_form - ref).max() <= 2e-6 * np.abs(ref).max()
 
 
 @needs_compiler
 def test_kernels_differentiate_like_the_batchnorm_form():
-    """Gradients through the kernels (a model in eval mode) equal those of the training form."""
+    """Gradients through the kernels (training mode) equal those of MindSpore's BatchNorm form."""
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((2, 64, 6, 6)) + 1).astype(np.float32)
     t = rng.standard_normal((2, 64, 6, 6)).astype(np.float32)
@@ -95,7 +100,9 @@ def test_kernels_differentiate_like_the_batchnorm_form():
     conv = StdConv2d(64, 64, 3, padding=1)
     conv.weight.set_data(ms.Tensor((rng.standard_normal((64, 64, 3, 3)) * 0.1 + 0.02).astype(np.float32)))
     for cell in (gn, conv):
-        (gx_k, gw_k), (gx_b, gw_b) = _grads(cell, x, t, training=False), _grads(cell, x, t, training=True)
+        assert cell._kernel is not None, cpu_kernels.status()
+        (gx_k, gw_k) = _grads(cell, x, t)
+        (gx_b, gw_b) = _grads(_batchnorm_form(cell), x, t)
         for a, b in zip((gx_k, *gw_k), (gx_b, *gw_b)):
             a, b = a.asnumpy(), b.asnumpy()
             assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), type(cell).__name__
@@ -164,7 +171,7 @@ def test_an_aot_white_list_that_excludes_the_cache_falls_back(fresh_kernels, mon
 
 @needs_compiler
 def test_a_model_in_graph_mode_uses_them_and_agrees_with_training_form(fresh_kernels):
-    """Eval (kernels) and train mode (BatchNorm form) of one R50-shaped stage give the same features."""
+    """A graph-mode R50x1 on the kernels gives the features of the same model on MindSpore's BatchNorm form."""
     import bit_zoo
 
     ms.set_context(mode=ms.GRAPH_MODE)
@@ -195,3 +202,22 @@ def test_an_unwritable_cache_falls_back(fresh_kernels, monkeypatch, tmp_path):
     assert cpu_kernels.library() is None
     assert cpu_kernels.status().startswith("unavailable"), cpu_kernels.status()
     assert GroupNormAct(64)._kernel is None
+
+
+@needs_compiler
+def test_built_for_this_cpu_and_portable_when_the_compiler_refuses(fresh_kernels, monkeypatch):
+    """-march=native first, keyed by this CPU; a compiler that refuses it gets the portable build."""
+    sets = cpu_kernels._flag_sets()
+    if cpu_kernels._cpu_identity() is not None:
+        assert "-march=native" in sets[0][0] and sets[0][1] == cpu_kernels._cpu_identity()
+    assert "-march=native" not in sets[-1][0] and sets[-1][1] == "portable"
+    real = shutil.which("g++") or shutil.which("c++")
+    picky = fresh_kernels.parent / "picky-cxx"
+    picky.parent.mkdir(parents=True)
+    picky.write_text(f'#!/bin/sh\ncase "$*" in *-march=native*) echo "unknown -march" >&2; exit 1;; esac\nexec {real} "$@"\n')
+    picky.chmod(0o755)
+    monkeypatch.setenv("CXX", str(picky))
+    path = cpu_kernels.library()
+    assert path is not None, cpu_kernels.status()
+    assert len(list(fresh_kernels.glob("bit_cpu-*.so"))) == 1
+    assert path.read_bytes()[:4] == b"\x7fELF"
