@@ -38,7 +38,7 @@ from mindspore import ops
 from .atomic import atomic_path, write_text_atomic
 from .pretrained import home_dir, sha256_file
 
-__all__ = ["ENV", "SOURCE", "group_norm_act", "library", "std_weight", "status"]
+__all__ = ["ENV", "SOURCE", "group_norm_act", "library", "std_weight", "status", "sum_squares"]
 
 _logger = logging.getLogger(__name__)
 
@@ -135,6 +135,14 @@ def _norm_shape(x, *_):
     return x, [2, x[0], x[1]]  # y, stats: per (sample, channel) its group's mean and 1 / std
 
 
+def _scalar(*_):
+    return [1]
+
+
+def _float32(*_):
+    return ms.float32
+
+
 def _norm_dtype(x, *_):
     return x, x
 
@@ -160,7 +168,10 @@ def _self_check(path: Path) -> None:
     v = _custom(path, "StdWeight")(ms.Tensor(w), ms.Tensor(np.array([1e-10], np.float32)))
     wa = w.astype(np.float64).reshape(6, -1)
     wref = ((wa - wa.mean(1, keepdims=True)) / np.sqrt(wa.var(1, keepdims=True) + 1e-10)).reshape(w.shape)
-    for what, out, expected in (("GroupNormAct", y, ref), ("StdWeight", v, wref)):
+    parts = (w, x)
+    total = _custom(path, "SumSquares", shapes=_scalar, dtypes=_float32)(*[ms.Tensor(p) for p in parts])
+    sref = sum(float((p.astype(np.float64) ** 2).sum()) for p in parts)
+    for what, out, expected in (("GroupNormAct", y, ref), ("StdWeight", v, wref), ("SumSquares", total / sref, np.ones(1))):
         err = float(np.abs(out.asnumpy() - expected).max())
         if not err <= 1e-5:
             raise RuntimeError(f"self-check of {what} failed: max error {err:.3g}")
@@ -234,3 +245,10 @@ def std_weight() -> ops.Custom | None:
         return None
     _std_weight_grad = _custom(path, "StdWeightGrad")
     return _custom(path, "StdWeight", _std_weight_bprop)
+
+
+@functools.cache
+def sum_squares() -> ops.Custom | None:
+    """(t1, t2, ...) float32 tensors -> (1,) float32 sum of all their squared elements, or None; not differentiable."""
+    path = library()
+    return None if path is None else _custom(path, "SumSquares", shapes=_scalar, dtypes=_float32)

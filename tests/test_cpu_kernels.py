@@ -16,7 +16,7 @@ needs_compiler = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no 
 
 
 def _reset():
-    for f in (cpu_kernels.library, cpu_kernels.group_norm_act, cpu_kernels.std_weight):
+    for f in (cpu_kernels.library, cpu_kernels.group_norm_act, cpu_kernels.std_weight, cpu_kernels.sum_squares):
         f.cache_clear()
 
 

@@ -119,6 +119,24 @@ def test_clipping_bounds_the_update(graph_mode):
     assert delta == pytest.approx(0.1 * 1e-3, rel=1e-3)
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["sum-squares-kernel", "per-tensor-norms"])
+def test_reported_norm_is_the_global_gradient_norm(graph_mode, kernel):
+    """The norm that gates and clips the step is sqrt(sum of every gradient's squares), on either form."""
+    from bit_zoo import cpu_kernels
+
+    ((x, y),) = _batches(steps=1, batch=4)
+    trainer = _trainer(StepConfig())
+    update = trainer.train_step.update
+    if kernel:
+        assert update.sum_squares is not None, cpu_kernels.status()
+    else:
+        update.sum_squares = None
+    grads = ms.grad(trainer.net_with_loss, grad_position=None, weights=trainer.optimizer.parameters)(ms.Tensor(x), ms.Tensor(y))
+    expected = np.sqrt(sum(float((g.asnumpy().astype(np.float64) ** 2).sum()) for g in grads))
+    _, finite, norm = trainer.step([(ms.Tensor(x), ms.Tensor(y))])
+    assert finite and norm == pytest.approx(expected, rel=2e-6)
+
+
 def test_step_wants_accum_steps_micro_batches(graph_mode):
     trainer = _trainer(StepConfig(accum_steps=2))
     ((x, y),) = _batches(steps=1, batch=4)

@@ -11,8 +11,10 @@
 // and ndims[i] describe params[i]; all tensors are contiguous float32. Return 0 on success.
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 // A sum of float terms accumulated in double SIMD lanes (omp simd vectorises the reduction
@@ -237,5 +239,37 @@ extern "C" int StdWeightGrad(int nparam, void **params, int *ndims, int64_t **sh
 #pragma omp simd
     for (int64_t i = 0; i < k; ++i) dws[i] = dvs[i] * r + (ws[i] - mf) * b + cc;
   }
+  return 0;
+}
+
+// The sum of squares of every element of every input: the training step's global gradient norm
+// (its square) in one operator instead of a norm kernel per parameter and their sum.
+// inputs: any number of float32 tensors; output: (1,) float32. Each input is cut into fixed
+// chunks summed in double lanes; the chunk sums are added in input order, so the result does
+// not depend on the thread count. A float32 result above FLT_MAX becomes inf, as a float32 sum would.
+extern "C" int SumSquares(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                          void *extra) {
+  (void)stream, (void)extra;
+  if (nparam < 2) return 1;
+  const int inputs = nparam - 1;
+  const int64_t chunk = 1 << 15;
+  std::vector<int64_t> first_chunk(inputs + 1, 0), sizes(inputs);
+  for (int t = 0; t < inputs; ++t) {
+    if (dtypes[t] == nullptr || std::string(dtypes[t]) != "float32") return 2;
+    sizes[t] = 1;
+    for (int d = 0; d < ndims[t]; ++d) sizes[t] *= shapes[t][d];
+    first_chunk[t + 1] = first_chunk[t] + (sizes[t] + chunk - 1) / chunk;
+  }
+  std::vector<double> part(first_chunk[inputs], 0.0);
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t u = 0; u < first_chunk[inputs]; ++u) {
+    const int t = static_cast<int>(std::upper_bound(first_chunk.begin(), first_chunk.end(), u) - first_chunk.begin()) - 1;
+    const int64_t start = (u - first_chunk[t]) * chunk, n = std::min(chunk, sizes[t] - start);
+    const float *v = static_cast<const float *>(params[t]) + start;
+    part[u] = lane_sum(n, [v](int64_t i) { return static_cast<double>(v[i]) * v[i]; });
+  }
+  double total = 0.0;
+  for (double p : part) total += p;
+  *static_cast<float *>(params[inputs]) = total > FLT_MAX ? INFINITY : static_cast<float>(total);  // NaN stays NaN
   return 0;
 }

@@ -36,6 +36,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from .. import cpu_kernels
 from ..options import at_least, non_negative, option, positive, unit_interval
 from .ema import EMA
 
@@ -225,6 +226,15 @@ class _Update(nn.Cell):
         if distributed or self.device_check:
             self.device_finite = DeviceFinite()
         self.hyper_map = ops.HyperMap()
+        # On CPU, one bit_zoo kernel sums every gradient's squares (cpu_kernels.sum_squares: multi-threaded,
+        # double accumulation) instead of a norm kernel per parameter and their sum, which cost about 3 %
+        # of a step: the step's one piece of work beyond nn.TrainOneStepCell (docs/speed.md).
+        self.sum_squares = cpu_kernels.sum_squares() if all(p.dtype == ms.float32 for p in optimizer.parameters) else None
+
+    def _square_norm(self, grads):
+        if self.sum_squares is not None:
+            return self.sum_squares(*grads).reshape(())
+        return ops.addn(self.hyper_map(_square_sum, grads))
 
     def construct(self, grads):
         agreed = ops.ones((), ms.bool_)
@@ -240,7 +250,7 @@ class _Update(nn.Cell):
         # sum of squares overflowing float32 counts as an overflow, as loss scaling intends), and
         # unscaling and clipping share one multiply. The reduced gradients, hence the norm, are the
         # same on every rank.
-        norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
+        norm = ops.sqrt(self._square_norm(grads))
         inv = self.inv_summed / self.scale_value
         if self.unscale:
             norm = norm * inv
