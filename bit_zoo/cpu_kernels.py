@@ -1,4 +1,4 @@
-"""bit_zoo's own CPU kernels for GroupNorm (+ affine + ReLU) and the weight standardisation.
+"""bit_zoo's own CPU kernels for GroupNorm (+ affine + ReLU), the weight standardisation and the gradient norm.
 
 Why: on the CPU "unfold" path both normalisations run on MindSpore 2.10's BatchNorm kernel (see
 layers.py), which runs on one thread and accumulates its statistics in float32. Measured on the
@@ -14,7 +14,7 @@ and the CPU, written to a temporary name and renamed (concurrent ranks are safe)
 self-check against numpy before first use.
 
 Used by layers.py on CPU, whichever convolution path, in training and evaluation alike (each has
-its backward kernel). Anything that stops them (no compiler, a failed build or self-check,
+its backward kernel), and by the training step for the global gradient norm (sum_squares). Anything that stops them (no compiler, a failed build or self-check,
 an MS_CUSTOM_AOT_WHITE_LIST that excludes the kernel directory) leaves the BatchNorm form in use,
 with one log line saying why. BIT_ZOO_CPU_KERNELS=0 turns them off.
 """

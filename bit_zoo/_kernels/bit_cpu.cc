@@ -4,7 +4,8 @@
 // BatchNorm kernel, which uses one thread and computes its statistics in float32. These two
 // kernels do the same arithmetic on all threads (OpenMP over samples x groups, or output
 // channels), with the mean and variance accumulated in double (two passes: mean, then the
-// squared deviations), and GroupNorm's affine and ReLU in the same pass over the data.
+// squared deviations), and GroupNorm's affine and ReLU in the same pass over the data; their
+// backward kernels; and SumSquares, the training step's gradient norm in one operator.
 // Each unit of work sums in a fixed order, so the result does not depend on the thread count.
 //
 // Interface (MindSpore's AOT convention): params[] holds the inputs then the output; shapes[i]
