@@ -98,9 +98,10 @@ def _flag_sets() -> list[tuple[tuple[str, ...], str]]:
 def _build(compiler: list[str]) -> Path:
     """The compiled library for this source, compiler, flags (and CPU); built if not in the cache yet."""
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    source = SOURCE.read_bytes()
     errors = []
     for flags, target in _flag_sets():
-        key = hashlib.sha256(SOURCE.read_bytes() + "\0".join((*compiler, version, platform.machine(), *flags, target)).encode()).hexdigest()
+        key = hashlib.sha256(source + "\0".join((*compiler, version, platform.machine(), *flags, target)).encode()).hexdigest()
         path = home_dir() / "kernels" / f"bit_cpu-{key[:16]}.so"
         # The digest written after a build vouches for the file: a damaged or truncated one is rebuilt
         # (a loader check would not do: dlopen answers from memory for a path already loaded).
@@ -147,20 +148,29 @@ def _norm_dtype(x, *_):
     return x, x
 
 
-def _custom(path: Path, name: str, bprop=None, *, shapes=_same_as_first, dtypes=_same_as_first) -> ops.Custom:
-    """The AOT operator `name` of the library; by default its output has the first input's shape and dtype."""
+# Each operator's output shape and dtype functions, the one place they are stated.
+_SIGNATURES = {
+    "GroupNormAct": (_norm_shape, _norm_dtype),
+    "GroupNormActGrad": (_grad_shapes, _grad_shapes),
+    "StdWeight": (_same_as_first, _same_as_first),
+    "StdWeightGrad": (_same_as_first, _same_as_first),
+    "SumSquares": (_scalar, _float32),
+}
+
+
+def _custom(path: Path, name: str, bprop=None) -> ops.Custom:
+    """The AOT operator `name` of the library, with its signature from _SIGNATURES."""
+    shapes, dtypes = _SIGNATURES[name]
     return ops.Custom(f"{path}:{name}", out_shape=shapes, out_dtype=dtypes, func_type="aot", bprop=bprop)
 
 
 def _self_check(path: Path) -> None:
-    """Run both kernels once on small inputs against numpy in float64; raise if they disagree."""
+    """Run the three forward kernels once on small inputs against numpy in float64; raise if they disagree."""
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((2, 8, 3, 5)) * 2 + 3).astype(np.float32)
     g = (1 + 0.2 * rng.standard_normal(8)).astype(np.float32)
     b = (0.2 * rng.standard_normal(8)).astype(np.float32)
-    y = _custom(path, "GroupNormAct", shapes=_norm_shape, dtypes=_norm_dtype)(
-        ms.Tensor(x), ms.Tensor(g), ms.Tensor(b), ms.Tensor(np.array([4, 1e-5, 1], np.float32))
-    )[0]
+    y = _custom(path, "GroupNormAct")(ms.Tensor(x), ms.Tensor(g), ms.Tensor(b), ms.Tensor(np.array([4, 1e-5, 1], np.float32)))[0]
     a = x.astype(np.float64).reshape(2, 4, -1)
     ref = (a - a.mean(2, keepdims=True)) / np.sqrt(a.var(2, keepdims=True) + 1e-5)
     ref = np.maximum(ref.reshape(x.shape) * g.reshape(1, 8, 1, 1) + b.reshape(1, 8, 1, 1), 0)
@@ -169,7 +179,7 @@ def _self_check(path: Path) -> None:
     wa = w.astype(np.float64).reshape(6, -1)
     wref = ((wa - wa.mean(1, keepdims=True)) / np.sqrt(wa.var(1, keepdims=True) + 1e-10)).reshape(w.shape)
     parts = (w, x)
-    total = _custom(path, "SumSquares", shapes=_scalar, dtypes=_float32)(*[ms.Tensor(p) for p in parts])
+    total = _custom(path, "SumSquares")(*[ms.Tensor(p) for p in parts])
     sref = sum(float((p.astype(np.float64) ** 2).sum()) for p in parts)
     for what, out, expected in (("GroupNormAct", y, ref), ("StdWeight", v, wref), ("SumSquares", total / sref, np.ones(1))):
         err = float(np.abs(out.asnumpy() - expected).max())
@@ -189,7 +199,9 @@ def library() -> Path | None:
         return None
     compiler = _compiler()
     if compiler is None:
-        _status = "unavailable: no C++ compiler ($CXX, g++ or c++); install one (e.g. apt install g++) for faster CPU inference"
+        _status = (
+            "unavailable: no C++ compiler ($CXX, g++ or c++); install one (e.g. apt install g++) for faster CPU training and inference"
+        )
         _logger.info("bit_zoo CPU kernels %s", _status)
         return None
     try:
@@ -232,8 +244,8 @@ def group_norm_act() -> ops.Custom | None:
     path = library()
     if path is None:
         return None
-    _group_norm_act_grad = _custom(path, "GroupNormActGrad", shapes=_grad_shapes, dtypes=_grad_shapes)
-    return _custom(path, "GroupNormAct", _group_norm_act_bprop, shapes=_norm_shape, dtypes=_norm_dtype)
+    _group_norm_act_grad = _custom(path, "GroupNormActGrad")
+    return _custom(path, "GroupNormAct", _group_norm_act_bprop)
 
 
 @functools.cache
@@ -251,4 +263,4 @@ def std_weight() -> ops.Custom | None:
 def sum_squares() -> ops.Custom | None:
     """(t1, t2, ...) float32 tensors -> (1,) float32 sum of all their squared elements, or None; not differentiable."""
     path = library()
-    return None if path is None else _custom(path, "SumSquares", shapes=_scalar, dtypes=_float32)
+    return None if path is None else _custom(path, "SumSquares")
