@@ -109,6 +109,29 @@ def test_kernels_differentiate_like_the_batchnorm_form():
 
 
 @needs_compiler
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_both_modes_run_the_kernels(training):
+    """Training and evaluation alike go through the kernels (the training step got faster with them)."""
+    calls = []
+
+    def spy(kernel):
+        def run(*args):
+            calls.append(kernel)
+            return kernel(*args)
+
+        return run
+
+    gn, conv = GroupNormAct(64), StdConv2d(64, 64, 3, padding=1)
+    for cell in (gn, conv):
+        assert cell._kernel is not None, cpu_kernels.status()
+        cell._kernel = spy(cell._kernel)
+        cell.set_train(training)
+    x = np.random.default_rng(5).standard_normal((2, 64, 4, 4)).astype(np.float32)
+    conv(gn(ms.Tensor(x)))
+    assert len(calls) == 2
+
+
+@needs_compiler
 def test_weight_standardization_kernel_matches_float64():
     rng = np.random.default_rng(2)
     w = (rng.standard_normal((32, 16, 3, 3)) * 0.05 + 0.3).astype(np.float32)
