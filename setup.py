@@ -16,8 +16,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["bit_zoo", "bit_zoo.*"]),
-    # ImageNet-1k / -21k class names (copied from timm; see bit_zoo/_data/SOURCES.md)
-    package_data={"bit_zoo": ["_data/*.txt", "_data/*.md", "_kernels/*.cc"]},
+    # ImageNet-1k / -21k class names (copied from timm; see bit_zoo/weights/_data/SOURCES.md)
+    package_data={"bit_zoo.weights": ["_data/*.txt", "_data/*.md"], "bit_zoo.models": ["_kernels/*.cc"]},
     python_requires=">=3.10,<3.13",
     install_requires=[
         "mindspore>=2.2,<3",
@@ -33,14 +33,14 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "onnx>=1.14", "onnxruntime>=1.16", "fsspec>=2023.1", "s3fs>=2023.1", "moto[server]>=5"],
-        # remote data and outputs: s3:// (OBS, any S3 store) and other fsspec protocols; see bit_zoo/remote.py
+        # remote data and outputs: s3:// (OBS, any S3 store) and other fsspec protocols; see bit_zoo/utils/remote.py
         "cloud": ["fsspec>=2023.1", "s3fs>=2023.1"],
         # the independent reference for the parity tests (torch + timm); see README
         "parity": ["timm>=0.9"],
         # ONNX export (python -m bit_zoo.convert --output model.onnx) and running the result
         "onnx": ["onnx>=1.14", "onnxruntime>=1.16"],
     },
-    entry_points={"console_scripts": ["bit-zoo-convert=bit_zoo.convert:main"]},
+    entry_points={"console_scripts": ["bit-zoo=bit_zoo.__main__:main", "bit-zoo-convert=bit_zoo.tools.convert:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Programming Language :: Python :: 3.10",

@@ -31,11 +31,11 @@ from typing import Any
 
 import yaml
 
-from .atomic import write_text_atomic
+from .utils.atomic import write_text_atomic
 from .data.from_config import DataConfig
 from .errors import ConfigError
-from .freeze import FREEZE_CHOICES
-from .layers import CONV_IMPLS
+from .models.freeze import FREEZE_CHOICES
+from .models.layers import CONV_IMPLS
 from .options import SCRIPTS, at_least, check_group, default_of, each, float_list, int_list, number, option, str2bool
 from .training.checkpoint import CheckpointConfig
 from .training.distill import DistillConfig

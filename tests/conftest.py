@@ -19,7 +19,7 @@ import pytest
 from mindspore.nn.utils import no_init_parameters
 
 import bit_zoo
-from bit_zoo.formats import mindcv_name, npz_key_map, to_npz
+from bit_zoo.weights.formats import mindcv_name, npz_key_map, to_npz
 
 
 @pytest.fixture(autouse=True)

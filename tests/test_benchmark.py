@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bit_zoo import benchmark
+from benchmarks import benchmark
 
 
 def _row(name, role, train, infer, first=1.0, rnd=1):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import bit_zoo
-from bit_zoo.convert import main
-from bit_zoo.loading import load_checkpoint, load_state, model_state, read_arrays, save_weights
-from bit_zoo.meta import META_KEY, decode_meta, encode_meta
-from bit_zoo.resnetv2 import ResNetV2
+from bit_zoo.tools.convert import main
+from bit_zoo.weights.loading import load_checkpoint, load_state, model_state, read_arrays, save_weights
+from bit_zoo.weights.meta import META_KEY, decode_meta, encode_meta
+from bit_zoo.models.resnetv2 import ResNetV2
 
 TINY = (1, 1, 1, 1)
 SIZE = 64
@@ -153,7 +153,7 @@ def test_explicit_geometry_and_hyphen_aliases(tmp_path, finetuned):
 def test_other_num_classes_zeroes_the_head_and_says_so(tmp_path, finetuned, caplog):
     path, _, params = finetuned
     out = tmp_path / "ten.ckpt"
-    with caplog.at_level(logging.WARNING, logger="bit_zoo.convert"):
+    with caplog.at_level(logging.WARNING, logger="bit_zoo.tools.convert"):
         assert main(["--input", str(path), "--output", str(out), "--num_classes", "10"]) == 0
     assert "has 6 classes; --num_classes 10: the classifier is replaced by a zero head" in caplog.text
     arrays = read_arrays(out)[1]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from mindspore import nn
 
-from bit_zoo import cpu_kernels
-from bit_zoo.layers import GroupNormAct, StdConv2d
+from bit_zoo.models import cpu_kernels
+from bit_zoo.models.layers import GroupNormAct, StdConv2d
 
 needs_compiler = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C++ compiler on this machine")
 

@@ -19,7 +19,7 @@ from mindspore import nn
 
 import bit_zoo
 from bit_zoo.data import create_loader
-from bit_zoo.loading import model_state
+from bit_zoo.weights.loading import model_state
 from bit_zoo.training.checkpoint import TrainState, save_training_checkpoint
 from bit_zoo.training.distill import (
     TEACHER_PREFIX,

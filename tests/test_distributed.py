@@ -172,7 +172,7 @@ _EVAL_WORKER = """
 import json, logging, sys
 import mindspore as ms, numpy as np
 from bit_zoo.data import create_loader
-from bit_zoo.resnetv2 import ResNetV2
+from bit_zoo.models.resnetv2 import ResNetV2
 from bit_zoo.training.distributed import init_distributed, log_device, set_device
 from bit_zoo.training.ema import EMA
 from bit_zoo.training.metrics import evaluate

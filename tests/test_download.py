@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import bit_zoo
-from bit_zoo.loading import model_state
-from bit_zoo.pretrained import Weights, cache_dir, download_weights, resolve_url, sha256_file
+from bit_zoo.weights.loading import model_state
+from bit_zoo.weights.pretrained import Weights, cache_dir, download_weights, resolve_url, sha256_file
 
 
 def cache_files():
@@ -194,7 +194,7 @@ def _blob_weights(base_url: str, body: bytes) -> Weights:
 _DOWNLOAD_SCRIPT = """
 import sys, time
 from pathlib import Path
-from bit_zoo.pretrained import Weights, download_weights
+from bit_zoo.weights.pretrained import Weights, download_weights
 go = Path(sys.argv[3])
 print("ready", flush=True)
 while not go.exists():

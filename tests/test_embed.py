@@ -1,4 +1,4 @@
-"""bit_zoo.embed: pre-logits of every image of a split, labels and file names, reuse of a complete file,
+"""bit_zoo.tools.embed: pre-logits of every image of a split, labels and file names, reuse of a complete file,
 resume after an interruption, never a partial file taken for complete."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from bit_zoo.data import create_loader
-from bit_zoo.embed import compute_embeddings, load_embeddings, main
-from bit_zoo.inference import load_model
+from bit_zoo.tools.embed import compute_embeddings, load_embeddings, main
+from bit_zoo.models.inference import load_model
 
 CLASSES = [0, 1]
 KW = dict(

@@ -9,8 +9,8 @@ import pytest
 from mindspore import nn
 
 import bit_zoo
-from bit_zoo.freeze import FREEZE_CHOICES, freeze
-from bit_zoo.loading import load_state, model_state
+from bit_zoo.models.freeze import FREEZE_CHOICES, freeze
+from bit_zoo.weights.loading import load_state, model_state
 
 LAYERS = (1, 1, 1, 1)
 

@@ -1,4 +1,4 @@
-"""bit_zoo.fewshot: big_vision's closed-form ridge regression, its nested seeded k-shot draw, and the CLI
+"""bit_zoo.tools.fewshot: big_vision's closed-form ridge regression, its nested seeded k-shot draw, and the CLI
 (-c config, cached embeddings, table + JSON)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import pytest
 
-from bit_zoo.fewshot import BIAS_CONSTANT, fewshot_indices, main, ridge_accuracy, ridge_fit, run_fewshot
+from bit_zoo.tools.fewshot import BIAS_CONSTANT, fewshot_indices, main, ridge_accuracy, ridge_fit, run_fewshot
 
 
 def _direct_solution(x, y, num_classes, l2):
@@ -86,7 +86,7 @@ def test_cli_with_config_caches_embeddings(tmp_path, capsys, caplog):
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # one per split
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npz")}
     caplog.clear()
-    caplog.set_level(logging.INFO, logger="bit_zoo.embed")
+    caplog.set_level(logging.INFO, logger="bit_zoo.tools.embed")
     assert main(argv + ["--batch_size", "10"]) == 0  # embeddings come from the cache (the batch size changes nothing)
     assert caplog.text.count("reused") == 2
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npz")} == stamps

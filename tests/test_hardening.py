@@ -17,7 +17,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from bit_zoo.atomic import DiskFullError, _host, atomic_path, file_mode, remove_stale_temps, save_checkpoint_atomic, write_text_atomic
+from bit_zoo.utils.atomic import DiskFullError, _host, atomic_path, file_mode, remove_stale_temps, save_checkpoint_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_full_disk_on_a_real_small_file_system(small_fs, capfd, monkeypatch):
     assert error.value.errno == errno.ENOSPC
     assert f"no space left on device to write {target}: it needs 3.9 MiB, " in str(error.value)
     capfd.readouterr()
-    monkeypatch.setattr("bit_zoo.atomic._checkpoint_bytes", lambda obj: None)  # no estimate: MindSpore fills the disk, then fails
+    monkeypatch.setattr("bit_zoo.utils.atomic._checkpoint_bytes", lambda obj: None)  # no estimate: MindSpore fills the disk, then fails
     with pytest.raises(DiskFullError, match=r"needs more than the \d\.\d MiB written before the disk filled") as error:
         save_checkpoint_atomic(_entries(700_000), target)
     assert target.read_bytes() == before and _hidden(small_fs) == []  # MindSpore's own .tmp removed too
@@ -88,7 +88,7 @@ def test_other_errors_pass_through_and_clean_up(tmp_path):
 
 _KILLED_SAVE = """
 import os, signal, sys
-from bit_zoo.atomic import atomic_path
+from bit_zoo.utils.atomic import atomic_path
 with atomic_path(sys.argv[1], suffix=".ckpt") as tmp:
     tmp.write_bytes(b"half a checkpoint")
     tmp.with_suffix(".tmp").write_bytes(b"mindspore's own temporary")

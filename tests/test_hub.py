@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import bit_zoo
-from bit_zoo.hub import hub_weights, source_order
-from bit_zoo.loading import detect_layout, model_state, read_arrays
-from bit_zoo.pretrained import cache_dir
+from bit_zoo.weights.hub import hub_weights, source_order
+from bit_zoo.weights.loading import detect_layout, model_state, read_arrays
+from bit_zoo.weights.pretrained import cache_dir
 
 HUB_PATH = "/timm/resnetv2_50x1_bit.goog_in21k_ft_in1k/resolve/main/model.safetensors"  # the hub's URL layout
 
@@ -17,7 +17,7 @@ HUB_PATH = "/timm/resnetv2_50x1_bit.goog_in21k_ft_in1k/resolve/main/model.safete
 @pytest.fixture(scope="module")
 def timm_safetensors(npz_r50_1000, tmp_path_factory):
     """The upstream-layout .npz loaded by timm itself (its own _load_weights) and saved as timm saves its hub files."""
-    from bit_zoo._timm import import_timm
+    from bit_zoo.utils._timm import import_timm
 
     try:
         timm = import_timm()
@@ -114,7 +114,7 @@ def test_every_source_failing_names_each(no_google, timm_safetensors):
 def test_a_wrong_hub_file_fails_the_structure_check(monkeypatch, no_google, tmp_path, make_upstream_npz):
     from safetensors.numpy import save_file
 
-    from bit_zoo.formats import to_timm
+    from bit_zoo.weights.formats import to_timm
 
     params = make_upstream_npz(tmp_path / "r101.npz", "bit_s_r101x1", 1000)
     save_file(to_timm(params, (3, 4, 23, 3)), str(tmp_path / "r101.safetensors"))

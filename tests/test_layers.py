@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from mindspore import nn, ops
 
-from bit_zoo.layers import GroupNormAct, StdConv2d, resolve_conv_impl
-from bit_zoo.resnetv2 import ResNetV2
+from bit_zoo.models.layers import GroupNormAct, StdConv2d, resolve_conv_impl
+from bit_zoo.models.resnetv2 import ResNetV2
 
 # (in, out, kernel, stride, padding, input size): the stem, the 3x3 (stride 1 and 2), the projection.
 CONV_SHAPES = [
@@ -221,7 +221,7 @@ def test_no_reference_conv_kernel(tmp_path):
     script = textwrap.dedent(
         """
         import mindspore as ms, numpy as np
-        from bit_zoo.resnetv2 import ResNetV2
+        from bit_zoo.models.resnetv2 import ResNetV2
         net = ResNetV2((1, 1, 1, 1), 1, num_classes=10, conv_impl="unfold")
         opt = ms.nn.SGD(net.trainable_params())
         def loss(x):

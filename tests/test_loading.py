@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import bit_zoo
-from bit_zoo.loading import adapt_input_conv, detect_format, model_state, save_weights
+from bit_zoo.weights.loading import adapt_input_conv, detect_format, model_state, save_weights
 
 
 def assert_params_equal(model, params, skip_head=False):
@@ -137,7 +137,7 @@ def test_checkpoint_size_check_counts_reclaimable_cache(monkeypatch):
 
 
 def _pb(number: int, payload: bytes) -> bytes:
-    from bit_zoo.load_bench import _field
+    from benchmarks.load_bench import _field
 
     return _field(number, payload)
 
@@ -146,8 +146,8 @@ def test_ckpt_reader_agrees_with_mindspore(tmp_path):
     """Names, dtypes, shapes and values of a MindSpore-written .ckpt, read in place, equal load_checkpoint's."""
     import mindspore as ms
 
-    from bit_zoo.meta import META_KEY, encode_meta
-    from bit_zoo.readers import open_reader
+    from bit_zoo.weights.meta import META_KEY, encode_meta
+    from bit_zoo.weights.readers import open_reader
 
     rng = np.random.default_rng(0)
     entries = {
@@ -171,8 +171,8 @@ def test_ckpt_reader_joins_the_slices_of_a_big_tensor(tmp_path):
     """MindSpore writes a tensor over 512 MB as consecutive entries with one name; both parsers join them."""
     import mindspore as ms
 
-    from bit_zoo.load_bench import _varint
-    from bit_zoo.readers import open_reader
+    from benchmarks.load_bench import _varint
+    from bit_zoo.weights.readers import open_reader
 
     a = np.arange(24, dtype=np.float32).reshape(6, 4)
     dims = b"".join(_varint(1 << 3) + _varint(d) for d in a.shape)
@@ -200,7 +200,7 @@ def test_timm_layout_is_read_from_any_container(tmp_path, npz_r50_1000, suffix):
     """timm's names are recognised by their keys, whatever the file type (a .ckpt written by a converter, an .npz)."""
     import mindspore as ms
 
-    from bit_zoo.formats import to_timm
+    from bit_zoo.weights.formats import to_timm
 
     _, params = npz_r50_1000
     arrays = to_timm(params, (3, 4, 6, 3))
@@ -253,8 +253,8 @@ def test_safetensors_arrays_view_a_private_map_of_the_file(tmp_path, monkeypatch
     import gc
     import mmap
 
-    from bit_zoo.loading import open_arrays
-    from bit_zoo.readers import MMAP_ENV
+    from bit_zoo.weights.loading import open_arrays
+    from bit_zoo.weights.readers import MMAP_ENV
 
     params = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones((5,), np.float32)}
     path = save_weights(params, tmp_path / "w.safetensors")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import bit_zoo
-from bit_zoo import memory
+from bit_zoo.tools import memory
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = ROOT / "configs" / "seed" / "bit_m_r101x3_cifar10.yaml"

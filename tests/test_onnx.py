@@ -1,4 +1,4 @@
-"""ONNX and dynamic-batch MINDIR export of the export-only network form (bit_zoo/export.py)."""
+"""ONNX and dynamic-batch MINDIR export of the export-only network form (bit_zoo/models/export.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from bit_zoo.export import ExportResNetV2, export_model, standardize
-from bit_zoo.loading import load_state, model_state
-from bit_zoo.resnetv2 import ResNetV2
+from bit_zoo.models.export import ExportResNetV2, export_model, standardize
+from bit_zoo.weights.loading import load_state, model_state
+from bit_zoo.models.resnetv2 import ResNetV2
 
 TINY = (1, 1, 1, 1)
 
@@ -88,7 +88,7 @@ def test_onnx_over_the_protobuf_limit_writes_one_data_file(tiny, tmp_path, monke
 
     monkeypatch.setattr(onnx_export, "PROTO_LIMIT_SIZE", 0)
     model, params = tiny
-    with caplog.at_level("WARNING", logger="bit_zoo.export"):
+    with caplog.at_level("WARNING", logger="bit_zoo.models.export"):
         out = export_model(params, TINY, tmp_path / "tiny.onnx", img_size=64)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx", "tiny.onnx.data"]
     assert "tiny.onnx.data" in caplog.text and "2 GiB" in caplog.text
@@ -118,7 +118,7 @@ def test_onnx_of_bit_m_r152x4_over_2gb(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     from mindspore.nn.utils import no_init_parameters
 
-    from bit_zoo.registry import get_weights
+    from bit_zoo.models.registry import get_weights
 
     arch = get_weights("bit_m_r152x4")
     rng = np.random.default_rng(0)

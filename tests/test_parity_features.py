@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import bit_zoo
-from bit_zoo._timm import import_timm
+from bit_zoo.utils._timm import import_timm
 
 torch = pytest.importorskip("torch")
 try:

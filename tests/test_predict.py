@@ -13,12 +13,12 @@ from PIL import Image
 
 import bit_zoo
 import validate
-from bit_zoo import labels
+from bit_zoo.weights import labels
 from bit_zoo.data import create_loader
 from bit_zoo.data.sources import scan_class_folders
-from bit_zoo.loading import model_state, save_weights
-from bit_zoo.meta import META_KEY, encode_meta
-from bit_zoo.predict import main
+from bit_zoo.weights.loading import model_state, save_weights
+from bit_zoo.weights.meta import META_KEY, encode_meta
+from bit_zoo.tools.predict import main
 
 CLASSES = ["ant", "bee", "cat"]
 LAYERS = [1, 1, 1, 1]
@@ -128,7 +128,7 @@ def test_undecodable_file_is_skipped_and_csv_written(folder_data, meta_checkpoin
 
 def test_checkpoint_without_meta_needs_model(meta_checkpoint, folder_data, tmp_path, capsys):
     bare = tmp_path / "bare.ckpt"
-    from bit_zoo.loading import read_arrays
+    from bit_zoo.weights.loading import read_arrays
 
     _, arrays = read_arrays(meta_checkpoint)
     save_weights({k: v for k, v in arrays.items() if k != META_KEY}, bare)

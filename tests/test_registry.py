@@ -8,7 +8,7 @@ import pytest
 from mindspore.nn.utils import no_init_parameters
 
 import bit_zoo
-from bit_zoo.formats import npz_key_map
+from bit_zoo.weights.formats import npz_key_map
 
 # The six architectures released with BiT (arXiv 1912.11370, table of units per stage): the test's own
 # statement of the geometry, independent of the zoo's records.

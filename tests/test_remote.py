@@ -12,7 +12,7 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
 
-from bit_zoo import remote  # noqa: E402
+from bit_zoo.utils import remote  # noqa: E402
 
 
 def _free_port() -> int:
@@ -81,7 +81,7 @@ def test_folder_dataset_stages_only_the_split_and_classes_a_run_reads(s3, tmp_pa
     """ImageNet-style class folders: train.py with classes [3, 1] fetches train/ and val/ of those two
     classes only (no test/, no other class, no stray file); the other classes are empty NOT_STAGED
     folders, so labels, class count and the data fingerprint equal a full local copy's."""
-    from bit_zoo.cli import _stage_data
+    from bit_zoo._cli import _stage_data
     from bit_zoo.data import sources
     from bit_zoo.data.from_config import DataConfig
 
@@ -126,7 +126,7 @@ def test_folder_dataset_stages_only_the_split_and_classes_a_run_reads(s3, tmp_pa
 
 
 def test_remote_cli_makes_a_bucket_and_uploads_a_folder(s3, tmp_path, capsys):
-    """python -m bit_zoo.remote: what the README's object-storage walk-through runs before train.py."""
+    """python -m bit_zoo.utils.remote: what the README's object-storage walk-through runs before train.py."""
     for rel, body in {"train/0/a.png": b"a", "train/1/b.png": b"bb", "val/0/c.png": b"ccc", ".hidden": b"x"}.items():
         (tmp_path / "ds" / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "ds" / rel).write_bytes(body)
@@ -190,7 +190,7 @@ def test_restore_keeps_a_newer_local_copy_and_takes_a_newer_remote_one(s3, tmp_p
 def test_localize_resume_auto_on_a_fresh_node_brings_back_last_ckpt_and_metrics(s3, tmp_path, monkeypatch):
     """What a resumed run needs before it starts: the bucket's last.ckpt, and metrics.jsonl, to which it
     appends (without it the bucket's record of the steps before the kill would be overwritten)."""
-    from bit_zoo.cli import localize
+    from bit_zoo._cli import localize
     from bit_zoo.config import Config
 
     bucket = _bucket(s3, "fresh")
@@ -369,7 +369,7 @@ def test_interrupted_multipart_upload_leaves_the_previous_object_whole(s3, monke
 
 
 def test_upload_failure_at_the_end_is_one_line_and_exit_4(tmp_path, capsys):
-    from bit_zoo.cli import EXIT_UPLOAD, run_cli
+    from bit_zoo._cli import EXIT_UPLOAD, run_cli
 
     def main(argv):
         raise remote.UploadError(
@@ -451,7 +451,7 @@ def test_train_and_validate_with_data_and_outputs_in_a_bucket(s3, tmp_path, monk
 def test_convert_from_and_to_a_bucket(s3, tmp_path, make_upstream_npz):
     from safetensors.numpy import load_file
 
-    from bit_zoo import convert
+    from bit_zoo.tools import convert
 
     bucket = _bucket(s3, "weights")
     params = make_upstream_npz(tmp_path / "BiT-S-R50x1.npz", "bit_s_r50x1", 1000)

@@ -24,7 +24,7 @@ import pytest
 import train
 from bit_zoo.config import parse_config
 from bit_zoo.errors import ConfigError, TrainingStopped
-from bit_zoo.meta import META_KEY, verify_digest
+from bit_zoo.weights.meta import META_KEY, verify_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -566,7 +566,7 @@ def test_background_checkpoint_writes_equal_synchronous_ones(reference_run, tmp_
 
 
 def test_a_failed_background_write_is_raised_and_keeps_the_earlier_checkpoint(tmp_path, monkeypatch):
-    from bit_zoo.atomic import DiskFullError
+    from bit_zoo.utils.atomic import DiskFullError
     from bit_zoo.training import checkpoint as ckpt_mod
     from bit_zoo.training.checkpoint import CheckpointManager, TrainState
 

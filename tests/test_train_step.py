@@ -122,7 +122,7 @@ def test_clipping_bounds_the_update(graph_mode):
 @pytest.mark.parametrize("kernel", [True, False], ids=["sum-squares-kernel", "per-tensor-norms"])
 def test_reported_norm_is_the_global_gradient_norm(graph_mode, kernel):
     """The norm that gates and clips the step is sqrt(sum of every gradient's squares), on either form."""
-    from bit_zoo import cpu_kernels
+    from bit_zoo.models import cpu_kernels
 
     ((x, y),) = _batches(steps=1, batch=4)
     trainer = _trainer(StepConfig())

@@ -13,8 +13,8 @@ import bit_zoo
 import train
 import validate
 from bit_zoo.errors import ConfigError
-from bit_zoo.formats import to_npz
-from bit_zoo.loading import model_state, save_weights
+from bit_zoo.weights.formats import to_npz
+from bit_zoo.weights.loading import model_state, save_weights
 
 TINY = [
     "--model", "resnetv2", "--layers", "1,1,1,1", "--dataset", "digits", "--image_size", "32", "--num_workers", "1", "--progress", "false",

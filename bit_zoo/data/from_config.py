@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..hyperrule import hyperrule, hyperrule_resolution
 from ..options import at_least, each, length, non_negative, option, positive, unit_interval
-from ..pretrained import BIT_MEAN_STD
+from ..weights.pretrained import BIT_MEAN_STD
 from .loader import DATASETS, DataInfo, create_loader
 from .transforms import _INTERPOLATION, TRANSFORMS
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..remote import NOT_STAGED
+from ..utils.remote import NOT_STAGED
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def scan_class_folders(root: Path) -> tuple[list[str], list[str], np.ndarray]:
     """Class folders sorted by name, images sorted by path: (class_names, paths, labels).
 
     A folder holding remote.NOT_STAGED is a class a remote dataset's staging left out (see
-    bit_zoo.remote.stage): it keeps its label but contributes no images.
+    bit_zoo.utils.remote.stage): it keeps its label but contributes no images.
     """
     classes = class_folder_names(root)
     paths, labels = [], []

@@ -1,12 +1,12 @@
 """Training checkpoints: everything --resume needs, in one MindSpore .ckpt, written atomically.
 
-Layout (the bit_zoo training-checkpoint convention, readable by bit_zoo.loading.load_checkpoint):
+Layout (the bit_zoo training-checkpoint convention, readable by bit_zoo.weights.loading.load_checkpoint):
     <param name>          model weights
     ema.<param name>      EMA weights (when EMA is on)
     optim.<name>          optimizer state (moments, global_step; the lr array is rebuilt from the config)
     state.<name>          step, epoch, data position, loss scale and its counter, best top-1
 
-    meta.json             architecture, class names, preprocessing and a digest of the rest (bit_zoo.meta),
+    meta.json             architecture, class names, preprocessing and a digest of the rest (bit_zoo.weights.meta),
                           written first so a truncated file is detected on load
 
 Files in the output dir: ``last.ckpt`` (every save), ``best.ckpt`` (best eval top-1),
@@ -25,10 +25,10 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 
-from ..atomic import atomic_path, save_checkpoint_atomic
+from ..utils.atomic import atomic_path, save_checkpoint_atomic
 from ..errors import ConfigError
-from ..loading import EMA_PREFIX, TRAIN_STATE_PREFIXES, detect_format, read_arrays, read_weights_file, save_weights
-from ..meta import META_KEY, decode_meta, verify_digest, with_meta
+from ..weights.loading import EMA_PREFIX, TRAIN_STATE_PREFIXES, detect_format, read_arrays, read_weights_file, save_weights
+from ..weights.meta import META_KEY, decode_meta, verify_digest, with_meta
 from ..options import at_least, option
 
 __all__ = [
@@ -95,7 +95,7 @@ def _atomic_save(arrays: dict[str, np.ndarray], path: Path) -> None:
 
 
 def save_training_checkpoint(path: str | Path, *, model, optimizer, ema, scaler, state: TrainState, meta: dict | None = None) -> Path:
-    """Write everything --resume needs, with `meta` (bit_zoo.meta keys) and the content digest first."""
+    """Write everything --resume needs, with `meta` (bit_zoo.weights.meta keys) and the content digest first."""
     path = Path(path)
     _atomic_save(training_arrays(model=model, optimizer=optimizer, ema=ema, scaler=scaler, state=state, meta=meta), path)
     return path
@@ -128,7 +128,7 @@ def read_model_state(path: str | Path, layers: tuple[int, ...], *, ema: bool | N
     """(bit_zoo parameter arrays, meta.json or None, EMA used) of any weights file.
 
     A bit_zoo file is read once and its digest checked; ``ema=None`` takes the EMA weights when the
-    file has them. Upstream .npz and mindcv files are converted by bit_zoo.loading.
+    file has them. Upstream .npz and mindcv files are converted by bit_zoo.weights.loading.
     """
     if detect_format(path) == "npz":
         if ema:

@@ -21,7 +21,7 @@ Pieces:
     distill_counts(...)             the numpy numbers behind it, for one batch of logits
 
 The teacher is held by the loss cell, never by the student: the student's parameters (and hence its
-checkpoints, ``bit_zoo.loading.model_state(student)``) hold no teacher weight, and the optimizer,
+checkpoints, ``bit_zoo.weights.loading.model_state(student)``) hold no teacher weight, and the optimizer,
 built over the student's parameters, has no state for it.
 """
 
@@ -35,11 +35,11 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from ..inference import load_model
-from ..loading import detect_format, read_arrays
-from ..meta import decode_meta
+from ..models.inference import load_model
+from ..weights.loading import detect_format, read_arrays
+from ..weights.meta import decode_meta
 from ..options import non_negative, option, positive
-from ..registry import get_weights
+from ..models.registry import get_weights
 from .metrics import evaluate, topk_correct
 
 __all__ = [

@@ -6,7 +6,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from ..loading import EMA_PREFIX  # the checkpoint layout's one definition
+from ..weights.loading import EMA_PREFIX  # the checkpoint layout's one definition
 
 __all__ = ["EMA", "EMA_PREFIX"]
 

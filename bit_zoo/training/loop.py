@@ -113,7 +113,7 @@ class TrainLoop:
         self.step_cfg, self.ckpt_cfg = step, checkpoint
         self.manager, self.metrics = manager, metrics
         self.dist = dist
-        self.on_save = on_save  # e.g. the upload of a remote output_dir (bit_zoo.remote.Mirror.sync)
+        self.on_save = on_save  # e.g. the upload of a remote output_dir (bit_zoo.utils.remote.Mirror.sync)
         self.eval_observer = eval_observer
         self.is_main, self.progress = (dist is None or dist.is_main), progress
         self.last_eval: dict = {}

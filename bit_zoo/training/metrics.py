@@ -15,7 +15,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from ..atomic import atomic_path, write_text_atomic
+from ..utils.atomic import atomic_path, write_text_atomic
 
 __all__ = [
     "evaluate",

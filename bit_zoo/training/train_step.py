@@ -36,7 +36,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from .. import cpu_kernels
+from ..models import cpu_kernels
 from ..options import at_least, non_negative, option, positive, unit_interval
 from .ema import EMA
 

@@ -1,6 +1,6 @@
 """Loading benchmark: peak memory and time to create a model from its weights file, bit_zoo vs timm.
 
-    python -m bit_zoo.load_bench --model bit_m_r101x3 --dir /path/to/cache
+    python -m benchmarks.load_bench --model bit_m_r101x3 --dir /path/to/cache
 
 Builds (once; reused when present) random weights of the model's default record in three
 layouts: the upstream .npz (TF names, HWIO), a mindcv-named MindSpore .ckpt and timm's
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ._timm import import_timm
-from .factory import create_model
-from .formats import npz_key_map, timm_key_map
-from .pretrained import home_dir
-from .zoo import WEIGHTS
+from bit_zoo.utils._timm import import_timm
+from bit_zoo.models.factory import create_model
+from bit_zoo.weights.formats import npz_key_map, timm_key_map
+from bit_zoo.weights.pretrained import home_dir
+from bit_zoo.models.zoo import WEIGHTS
 
 __all__ = ["build_files", "main"]
 
@@ -223,7 +223,7 @@ def _warm(path: Path) -> None:
 
 def _measure(lib: str, model_name: str, path: Path, fmt: str) -> dict:
     _warm(path)
-    cmd = [sys.executable, "-m", "bit_zoo.load_bench", "--worker", lib, "--model", model_name, "--file", str(path), "--format", fmt]
+    cmd = [sys.executable, "-m", "benchmarks.load_bench", "--worker", lib, "--model", model_name, "--file", str(path), "--format", fmt]
     r = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if r.returncode != 0 or not lines:
@@ -241,7 +241,7 @@ def _timm_available() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m bit_zoo.load_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.load_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", default="bit_m_r101x3", help="registered name; its default record's classes are used")
     p.add_argument("--dir", default=None, help="where the generated files live (default: $BIT_ZOO_HOME/load_bench)")

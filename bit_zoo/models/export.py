@@ -30,7 +30,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from .atomic import atomic_path, file_mode
+from ..utils.atomic import atomic_path, file_mode
 
 __all__ = ["ExportResNetV2", "export_model", "external_data_path"]
 

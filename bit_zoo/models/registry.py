@@ -11,7 +11,7 @@ import fnmatch
 import re
 from collections.abc import Callable
 
-from .pretrained import Weights
+from ..weights.pretrained import Weights
 
 __all__ = [
     "register_model",

@@ -21,8 +21,8 @@ from .data import dataset_num_classes
 from .data.from_config import DataConfig
 from .data.sources import IMAGE_EXTENSIONS
 from .errors import ConfigError, FetchError, TrainingStopped
-from .loading import load_state
-from .remote import Mirror, UploadError, fetch, is_remote, stage
+from .weights.loading import load_state
+from .utils.remote import Mirror, UploadError, fetch, is_remote, stage
 from .training.checkpoint import read_model_state
 
 __all__ = [
@@ -138,7 +138,7 @@ class Localized:
 
 
 def localize(cfg: Config, *, script: str = "train") -> Localized:
-    """Replace remote locations (s3://..., see bit_zoo.remote) in cfg by local ones, in place.
+    """Replace remote locations (s3://..., see bit_zoo.utils.remote) in cfg by local ones, in place.
 
     Inputs (data_dir, checkpoint_path, ckpt_path, resume, teacher_checkpoint_path) are staged into
     the cache (of a class-folder dataset only the files this run reads); a remote output_dir becomes
@@ -251,7 +251,7 @@ def _refuse_head(source: str, file_classes: int, data_classes: int) -> None:
 
 
 def model_meta(m: ModelConfig, model, *, class_names: list[str] | None, prep: dict, eval_resize_size: int | None = None) -> dict:
-    """The meta.json entry of the checkpoints a run writes (bit_zoo.meta)."""
+    """The meta.json entry of the checkpoints a run writes (bit_zoo.weights.meta)."""
     return {
         "model": m.model,
         "layers": list(model.layers),

@@ -1,6 +1,6 @@
 """The zoo: the weights records, written out, and the registered names over one builder.
 
-Every released file is one literal :class:`~bit_zoo.pretrained.Weights` record naming its
+Every released file is one literal :class:`~bit_zoo.weights.pretrained.Weights` record naming its
 architecture (units per stage, width), classes, resolution and preprocessing, so a record alone
 is enough to fetch, convert and preprocess. The first tag of a name is its default weights.
 Each registered name states its geometry; nothing is parsed from names.
@@ -15,8 +15,8 @@ import contextlib
 
 from mindspore.nn.utils import no_init_parameters
 
-from .loading import load_checkpoint, load_pretrained
-from .pretrained import GOOGLE_BASE_URL, IMAGENET_MEAN, IMAGENET_STD, MINDCV_BASE_URL, Weights
+from ..weights.loading import load_checkpoint, load_pretrained
+from ..weights.pretrained import GOOGLE_BASE_URL, IMAGENET_MEAN, IMAGENET_STD, MINDCV_BASE_URL, Weights
 from .registry import get_weights, register_model
 from .resnetv2 import ResNetV2
 

@@ -1,6 +1,6 @@
 """Import timm, the independent PyTorch reference used by the parity tests and the benchmark.
 
-Not a runtime dependency: only tests/test_parity.py and `python -m bit_zoo.benchmark --torch-reference` call this.
+Not a runtime dependency: only tests/test_parity.py and `python -m benchmarks.benchmark --torch-reference` call this.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ its names:
 
 Loading is lean: arrays are read one at a time from a lazy reader (readers.py), converted and
 handed to their parameter without a second copy, largest first, so the peak stays near the size
-of the weights (`python -m bit_zoo.load_bench` measures it).
+of the weights (`python -m benchmarks.load_bench` measures it).
 
 Only the classifier may be left out, and only when the class count differs (it is then zero,
 BiT's zero head); a 3-channel stem is adapted to other in_channels. Anything else missing,
@@ -31,8 +31,8 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 
-from .atomic import atomic_path, save_checkpoint_atomic
-from .errors import FetchError
+from ..utils.atomic import atomic_path, save_checkpoint_atomic
+from ..errors import FetchError
 from .formats import check_keys, converted_shape, is_timm_layout, mindcv_plan, npz_plan, timm_plan
 from .hub import HF_ENDPOINT_ENV, SOURCE_ENV, candidates
 from .pretrained import Weights, download_weights

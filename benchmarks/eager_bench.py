@@ -1,7 +1,7 @@
 """Eager (PyNative) inference with and without the compiled forward, against graph mode, in one process.
 
-    python -m bit_zoo.eager_bench                       # bit_s_r50x1, 128 px, batch 16
-    python -m bit_zoo.eager_bench --model bit_m_r101x1 --image_size 160 --batch_size 8 --iters 10
+    python -m benchmarks.eager_bench                       # bit_s_r50x1, 128 px, batch 16
+    python -m benchmarks.eager_bench --model bit_m_r101x1 --image_size 160 --batch_size 8 --iters 10
 
 Prints, per setting, the first call (compile included) and the steady-state images per second
 (median over --iters timed calls after --warmup), then eager-compiled / graph. The three settings
@@ -19,9 +19,9 @@ import time
 import mindspore as ms
 import numpy as np
 
-from .atomic import write_text_atomic
-from .factory import create_model
-from .options import ToolParser
+from bit_zoo.utils.atomic import write_text_atomic
+from bit_zoo.models.factory import create_model
+from bit_zoo.options import ToolParser
 
 
 def _time_calls(fn, x, *, warmup: int, iters: int) -> tuple[float, float, np.ndarray]:
@@ -65,7 +65,7 @@ def run(model_name: str, *, image_size: int, batch_size: int, warmup: int, iters
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = ToolParser(prog="python -m bit_zoo.eager_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(prog="python -m benchmarks.eager_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bit_s_r50x1")
     p.add_argument("--image_size", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=16)

@@ -7,7 +7,7 @@ runtime_num_threads=1), 5.9 ms here with the affine and ReLU included; standardi
 weight 7.4 ms there, 3.4 ms here. The statistics are accumulated in double, so the results are
 also closer to exact (a GroupNorm's largest error 8e-8 of its largest value against 5e-7).
 
-The kernels (bit_zoo/_kernels/bit_cpu.cc) are MindSpore AOT custom operators, compiled once per
+The kernels (bit_zoo/models/_kernels/bit_cpu.cc) are MindSpore AOT custom operators, compiled once per
 machine with the system C++ compiler ($CXX, else g++ or c++; OpenMP; -march=native when the CPU
 is known) into $BIT_ZOO_HOME/kernels/ under a name that hashes the source, the compiler, its flags
 and the CPU, written to a temporary name and renamed (concurrent ranks are safe). They run a
@@ -35,8 +35,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
-from .atomic import atomic_path, write_text_atomic
-from .pretrained import home_dir, sha256_file
+from ..utils.atomic import atomic_path, write_text_atomic
+from ..utils.paths import home_dir
+from ..weights.pretrained import sha256_file
 
 __all__ = ["ENV", "SOURCE", "group_norm_act", "library", "std_weight", "status", "sum_squares"]
 

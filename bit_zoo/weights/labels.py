@@ -1,7 +1,7 @@
 """Class names for model outputs: ImageNet-1k, ImageNet-21k (Google's BiT-M head order), or a checkpoint's own.
 
-The synset lists and WordNet lemmas ship as package data (bit_zoo/_data, copied from timm's wheel;
-see bit_zoo/_data/SOURCES.md). A label is the lemma string, e.g. "tench, Tinca tinca".
+The synset lists and WordNet lemmas ship as package data (bit_zoo/weights/_data, copied from timm's wheel;
+see bit_zoo/weights/_data/SOURCES.md). A label is the lemma string, e.g. "tench, Tinca tinca".
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ _LEMMAS = "imagenet_synset_to_lemma.txt"
 
 
 def _read(name: str) -> list[str]:
-    text = resources.files("bit_zoo").joinpath("_data", name).read_text(encoding="utf-8")
+    text = resources.files("bit_zoo.weights").joinpath("_data", name).read_text(encoding="utf-8")
     return [line for line in text.splitlines() if line.strip()]
 
 

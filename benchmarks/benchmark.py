@@ -1,7 +1,7 @@
 """Speed and memory benchmark of the training step each framework's users run, on random data.
 
-    python -m bit_zoo.benchmark --torch-reference --rounds 3      # bit_s_r50x1, 128 px, batch 16, graph, fp32
-    python -m bit_zoo.benchmark --clip-grad-norm 1 --ema-decay 0.9999 --loss-scale dynamic --no-mindcv
+    python -m benchmarks.benchmark --torch-reference --rounds 3      # bit_s_r50x1, 128 px, batch 16, graph, fp32
+    python -m benchmarks.benchmark --clip-grad-norm 1 --ema-decay 0.9999 --loss-scale dynamic --no-mindcv
 
 Rows (one subprocess per worker, so a peak RSS is its own and a failed compile's ./rank_0 dump
 lands in a temporary directory):
@@ -41,13 +41,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._timm import import_timm
-from .factory import create_model
-from .options import ToolParser
-from .registry import get_weights  # `python -m bit_zoo.benchmark` has imported the package (and its registry) already
-from .training.distill import DistillNetWithLoss, freeze_teacher
-from .training.optim import OptimConfig, create_optimizer
-from .training.train_step import StepConfig, Trainer
+from bit_zoo.utils._timm import import_timm
+from bit_zoo.models.factory import create_model
+from bit_zoo.options import ToolParser
+from bit_zoo.models.registry import get_weights  # `python -m benchmarks.benchmark` has imported the package (and its registry) already
+from bit_zoo.training.distill import DistillNetWithLoss, freeze_teacher
+from bit_zoo.training.optim import OptimConfig, create_optimizer
+from bit_zoo.training.train_step import StepConfig, Trainer
 
 _logger = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ def _run_worker(which: str, argv: list[str]) -> list[dict]:
         out = Path(tmp) / "result.json"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-        cmd = [sys.executable, "-m", "bit_zoo.benchmark", *argv, "--worker", which, "--worker-out", str(out)]
+        cmd = [sys.executable, "-m", "benchmarks.benchmark", *argv, "--worker", which, "--worker-out", str(out)]
         _logger.info("running %s", which)
         proc = subprocess.run(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0 or not out.exists():
@@ -442,7 +442,7 @@ def format_table(results: list[dict], args: argparse.Namespace) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ToolParser(prog="python -m bit_zoo.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(prog="python -m benchmarks.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="bit_s_r50x1", help="bit_zoo model name")
     g.add_argument("--img_size", "--img-size", type=int, default=128)
@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in filter(None, (args.model, args.teacher)):
             get_weights(name)
     except ValueError as e:
-        print(f"python -m bit_zoo.benchmark: error: {e}", file=sys.stderr)
+        print(f"python -m benchmarks.benchmark: error: {e}", file=sys.stderr)
         return 2
     if args.batch_size % args.accum_steps:
         build_parser().error(f"--batch-size {args.batch_size} does not split into --accum-steps {args.accum_steps} micro-batches")

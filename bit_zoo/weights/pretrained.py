@@ -2,7 +2,7 @@
 
 A :class:`Weights` record is the single source of truth for one released file: where it lives,
 how to check it, and how its inputs must be prepared. The README's model table is generated
-from these records (``python -m bit_zoo.model_table``).
+from these records (``python -m bit_zoo.tools.model_table``).
 
 Environment:
     BIT_ZOO_HOME             cache root (default ~/.cache/bit_zoo); files go to $BIT_ZOO_HOME/weights/
@@ -38,8 +38,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .atomic import pid_alive, write_text_atomic
-from .errors import FetchError
+from ..utils.atomic import pid_alive, write_text_atomic
+from ..utils.paths import home_dir
+from ..errors import FetchError
 
 __all__ = [
     "Weights",
@@ -103,11 +104,6 @@ class Weights:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (3, self.input_size, self.input_size)
-
-
-def home_dir() -> Path:
-    """bit_zoo's cache root: $BIT_ZOO_HOME, default ~/.cache/bit_zoo (weights/, remote/, kernels/ below it)."""
-    return Path(os.environ.get("BIT_ZOO_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "bit_zoo"))
 
 
 def cache_dir() -> Path:

@@ -1,6 +1,6 @@
 """A model ready for inference, with its preprocessing and class names, from a name or a weights file.
 
-Shared by ``bit_zoo.predict``, ``bit_zoo.embed`` and ``bit_zoo.fewshot``. A checkpoint that bit_zoo's
+Shared by ``bit_zoo.tools.predict``, ``bit_zoo.tools.embed`` and ``bit_zoo.tools.fewshot``. A checkpoint that bit_zoo's
 train.py wrote carries a ``meta.json`` entry (see meta.py): architecture, class names and eval
 preprocessing come from it, so no ``--model`` is needed. Otherwise the architecture is named and the
 preprocessing comes from its weights record (BiT: resize straight to the input size, [-1, 1]).
@@ -16,12 +16,12 @@ import mindspore as ms
 import numpy as np
 from mindspore.nn.utils import no_init_parameters
 
-from .data.transforms import build_transforms
+from ..data.transforms import build_transforms
 from .factory import create_model
-from .loading import EMA_PREFIX, load_state, read_arrays, read_weights_file
-from .meta import decode_meta
-from .options import int_list, str2bool
-from .pretrained import BIT_MEAN_STD, Weights
+from ..weights.loading import EMA_PREFIX, load_state, read_arrays, read_weights_file
+from ..weights.meta import decode_meta
+from ..options import int_list, str2bool
+from ..weights.pretrained import BIT_MEAN_STD, Weights
 from .resnetv2 import ResNetV2
 
 __all__ = ["Preprocess", "LoadedModel", "load_model", "add_model_args", "model_from_args"]

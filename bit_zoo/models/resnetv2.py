@@ -18,7 +18,7 @@ from .features import NUM_FEATURES, FeatureInfo, feature_take_indices, stage_str
 from .layers import GroupNormAct, StdConv2d, resolve_conv_impl, zero_pad2d
 
 if TYPE_CHECKING:
-    from .pretrained import Weights
+    from ..weights.pretrained import Weights
 
 _logger = logging.getLogger(__name__)
 

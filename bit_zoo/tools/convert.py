@@ -1,0 +1,254 @@
+"""Convert weights between formats and export models; what the input holds is kept.
+
+    python -m bit_zoo.convert --input outputs/r50_tiny/best.ckpt --output r50.onnx     # a bit_zoo checkpoint knows its model
+    python -m bit_zoo.convert --model bit_m_r50x1 --input BiT-M-R50x1.npz --output bit_m_r50x1.ckpt
+    python -m bit_zoo.convert --model bit_s_r50x1 --input BiT_resnet50-1e4795a4.ckpt --output r50.safetensors
+    python -m bit_zoo.convert --model bit_m_r50x1 --output bit_m_r50x1.npz              # the pretrained weights -> upstream layout
+    python -m bit_zoo.convert --model resnetv2 --layers 1,1,1,1 --width_factor 1 --input tiny.ckpt --output tiny.mindir
+
+Inputs (detected from the file): upstream .npz, timm's state_dict (.safetensors from the Hugging
+Face hub), mindcv .ckpt, bit_zoo .ckpt/.safetensors (training checkpoints too; --ema takes their
+EMA weights). Without --input the model's pretrained weights are used (fetched into the cache).
+
+Outputs, by suffix: .ckpt, .safetensors (bit_zoo names, with the meta.json entry), .npz (the
+upstream layout), .onnx and .mindir (an export-only form of the network, see export.py, with
+dynamic batch, height and width axes). Every output is written under a
+temporary name and renamed when complete.
+
+The architecture comes from --model (a registered name, or resnetv2 with --layers and
+--width_factor), else from the input's meta.json. The classifier is the input's: --num_classes
+is only needed to change the class count, and then the head is zeroed (BiT's zero head) and the
+tool says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from mindspore.nn.utils import no_init_parameters
+
+from ..utils import remote
+from ..utils.atomic import atomic_path
+from .._cli import run_cli
+from ..models.export import export_model
+from ..weights.formats import to_npz
+from ..weights.loading import fetch_pretrained, lazy_weights, match_state, open_arrays, save_weights
+from ..weights.meta import META_KEY, decode_meta, encode_meta
+from ..options import ToolParser
+from ..models.registry import get_weights, is_model, list_models
+from ..models.resnetv2 import ResNetV2
+
+__all__ = ["Architecture", "resolve_architecture", "read_model_weights", "convert", "main"]
+
+_logger = logging.getLogger(__name__)
+
+OUTPUT_FORMATS = (".ckpt", ".safetensors", ".npz", ".onnx", ".mindir")
+CUSTOM_MODEL = "resnetv2"
+
+
+class Architecture:
+    """What the converter needs of a model: its name, geometry and (for registered names) weights record."""
+
+    def __init__(self, name: str, layers: tuple[int, ...], width_factor: int, record=None) -> None:
+        self.name, self.layers, self.width_factor, self.record = name, tuple(layers), width_factor, record
+
+
+def resolve_architecture(
+    model: str | None, *, layers: tuple[int, ...] | None = None, width_factor: int | None = None, meta: dict | None = None
+) -> Architecture:
+    """--model (registered name or 'resnetv2' + geometry), else the input's meta.json; an error otherwise."""
+    if model is None and meta is not None:
+        model = meta.get("model")
+        if model == CUSTOM_MODEL or not is_model(model or ""):
+            return Architecture(CUSTOM_MODEL, tuple(meta["layers"]), int(meta["width_factor"]))
+    if model is None:
+        raise ValueError("the input carries no meta.json (not written by bit_zoo): name its architecture with --model")
+    if model == CUSTOM_MODEL:
+        if not layers or not width_factor:
+            raise ValueError("--model resnetv2 needs --layers (e.g. 3,4,6,3) and --width_factor (e.g. 1)")
+        if len(layers) != 4:
+            raise ValueError(f"--layers needs four units-per-stage counts, got {list(layers)}")
+        return Architecture(CUSTOM_MODEL, layers, width_factor)
+    if not is_model(model):
+        raise ValueError(
+            f"unknown model {model!r}: one of {', '.join(list_models())}, a name.tag, or {CUSTOM_MODEL} with --layers/--width_factor"
+        )
+    record = get_weights(model)
+    if layers and tuple(layers) != tuple(record.layers) or width_factor and width_factor != record.width_factor:
+        raise ValueError(f"{model} is R{record.layers}x{record.width_factor}; --layers/--width_factor contradict it (use --model resnetv2)")
+    return Architecture(model, record.layers, record.width_factor, record)
+
+
+def read_model_weights(
+    input_path: str | os.PathLike,
+    *,
+    model: str | None = None,
+    layers: tuple[int, ...] | None = None,
+    width_factor: int | None = None,
+    ema: bool = False,
+) -> tuple[Architecture, dict[str, np.ndarray], dict | None]:
+    """(architecture, bit_zoo parameters, meta or None) of a weights file of any supported format."""
+    fmt, reader = open_arrays(input_path)
+    with reader:
+        meta = decode_meta({META_KEY: reader[META_KEY]}) if META_KEY in reader else None
+        arch = resolve_architecture(model, layers=layers, width_factor=width_factor, meta=meta)
+        state = {k: np.asarray(v) for k, v in lazy_weights(reader, fmt, arch.layers, path=input_path, ema=ema).items()}
+    return arch, state, meta
+
+
+def _with_classes(state: dict[str, np.ndarray], num_classes: int | None, source: str) -> tuple[dict[str, np.ndarray], int]:
+    """Keep the input's classifier; only an explicit other count replaces it with a zero head."""
+    file_classes = state["head.fc.bias"].shape[0] if "head.fc.bias" in state else 0
+    if num_classes is None or num_classes == file_classes:
+        return state, file_classes
+    state = {k: v for k, v in state.items() if not k.startswith("head.fc.")}
+    if num_classes > 0:
+        width = state["norm.gamma"].shape[0]
+        state["head.fc.weight"] = np.zeros((num_classes, width), np.float32)
+        state["head.fc.bias"] = np.zeros((num_classes,), np.float32)
+    _logger.warning(
+        "%s has %d classes; --num_classes %d: the classifier is replaced by a zero head (every logit 0 until fine-tuned)",
+        source,
+        file_classes,
+        num_classes,
+    )
+    return state, num_classes
+
+
+def _meta_out(meta: dict | None, arch: Architecture, num_classes: int, in_channels: int) -> dict:
+    out = dict(meta or {})
+    if out.get("num_classes") not in (None, num_classes):
+        out["class_names"] = None  # the names belonged to the replaced head
+    out.update(model=arch.name, layers=list(arch.layers), width_factor=arch.width_factor, num_classes=num_classes, in_channels=in_channels)
+    if "preprocess" not in out and arch.record is not None:
+        r = arch.record
+        out["preprocess"] = {
+            "image_size": r.input_size,
+            "eval_size": r.input_size,
+            "mean": list(r.mean),
+            "std": list(r.std),
+            "interpolation": r.interpolation,
+            "crop_pct": r.crop_pct,
+        }
+    out.setdefault("class_names", None)
+    return out
+
+
+def convert(
+    output: str | os.PathLike,
+    *,
+    input_path: str | os.PathLike | None = None,
+    model: str | None = None,
+    layers: tuple[int, ...] | None = None,
+    width_factor: int | None = None,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    batch_size: int = 1,
+    ema: bool = False,
+) -> Path:
+    """Write the weights of `input_path` (or of the model's pretrained record) to `output`, format by suffix."""
+    output = Path(output)
+    if output.suffix not in OUTPUT_FORMATS:
+        raise ValueError(f"output {output} must end in one of {', '.join(OUTPUT_FORMATS)}")
+    if input_path is None:
+        if model is None or model == CUSTOM_MODEL:
+            raise ValueError("without --input, --model must be a registered name (its pretrained weights are used)")
+        input_path = fetch_pretrained(get_weights(model))
+    arch, state, meta = read_model_weights(input_path, model=model, layers=layers, width_factor=width_factor, ema=ema)
+    state, classes = _with_classes(state, num_classes, str(input_path))
+    in_channels = state["stem.conv.weight"].shape[1]
+    with no_init_parameters():  # names and shapes only
+        skeleton = ResNetV2(arch.layers, arch.width_factor, num_classes=classes, in_channels=in_channels)
+    state = match_state(skeleton, state, source=str(input_path))
+    meta = _meta_out(meta, arch, classes, in_channels)
+    if output.suffix in (".onnx", ".mindir"):
+        size = img_size or (meta.get("preprocess") or {}).get("eval_size") or 224
+        export_model(state, arch.layers, output, img_size=size, in_channels=in_channels, batch_size=batch_size)
+    elif output.suffix == ".npz":
+        if classes == 0:
+            raise ValueError("the upstream .npz layout needs a classifier; the input has none (pass --num_classes for a zero head)")
+        with atomic_path(output, suffix=".npz") as tmp:  # np.savez appends .npz to other names
+            np.savez(tmp, **to_npz(state, arch.layers))
+    else:
+        save_weights({**state, META_KEY: encode_meta(meta)}, output)
+    _logger.info("%s (%s, %d classes) -> %s", input_path, arch.name, classes, output)
+    return output
+
+
+def _layers_arg(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--layers wants comma-separated integers such as 3,4,6,3, got {text!r}") from e
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = ToolParser(prog="python -m bit_zoo.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--model", help=f"registered name or name.tag (bit_zoo.list_models()), or {CUSTOM_MODEL}; default: the input's meta.json"
+    )
+    p.add_argument("--layers", type=_layers_arg, help="units per stage for --model resnetv2, e.g. 3,4,6,3")
+    p.add_argument("--width_factor", "--width-factor", dest="width_factor", type=int, help="width W for --model resnetv2")
+    p.add_argument(
+        "--input", help="weights file (.npz, timm .safetensors, mindcv .ckpt, bit_zoo .ckpt/.safetensors); default: the pretrained weights"
+    )
+    p.add_argument("--output", required=True, help=f"output file, one of {', '.join(OUTPUT_FORMATS)}")
+    p.add_argument(
+        "--num_classes",
+        "--num-classes",
+        dest="num_classes",
+        type=int,
+        help="classifier size (default: the input's); another count zeroes the head",
+    )
+    p.add_argument(
+        "--img_size",
+        "--img-size",
+        dest="img_size",
+        type=int,
+        help="export resolution of the example input (default: the weights' eval size)",
+    )
+    p.add_argument(
+        "--batch_size",
+        "--batch-size",
+        dest="batch_size",
+        type=int,
+        default=1,
+        help="batch of the example input (the exported batch axis is dynamic)",
+    )
+    p.add_argument("--ema", action="store_true", help="take the EMA weights of a training checkpoint")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv, prog="python -m bit_zoo.convert")
+
+
+def _main(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # a URL (s3://...) input is staged into the cache; a URL output is written locally, then uploaded
+    local_output = remote.local_cache(args.output) if remote.is_remote(args.output) else args.output
+    out = convert(
+        local_output,
+        input_path=remote.fetch(args.input),
+        model=args.model,
+        layers=args.layers,
+        width_factor=args.width_factor,
+        num_classes=args.num_classes,
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        ema=args.ema,
+    )
+    if remote.is_remote(args.output):
+        out = remote.put(out, args.output)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Classify image files and folders: top-k labels and probabilities as a table, CSV or JSON.
+
+    python -m bit_zoo.predict photos/ cat.jpg --checkpoint_path outputs/run/best.ckpt
+    python -m bit_zoo.predict photos/ --model bit_m_r50x1.in21k_ft_in1k --pretrained true --topk 3 --output_csv preds.csv
+
+Labels: the checkpoint's class names (train.py stores them), else ImageNet-1k names for a
+1000-class head and ImageNet-21k names (Google's BiT-M order) for a 21843-class head (see labels.py).
+Preprocessing: the checkpoint's (meta.json), else the weights record's. Folders are searched
+recursively for image files; a file that cannot be decoded is reported and skipped. Exit status:
+0 if at least one image was classified, 1 if none was, 2 for bad options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+
+from ..utils.atomic import write_text_atomic
+from .._cli import run_cli
+from ..data.sources import IMAGE_EXTENSIONS
+from ..models.inference import LoadedModel, add_model_args, model_from_args
+from ..weights.labels import label_names
+from ..options import ToolParser
+from ..training.metrics import Progress
+
+__all__ = ["collect_images", "predict_files", "main"]
+
+_logger = logging.getLogger("bit_zoo.tools.predict")
+
+
+def collect_images(paths: list[str]) -> list[str]:
+    """Files as given; folders searched recursively for image files (sorted). A missing path is an error."""
+    files = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            found = sorted(
+                str(Path(root) / name)
+                for root, dirs, names in os.walk(path)
+                for name in names
+                if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+            )
+            if not found:
+                _logger.warning("%s: no image files (%s) in this folder", path, ", ".join(IMAGE_EXTENSIONS))
+            files += found
+        elif path.is_file():
+            files.append(str(path))
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return files
+
+
+def _decode(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:  # the same decode as the folder dataset's (data/sources.py)
+        return np.asarray(image.convert("RGB"))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def predict_files(loaded: LoadedModel, files: list[str], *, topk: int = 5, batch_size: int = 16, progress: bool = True) -> dict:
+    """{"predictions": [{file, indices, labels, probs}], "skipped": [{file, error}]} in file order."""
+    model = loaded.model
+    names = label_names(model.num_classes, loaded.class_names)
+    k = min(topk, model.num_classes)
+    predictions, skipped = [], []
+    batch_files, batch = [], []
+
+    def flush():
+        if not batch:
+            return
+        probs = _softmax(model(ms.Tensor(np.stack(batch))).asnumpy().astype(np.float64))
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        for f, row, idx in zip(batch_files, probs, top):
+            predictions.append(
+                {"file": f, "indices": idx.tolist(), "labels": [names[i] for i in idx], "probs": [float(row[i]) for i in idx]}
+            )
+        batch_files.clear()
+        batch.clear()
+
+    for path in Progress(files, total=len(files), desc="predict", enabled=progress):
+        try:
+            image = _decode(path)
+        except Exception as error:  # noqa: BLE001 - PIL raises several unrelated types for unreadable files
+            _logger.warning("skipped %s: cannot decode it as an image (%s)", path, error)
+            skipped.append({"file": path, "error": str(error)})
+            continue
+        batch_files.append(path)
+        batch.append(loaded.preprocess(image))
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    return {"predictions": predictions, "skipped": skipped}
+
+
+def format_table(result: dict, *, width: int = 40) -> str:
+    rows = [("file", "top-1", "prob", "top-k")]
+    for p in result["predictions"]:
+        rest = ", ".join(f"{lab[:24]} {pr:.3f}" for lab, pr in zip(p["labels"][1:], p["probs"][1:]))
+        rows.append((p["file"], p["labels"][0][:width], f"{p['probs'][0]:.4f}", rest))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip() for r in rows]
+    for s in result["skipped"]:
+        lines.append(f"{s['file']}  SKIPPED: {s['error']}")
+    return "\n".join(lines)
+
+
+def to_csv(result: dict, topk: int) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["file"] + [c for i in range(1, topk + 1) for c in (f"label_{i}", f"prob_{i}", f"index_{i}")])
+    for p in result["predictions"]:
+        w.writerow([p["file"]] + [c for lab, pr, ix in zip(p["labels"], p["probs"], p["indices"]) for c in (lab, f"{pr:.6f}", ix)])
+    return buf.getvalue()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ToolParser(prog="python -m bit_zoo.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="image files and folders (searched recursively)")
+    add_model_args(parser)
+    g = parser.add_argument_group("output")
+    g.add_argument("--topk", type=int, default=5)
+    g.add_argument("--batch_size", type=int, default=16)
+    g.add_argument("--output_json", default=None, help="write predictions (and skipped files) as JSON")
+    g.add_argument("--output_csv", default=None, help="write predictions as CSV: file, label_i, prob_i, index_i")
+    g.add_argument("--progress", type=lambda v: str(v).lower() in ("1", "true", "yes"), default=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv, prog="python -m bit_zoo.predict")
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.topk < 1 or args.batch_size < 1:
+        raise ValueError(f"--topk {args.topk} and --batch_size {args.batch_size} must be positive")
+    files = collect_images(args.paths)
+    loaded = model_from_args(args)
+    if loaded.model.num_classes < 1:
+        raise ValueError("the model has no classifier (0 classes): give a checkpoint with a head, or use python -m bit_zoo.embed")
+    result = predict_files(loaded, files, topk=args.topk, batch_size=args.batch_size, progress=args.progress)
+    result.update(model=loaded.name, checkpoint=loaded.source, weights=loaded.weights, preprocess=vars(loaded.preprocess).copy())
+    result["preprocess"].pop("_ops", None)
+    print(format_table(result))
+    n, s = len(result["predictions"]), len(result["skipped"])
+    print(f"{n} image(s) classified, {s} skipped", file=sys.stderr)
+    if args.output_json:
+        write_text_atomic(args.output_json, json.dumps(result, indent=2))
+    if args.output_csv:
+        write_text_atomic(args.output_csv, to_csv(result, min(args.topk, loaded.model.num_classes)))
+    return 0 if n else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

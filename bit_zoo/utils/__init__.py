@@ -1,0 +1,1 @@
+"""Shared plumbing: atomic writes, cache paths, remote (s3://) locations."""

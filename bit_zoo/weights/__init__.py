@@ -1,0 +1,1 @@
+"""Weights records, file formats, reading, fetching and caching, class names."""
