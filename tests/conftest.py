@@ -258,3 +258,11 @@ def write_train_checkpoint(path: Path, net, *, class_names: list[str] | None, im
                        "crop_pct": 1.0},
     }  # fmt: skip
     return export_weights(net, path, meta=meta)
+
+
+def results_rows(name: str) -> list[dict[str, str]]:
+    """The rows of benchmarks/results/<name>.csv: measured figures with their machine, versions and command."""
+    import csv
+
+    with open(Path(__file__).resolve().parents[1] / "benchmarks" / "results" / f"{name}.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
