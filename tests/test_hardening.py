@@ -102,11 +102,11 @@ def test_temporary_files_of_a_killed_save_are_removed_at_the_next_write(tmp_path
     assert proc.returncode == -signal.SIGKILL
     host = _host()
     left = _hidden(tmp_path)  # the dead writer's file and MindSpore-style .tmp sibling, named by PID and host
-    dead_pid = int(left[0].removeprefix(".last.tmp").split("-")[0])
-    assert left == [f".last.tmp{dead_pid}-{host}.ckpt", f".last.tmp{dead_pid}-{host}.tmp"]
+    dead_pid = int(left[0].removeprefix(".last.bit_zoo-tmp").split("-")[0])
+    assert left == [f".last.bit_zoo-tmp{dead_pid}-{host}.ckpt", f".last.bit_zoo-tmp{dead_pid}-{host}.tmp"]
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        keep = [tmp_path / f".best.tmp{alive.pid}-{host}.ckpt", tmp_path / f".best.tmp{dead_pid}-otherhost.ckpt"]
+        keep = [tmp_path / f".best.bit_zoo-tmp{alive.pid}-{host}.ckpt", tmp_path / f".best.bit_zoo-tmp{dead_pid}-otherhost.ckpt"]
         for path in keep:  # a live process's write, and another node's (its PIDs mean nothing here)
             path.write_bytes(b"in progress")
         write_text_atomic(tmp_path / "summary.json", "{}")
@@ -204,3 +204,16 @@ def test_every_tool_reports_a_bad_argument_in_one_line(module, argv, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert err.startswith(f"python -m bit_zoo.{module}: error: ") and "--help" in err
+
+
+def test_stale_temp_cleanup_leaves_other_programs_files_alone(tmp_path):
+    """Only bit_zoo's own temporary names (bit_zoo tag, PID and host) are judged stale; an editor's or another
+    program's `.NAME.tmp<PID>` file of a dead process is the user's and survives every write into its folder."""
+    dead = 3999999  # above Linux's default pid_max (32768) and rarely reached under the 4194304 cap
+    assert not os.path.exists(f"/proc/{dead}")
+    theirs = [f".thesis.tmp{dead}.tex", f".thesis.tmp{dead}-{_host()}.tex", f".notes.tmp{dead}"]
+    for name in theirs:
+        (tmp_path / name).write_text("a user's file")
+    write_text_atomic(tmp_path / "preds.csv", "file\n")
+    assert remove_stale_temps(tmp_path) == []
+    assert _hidden(tmp_path) == sorted(theirs)

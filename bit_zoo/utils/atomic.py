@@ -1,12 +1,14 @@
 """Write files so that a failure never leaves a half-written file or destroys the previous one.
 
-A file is written under a temporary name beside its target, ``.<stem>.tmp<PID>-<host><suffix>``, and
-renamed onto the target only when the write succeeded. Writers that add names of their own are
-covered too: MindSpore's save_checkpoint writes ``<name>.tmp`` first (``.<stem>.tmp<PID>-<host>.tmp``),
+A file is written under a temporary name beside its target, ``.<stem>.bit_zoo-tmp<PID>-<host><suffix>``,
+and renamed onto the target only when the write succeeded. Writers that add names of their own are
+covered too: MindSpore's save_checkpoint writes ``<name>.tmp`` first (``.<stem>.bit_zoo-tmp<PID>-<host>.tmp``),
 ms.export appends ``.mindir``. Every file starting with the temporary prefix is removed when the
 write fails; files of that form whose process is no longer alive (a `kill -9` mid-save) are
 removed by the next write into the same directory, or by `remove_stale_temps` at a run's start.
-The host name keeps a node from judging another node's PIDs on a shared file system.
+Only names with the ``bit_zoo-tmp`` tag and this machine's host are ever judged: an editor's or
+another program's ``.NAME.tmp<PID>`` file is the user's, and the host keeps a node from judging
+another node's PIDs on a shared file system.
 
 A full disk (ENOSPC / EDQUOT) becomes one `DiskFullError` naming the file, the space needed and
 the space free; the target and every other file are left as they were.
@@ -28,7 +30,9 @@ __all__ = ["DiskFullError", "atomic_path", "file_mode", "pid_alive", "remove_sta
 
 _logger = logging.getLogger(__name__)
 
-_TEMP_NAME = re.compile(r"^\.(?P<stem>.+)\.tmp(?P<pid>\d+)(?:-(?P<host>[A-Za-z0-9_-]+))?(?:\.[^.]*)*$")
+_TEMP_TAG = "bit_zoo-tmp"
+# the host has no dot (see _host), so the suffixes writers append (.ckpt, .tmp, .mindir) follow it unambiguously
+_TEMP_NAME = re.compile(rf"^\.(?P<stem>.+)\.{_TEMP_TAG}(?P<pid>\d+)-(?P<host>[A-Za-z0-9_-]+)(?:\.[^.]*)*$")
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -71,7 +75,7 @@ def _host() -> str:
 
 
 def _temp_prefix(path: Path, pid: int) -> str:
-    return f".{path.stem}.tmp{pid}-{_host()}"
+    return f".{path.stem}.{_TEMP_TAG}{pid}-{_host()}"
 
 
 def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
@@ -87,7 +91,7 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
         if match is None or not entry.is_file(follow_symlinks=False):
             continue
         pid = int(match["pid"])
-        if match["host"] not in (None, _host()) or pid == os.getpid() or pid_alive(pid):
+        if match["host"] != _host() or pid == os.getpid() or pid_alive(pid):
             continue
         path = Path(entry.path)
         try:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import FetchError
+from .atomic import write_text_atomic
 from .paths import home_dir
 
 __all__ = [
@@ -252,9 +253,7 @@ class Mirror:
         except Exception:  # noqa: BLE001 - the record is an optimisation; without it the file is compared by time
             etag = None
         self._sent[name] = [st.st_size, st.st_mtime_ns, etag]
-        tmp = self._record.with_name(f".sent.json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self._sent))
-        os.replace(tmp, self._record)
+        write_text_atomic(self._record, json.dumps(self._sent))
 
     def _unchanged(self, name: str, local: Path) -> bool:
         st = local.stat()
