@@ -539,3 +539,50 @@ def test_sigkill_then_resume_on_a_fresh_node_from_the_bucket(s3, tmp_path):
     assert epochs == [r["step"] for r in ref_records if r["kind"] == "epoch"] and epochs[-1] == 30
     summary = json.loads(s3.get_object(Bucket=bucket, Key="run/summary.json")["Body"].read())
     assert summary["steps"] == 30 and summary["outputs"] == f"s3://{bucket}/run"
+
+
+def _escape_key(prefix: str, target: Path) -> str:
+    """A key that, joined naively onto any staging folder, lands on `target` (extra '..' stop at /)."""
+    return prefix + "../" * 40 + str(target).lstrip("/")
+
+
+def test_stage_refuses_object_names_that_lead_out_of_the_cache(s3, tmp_path):
+    """A bucket writer must not choose where bit_zoo writes: '..', absolute names and symlinks out are refused
+    in one line naming the object, before anything is downloaded (the issue's key, through the CIFAR filter)."""
+    bucket = _bucket(s3, "evil")
+    outside = tmp_path / "outside"
+    s3.put_object(Bucket=bucket, Key="cifar/data_batch_1.bin", Body=b"d" * 8)
+    s3.put_object(Bucket=bucket, Key=_escape_key("cifar/", outside / "x" / "PROOF.bin"), Body=b"p")
+    cifar_files = lambda rel: rel.endswith((".bin", ".txt"))  # noqa: E731 - _cli's CIFAR selection
+    with pytest.raises(remote.RemoteError) as e:
+        remote.stage(f"s3://{bucket}/cifar", include=cifar_files)
+    message = str(e.value)
+    assert "\n" not in message and "PROOF.bin" in message and "outside" in message and f"s3://{bucket}/cifar/" in message
+    assert not outside.exists()
+    assert not (remote.local_cache(f"s3://{bucket}/cifar") / "data_batch_1.bin").exists()  # refused before any download
+
+    # a class folder's selection sees the same listing: the check is in stage, under every selection
+    bucket2 = _bucket(s3, "evil2")
+    s3.put_object(Bucket=bucket2, Key="data/train/a/1.png", Body=b"x")
+    s3.put_object(Bucket=bucket2, Key=_escape_key("data/train/a/", outside / "y.png"), Body=b"p")
+    with pytest.raises(remote.RemoteError, match="y.png"):
+        remote.stage(f"s3://{bucket2}/data", select=lambda rels: (rels, []))
+    assert not outside.exists()
+
+
+def test_stage_refuses_a_symlink_in_the_cache_that_leads_out(s3, tmp_path):
+    bucket = _bucket(s3, "link")
+    s3.put_object(Bucket=bucket, Key="data/sub/f.bin", Body=b"x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    local = remote.local_cache(f"s3://{bucket}/data")
+    local.mkdir(parents=True)
+    (local / "sub").symlink_to(outside)  # left by anything that could write into the cache
+    with pytest.raises(remote.RemoteError, match="symlink"):
+        remote.stage(f"s3://{bucket}/data")
+    assert list(outside.iterdir()) == []
+
+
+def test_a_url_with_dot_dot_is_refused_before_staging(s3, tmp_path):
+    with pytest.raises(remote.RemoteError, match=r"\.\."):
+        remote.local_cache("s3://bucket/" + "../" * 8 + "x")

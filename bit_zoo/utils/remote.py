@@ -104,7 +104,33 @@ def _explain(url: str, e: Exception) -> RemoteError:
 def local_cache(url: str) -> Path:
     """Where a remote location is staged: $BIT_ZOO_HOME/remote/<protocol>/<bucket>/<key>."""
     protocol, rest = url.split("://", 1)
-    return home_dir() / "remote" / protocol / rest.strip("/")
+    root = home_dir() / "remote"
+    return _inside(root, f"{protocol}/{rest.strip('/')}", url, what="the staging cache")
+
+
+def _inside(root: Path, rel: str, name: str, *, what: str = "its staging folder") -> Path:
+    """root / rel, refused in one line naming `name` unless it stays inside root.
+
+    rel comes from outside (a bucket's listing, a URL): a '..' part or an absolute name would let whoever
+    writes the bucket choose where bit_zoo writes, and so would a symlink already in the cache that leads
+    out. The resolved path is what counts; nothing has been written when this raises.
+    """
+    parts = rel.split("/")
+    if rel.startswith("/") or ".." in parts:
+        kind = "an absolute name" if rel.startswith("/") else "a '..' part"
+        raise RemoteError(
+            f"{name}: refused, the name has {kind} and would be written outside {what} {root}; "
+            "rename or remove that object (nothing was staged)"
+        )
+    path = root / rel
+    real_root = root.resolve()
+    real = path.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise RemoteError(
+            f"{name}: refused, {path} leads outside {what} {root} through a symlink (to {real}); "
+            "remove that symlink from the cache (nothing was staged)"
+        )
+    return path
 
 
 @contextlib.contextmanager
@@ -173,14 +199,17 @@ def stage(
             wanted, empty = select(sorted(sizes))
         else:
             wanted, empty = [rel for rel in sorted(sizes) if include is None or include(rel)], []
+        # every local name checked before the first download: a refused listing stages nothing
+        base = url.rstrip("/")
+        local = {rel: _inside(local_root, rel, f"{base}/{rel}") for rel in [*wanted, *empty]}
         fetched = 0
         for rel in wanted:
-            fetched += _get_file(fs, f"{root.rstrip('/')}/{rel}", local_root / rel, sizes[rel], f"{url.rstrip('/')}/{rel}")
-        staged_dirs = {(local_root / rel).parent for rel in wanted}
+            fetched += _get_file(fs, f"{root.rstrip('/')}/{rel}", local[rel], sizes[rel], f"{base}/{rel}")
+        staged_dirs = {local[rel].parent for rel in wanted}
         for folder in staged_dirs:  # complete now: a folder an earlier run left empty is staged
             (folder / NOT_STAGED).unlink(missing_ok=True)
         for rel in empty:
-            folder = local_root / rel
+            folder = local[rel]
             folder.mkdir(parents=True, exist_ok=True)
             if folder not in staged_dirs and not any(folder.iterdir()):
                 (folder / NOT_STAGED).touch()
@@ -289,7 +318,7 @@ class Mirror:
             info = self.fs.info(remote_path)
         except Exception as e:  # noqa: BLE001
             raise _explain(f"{self.url}/{name}", e) from e
-        local = self.local / name
+        local = _inside(self.local, name, f"{self.url}/{name}", what="the output folder")
         if local.is_file():
             if not self._unchanged(name, local):
                 return local  # written after its last upload (which failed): newer than the remote; the next sync sends it
