@@ -183,27 +183,27 @@ def test_training_skips_a_corrupt_image(tmp_path):
 @pytest.mark.parametrize(
     "module, argv",
     [
-        ("benchmark", ["--steps", "abc"]),
-        ("convert", ["--output", "x.npz", "--bogus"]),
-        ("embed", ["--model", "bit_s_r50x1"]),  # --output missing
-        ("fewshot", ["--shots", "one"]),
-        ("predict", ["--topk", "two"]),
-        ("memory", []),  # -c missing
-        ("eager_bench", ["--batch_size", "-"]),
+        ("benchmarks.benchmark", ["--steps", "abc"]),
+        ("bit_zoo.convert", ["--output", "x.npz", "--bogus"]),
+        ("bit_zoo.embed", ["--model", "bit_s_r50x1"]),  # --output missing
+        ("bit_zoo.fewshot", ["--shots", "one"]),
+        ("bit_zoo.predict", ["--topk", "two"]),
+        ("bit_zoo.memory", []),  # -c missing
+        ("benchmarks.eager_bench", ["--batch_size", "-"]),
     ],
 )
 def test_every_tool_reports_a_bad_argument_in_one_line(module, argv, capsys):
-    """The python -m bit_zoo.<tool> commands answer a bad argument as train.py does: one line naming
+    """The python -m bit_zoo.<tool> commands (and the benchmarks) answer a bad argument as train.py does: one line naming
     the argument and --help, exit 2, no usage dump."""
     import importlib
 
-    main = importlib.import_module(f"bit_zoo.{module}").main
+    main = importlib.import_module(module).main
     with pytest.raises(SystemExit) as stop:
         main(argv)
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert err.startswith(f"python -m bit_zoo.{module}: error: ") and "--help" in err
+    assert err.startswith(f"python -m {module}: error: ") and "--help" in err
 
 
 def test_stale_temp_cleanup_leaves_other_programs_files_alone(tmp_path):
