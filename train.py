@@ -23,7 +23,7 @@ import mindspore.dataset as ds
 import numpy as np
 
 from bit_zoo.utils.atomic import write_text_atomic
-from bit_zoo._cli import build_model, check_data, check_weights_source, localize, model_meta, resolve_num_classes, run_cli, setup_logging
+from bit_zoo._cli import build_model, check_data, check_weights_source, localize, model_meta, resolve_num_classes, setup_logging
 from bit_zoo.config import parse_config, save_config
 from bit_zoo.data import require_same_data
 from bit_zoo.data.from_config import build_eval_loader, build_train_loader, train_preprocessing
@@ -31,6 +31,7 @@ from bit_zoo.errors import ConfigError
 from bit_zoo.models.freeze import freeze
 from bit_zoo.training.checkpoint import CheckpointManager, TrainState, export_weights
 from bit_zoo.training.distill import DistillEvaluator, distill_loss_cell, distill_summary, distill_teacher
+from bit_zoo.utils.runner import run_cli
 from bit_zoo.training.distributed import init_distributed, log_device, set_device
 from bit_zoo.training.loop import Plan, TrainLoop
 from bit_zoo.training.metrics import MetricsLog, plot_curves

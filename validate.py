@@ -20,9 +20,10 @@ import mindspore as ms
 import numpy as np
 
 from bit_zoo.utils.atomic import write_text_atomic
-from bit_zoo._cli import build_model, check_data, check_weights_source, localize, resolve_num_classes, run_cli, setup_logging
+from bit_zoo._cli import build_model, check_data, check_weights_source, localize, resolve_num_classes, setup_logging
 from bit_zoo.config import parse_config
 from bit_zoo.data.from_config import build_eval_loader, eval_preprocessing
+from bit_zoo.utils.runner import run_cli
 from bit_zoo.training.distributed import set_device
 from bit_zoo.training.metrics import evaluate
 

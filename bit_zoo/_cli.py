@@ -1,4 +1,4 @@
-"""What train.py and validate.py share: one-line errors, logging, the checks on data and weights, the model.
+"""What train.py and validate.py share: logging, the checks on data and weights, the model.
 
 Each check is written once here; the scripts call them in order before anything is written.
 """
@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,13 +18,12 @@ from .config import Config, ModelConfig
 from .data import dataset_num_classes
 from .data.from_config import DataConfig
 from .data.sources import IMAGE_EXTENSIONS
-from .errors import ConfigError, FetchError, TrainingStopped
+from .errors import ConfigError
 from .weights.loading import load_state
-from .utils.remote import Mirror, UploadError, fetch, is_remote, stage
+from .utils.remote import Mirror, fetch, is_remote, stage
 from .training.checkpoint import read_model_state
 
 __all__ = [
-    "run_cli",
     "localize",
     "Localized",
     "setup_logging",
@@ -38,37 +35,6 @@ __all__ = [
 ]
 
 _logger = logging.getLogger(__name__)
-
-EXIT_BAD_INPUT = 2
-EXIT_STOPPED = 3
-EXIT_UPLOAD = 4
-
-
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror and e.filename:  # e.g. a symlink loop or a permission error
-        text = f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
-        return f"{text}. Fix the path or its permissions, or point the option at another location"
-    return " ".join(str(e).split())
-
-
-def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None, *, prog: str) -> int:
-    """Run a script's main(argv): bad input prints one line and exits 2; a stopped training exits 3;
-    outputs that could not be uploaded to a remote output_dir exit 4 (they are kept locally)."""
-    try:
-        code = main(argv)
-    except TrainingStopped as e:
-        print(f"{prog}: stopped: {_one_line(e)}", file=sys.stderr)
-        return EXIT_STOPPED
-    except UploadError as e:  # the run finished; its outputs are complete in the local copy the message names
-        print(f"{prog}: upload failed: {_one_line(e)}", file=sys.stderr)
-        return EXIT_UPLOAD
-    # ConfigError is a ValueError; FileNotFoundError, PermissionError are OSErrors; FetchError: an unreachable
-    # download or remote store (RemoteError among them), nothing was written
-    except (ValueError, OSError, FetchError) as e:
-        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return code if isinstance(code, int) else 0  # train.main returns its summary
-
 
 def _folder_selection(data: DataConfig, script: str):
     """select() for stage(): the files of a class-folder dataset that this run reads, and nothing else.

@@ -369,7 +369,7 @@ def test_interrupted_multipart_upload_leaves_the_previous_object_whole(s3, monke
 
 
 def test_upload_failure_at_the_end_is_one_line_and_exit_4(tmp_path, capsys):
-    from bit_zoo._cli import EXIT_UPLOAD, run_cli
+    from bit_zoo.utils.runner import EXIT_UPLOAD, run_cli
 
     def main(argv):
         raise remote.UploadError(

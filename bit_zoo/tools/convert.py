@@ -34,7 +34,7 @@ from mindspore.nn.utils import no_init_parameters
 
 from ..utils import remote
 from ..utils.atomic import atomic_path
-from .._cli import run_cli
+from ..utils.runner import run_cli
 from ..models.export import export_model
 from ..weights.formats import to_npz
 from ..weights.loading import fetch_pretrained, lazy_weights, match_state, open_arrays, save_weights

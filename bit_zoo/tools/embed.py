@@ -32,7 +32,7 @@ import mindspore as ms
 import numpy as np
 
 from ..utils.atomic import atomic_path, write_text_atomic
-from .._cli import run_cli
+from ..utils.runner import run_cli
 from ..config import load_yaml
 from ..data import create_loader, sources
 from ..data.from_config import val_split_arg

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..utils.atomic import write_text_atomic
-from .._cli import run_cli
+from ..utils.runner import run_cli
 from ..data.from_config import val_split_arg
 from .embed import add_data_args, compute_embeddings, parse_args, preprocess_overrides
 from ..models.inference import Preprocess, add_model_args, model_from_args

@@ -25,7 +25,7 @@ import mindspore as ms
 import numpy as np
 
 from ..utils.atomic import write_text_atomic
-from .._cli import run_cli
+from ..utils.runner import run_cli
 from ..data.sources import IMAGE_EXTENSIONS
 from ..models.inference import LoadedModel, add_model_args, model_from_args
 from ..weights.labels import label_names
