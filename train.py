@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         state = restore(
             resume_path, trainer=trainer, model=model, total_steps=total_steps, global_batch=cfg.data.batch_size, accum_steps=accum,
             check_meta=lambda meta: require_same_data(meta, train_data.fingerprint, train_data.class_names),
+            allow_unverified=cfg.model.allow_unverified,
         )  # fmt: skip
         train_data, _ = build_train_loader(cfg.data, prep, start_step=state.micro_step, hyperrule_mixup=hyperrule_mixup, **loader_args)
 

@@ -201,7 +201,7 @@ def build_model(m: ModelConfig, num_classes: int, *, weights: str | None, ema: b
         model = bit_zoo.create_model(m.model, pretrained=m.pretrained, num_classes=num_classes, conv_impl=m.conv_impl, recompute=recompute)
     if not weights:
         return model, None, False
-    state, meta, used_ema = read_model_state(weights, model.layers, ema=ema)
+    state, meta, used_ema = read_model_state(weights, model.layers, ema=ema, allow_unverified=m.allow_unverified)
     head = state.get("head.fc.weight")
     if same_classes and head is not None and head.shape[0] != num_classes:
         _refuse_head(weights, head.shape[0], num_classes)

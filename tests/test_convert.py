@@ -11,7 +11,7 @@ import pytest
 import bit_zoo
 from bit_zoo.tools.convert import main
 from bit_zoo.weights.loading import load_checkpoint, load_state, model_state, read_arrays, save_weights
-from bit_zoo.weights.meta import META_KEY, decode_meta, encode_meta
+from bit_zoo.weights.meta import META_KEY, decode_meta, with_meta
 from bit_zoo.models.resnetv2 import ResNetV2
 
 TINY = (1, 1, 1, 1)
@@ -95,7 +95,7 @@ def finetuned(tmp_path_factory):
         "class_names": ["a", "b", "c", "d", "e", "f"],
         "preprocess": {"image_size": SIZE, "eval_size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3},
     }
-    path = save_weights({**params, META_KEY: encode_meta(meta)}, tmp_path_factory.mktemp("ft") / "best.ckpt")
+    path = save_weights(with_meta(params, meta), tmp_path_factory.mktemp("ft") / "best.ckpt")
     return path, model, params
 
 

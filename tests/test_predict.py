@@ -17,7 +17,7 @@ from bit_zoo.weights import labels
 from bit_zoo.data import create_loader
 from bit_zoo.data.sources import scan_class_folders
 from bit_zoo.weights.loading import model_state, save_weights
-from bit_zoo.weights.meta import META_KEY, encode_meta
+from bit_zoo.weights.meta import META_KEY, with_meta
 from bit_zoo.tools.predict import main
 
 CLASSES = ["ant", "bee", "cat"]
@@ -74,7 +74,7 @@ def meta_checkpoint(tmp_path_factory):
         },
     }
     path = tmp_path_factory.mktemp("ckpt") / "best.ckpt"
-    save_weights({**params, META_KEY: encode_meta(meta)}, path)
+    save_weights(with_meta(params, meta), path)
     return path
 
 

@@ -19,7 +19,7 @@ from mindspore.nn.utils import no_init_parameters
 from ..data.transforms import build_transforms
 from .factory import create_model
 from ..weights.loading import EMA_PREFIX, load_state, read_arrays, read_weights_file
-from ..weights.meta import decode_meta
+from ..weights.meta import verify_digest
 from ..options import int_list, str2bool
 from ..weights.pretrained import BIT_MEAN_STD, Weights
 from .resnetv2 import ResNetV2
@@ -112,12 +112,14 @@ def load_model(
     ema: bool | None = None,
     num_classes: int | None = None,
     image_size: int | None = None,
+    allow_unverified: bool = False,
 ) -> LoadedModel:
     """Build and load a model for inference; see the module docstring for where each piece comes from.
 
     num_classes=0 builds no classifier (pre-logits embeddings); None keeps the file's head.
     ema: use a training checkpoint's EMA weights (default: when it has them, as validate.py does).
     image_size: evaluate at this size (resize straight to it) instead of the file's / record's.
+    allow_unverified: accept a bit_zoo file whose digest is missing or does not cover its meta.json.
     """
     if pretrained and checkpoint_path:
         raise ValueError("pass --pretrained or --checkpoint_path, not both")
@@ -129,7 +131,7 @@ def load_model(
     arrays = None
     if checkpoint_path:
         _, arrays = read_arrays(checkpoint_path)
-        meta = decode_meta(arrays)
+        meta = verify_digest(checkpoint_path, arrays, allow_unverified=allow_unverified)
     if model_name is None:
         if meta is None:
             raise ValueError(
@@ -202,6 +204,12 @@ def add_model_args(parser, *, checkpoint_required: bool = False) -> None:
     g.add_argument("--width_factor", type=int, default=1, help="for --model resnetv2 without meta.json")
     g.add_argument("--conv_impl", default="auto", choices=("auto", "native", "unfold"))
     g.add_argument("--ema", type=str2bool, default=None, help="EMA weights of a training checkpoint (default: when it has them)")
+    g.add_argument(
+        "--allow_unverified",
+        type=str2bool,
+        default=False,
+        help="accept a bit_zoo checkpoint whose digest is missing or does not cover its meta.json (unchecked)",
+    )
     g.add_argument("--image_size", type=int, default=None, help="override the eval resolution of the weights / checkpoint")
     g.add_argument(
         "--mode", default="pynative", choices=("pynative", "graph"), help="pynative runs a compiled forward (see ResNetV2 eager_jit)"
@@ -225,5 +233,6 @@ def model_from_args(args, *, num_classes: int | None = None) -> LoadedModel:
         ema=args.ema,
         num_classes=num_classes,
         image_size=args.image_size,
+        allow_unverified=args.allow_unverified,
     )
     return loaded

@@ -88,3 +88,8 @@ class ModelConfig:
         script_defaults={"convert": False},
         script_help={"convert": "take the EMA weights of a training checkpoint"},
     )
+    allow_unverified: bool = option(
+        False,
+        "accept a bit_zoo checkpoint whose digest is missing or does not cover its meta.json (used unchecked)",
+        scripts=LOADERS + ("convert",),
+    )

@@ -38,8 +38,8 @@ from ..utils.runner import run_cli
 from ..models.export import export_model
 from ..weights.formats import to_npz
 from ..weights.loading import fetch_pretrained, lazy_weights, match_state, open_arrays, save_weights
-from ..weights.meta import META_KEY, decode_meta, encode_meta
-from ..options import ToolParser
+from ..weights.meta import ALLOW_UNVERIFIED, META_KEY, verify_digest, with_meta
+from ..options import ToolParser, str2bool
 from ..models.registry import get_weights, is_model, list_models
 from ..models.resnetv2 import ResNetV2
 
@@ -91,11 +91,15 @@ def read_model_weights(
     layers: tuple[int, ...] | None = None,
     width_factor: int | None = None,
     ema: bool = False,
+    allow_unverified: bool = False,
 ) -> tuple[Architecture, dict[str, np.ndarray], dict | None]:
-    """(architecture, bit_zoo parameters, meta or None) of a weights file of any supported format."""
+    """(architecture, bit_zoo parameters, meta or None) of a weights file of any supported format.
+
+    A file bit_zoo wrote is checked against its digest (one without a digest only with allow_unverified).
+    """
     fmt, reader = open_arrays(input_path)
     with reader:
-        meta = decode_meta({META_KEY: reader[META_KEY]}) if META_KEY in reader else None
+        meta = verify_digest(input_path, reader, allow_unverified=allow_unverified) if META_KEY in reader else None
         arch = resolve_architecture(model, layers=layers, width_factor=width_factor, meta=meta)
         state = {k: np.asarray(v) for k, v in lazy_weights(reader, fmt, arch.layers, path=input_path, ema=ema).items()}
     return arch, state, meta
@@ -150,16 +154,29 @@ def convert(
     img_size: int | None = None,
     batch_size: int = 1,
     ema: bool = False,
+    allow_unverified: bool = False,
 ) -> Path:
-    """Write the weights of `input_path` (or of the model's pretrained record) to `output`, format by suffix."""
+    """Write the weights of `input_path` (or of the model's pretrained record) to `output`, format by suffix.
+
+    A .ckpt or .safetensors output carries meta.json with a digest of what it holds (the input's
+    digest described the input: a training checkpoint's optimizer state, say); .npz, .onnx and
+    .mindir carry none. The output may not be the input: the input stays as it was.
+    """
     output = Path(output)
     if output.suffix not in OUTPUT_FORMATS:
         raise ValueError(f"output {output} must end in one of {', '.join(OUTPUT_FORMATS)}")
+    if input_path is not None and output.exists() and os.path.samefile(output, input_path):
+        raise ValueError(
+            f"--output {output} is the --input file: converting in place would replace it (and drop what the output format "
+            "does not keep, e.g. a training checkpoint's optimizer state). Write to a new name"
+        )
     if input_path is None:
         if model is None or model == CUSTOM_MODEL:
             raise ValueError("without --input, --model must be a registered name (its pretrained weights are used)")
         input_path = fetch_pretrained(get_weights(model))
-    arch, state, meta = read_model_weights(input_path, model=model, layers=layers, width_factor=width_factor, ema=ema)
+    arch, state, meta = read_model_weights(
+        input_path, model=model, layers=layers, width_factor=width_factor, ema=ema, allow_unverified=allow_unverified
+    )
     state, classes = _with_classes(state, num_classes, str(input_path))
     in_channels = state["stem.conv.weight"].shape[1]
     with no_init_parameters():  # names and shapes only
@@ -175,7 +192,7 @@ def convert(
         with atomic_path(output, suffix=".npz") as tmp:  # np.savez appends .npz to other names
             np.savez(tmp, **to_npz(state, arch.layers))
     else:
-        save_weights({**state, META_KEY: encode_meta(meta)}, output)
+        save_weights(with_meta(state, meta), output)  # a fresh digest: of these weights and this meta.json
     _logger.info("%s (%s, %d classes) -> %s", input_path, arch.name, classes, output)
     return output
 
@@ -221,6 +238,15 @@ def _parser() -> argparse.ArgumentParser:
         help="batch of the example input (the exported batch axis is dynamic)",
     )
     p.add_argument("--ema", action="store_true", help="take the EMA weights of a training checkpoint")
+    p.add_argument(
+        ALLOW_UNVERIFIED,
+        dest="allow_unverified",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="accept a bit_zoo input whose digest is missing or does not cover its meta.json (the output gets a fresh one)",
+    )
     return p
 
 
@@ -243,6 +269,7 @@ def _main(argv: list[str] | None) -> int:
         img_size=args.img_size,
         batch_size=args.batch_size,
         ema=args.ema,
+        allow_unverified=args.allow_unverified,
     )
     if remote.is_remote(args.output):
         out = remote.put(out, args.output)

@@ -124,18 +124,20 @@ def export_weights(model, path: str | Path, *, meta: dict) -> Path:
     return save_weights(with_meta(arrays, meta), path)
 
 
-def read_model_state(path: str | Path, layers: tuple[int, ...], *, ema: bool | None = None) -> tuple[dict, dict | None, bool]:
+def read_model_state(
+    path: str | Path, layers: tuple[int, ...], *, ema: bool | None = None, allow_unverified: bool = False
+) -> tuple[dict, dict | None, bool]:
     """(bit_zoo parameter arrays, meta.json or None, EMA used) of any weights file.
 
-    A bit_zoo file is read once and its digest checked; ``ema=None`` takes the EMA weights when the
-    file has them. Upstream .npz and mindcv files are converted by bit_zoo.weights.loading.
+    A bit_zoo file is read once and its digest checked (one without a digest only with allow_unverified);
+    ``ema=None`` takes the EMA weights when the file has them. Upstream .npz and mindcv files are converted by bit_zoo.weights.loading.
     """
     if detect_format(path) == "npz":
         if ema:
             raise ConfigError(f"--ema true but {path} is an upstream .npz (no EMA weights): pass --ema false")
         return read_weights_file(path, layers), None, False
     _, arrays = read_arrays(path)
-    meta = verify_digest(path, arrays)
+    meta = verify_digest(path, arrays, allow_unverified=allow_unverified)
     has_ema = any(k.startswith(EMA_PREFIX) for k in arrays)
     if ema and not has_ema:
         raise ConfigError(f"--ema true but {path} holds no EMA weights: pass --ema false")
@@ -148,7 +150,14 @@ def read_model_state(path: str | Path, layers: tuple[int, ...], *, ema: bool | N
 
 
 def load_training_checkpoint(
-    path: str | Path, *, model, optimizer, ema, scaler, check_meta: Callable[[dict], None] | None = None
+    path: str | Path,
+    *,
+    model,
+    optimizer,
+    ema,
+    scaler,
+    check_meta: Callable[[dict], None] | None = None,
+    allow_unverified: bool = False,
 ) -> TrainState:
     """Restore model, optimizer, EMA and loss scale in place; return the TrainState.
 
@@ -167,7 +176,7 @@ def load_training_checkpoint(
             f"cannot read {path}: {e}. The file is corrupt or truncated; resume from another checkpoint (e.g. step_*.ckpt)."
         ) from e
     arrays = {k: v.asnumpy() for k, v in data.items()}
-    verify_digest(path, arrays)
+    verify_digest(path, arrays, allow_unverified=allow_unverified)
     if check_meta is not None:
         check_meta(decode_meta(arrays) or {})
     if STATE_PREFIX + "step" not in data:

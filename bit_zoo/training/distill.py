@@ -134,6 +134,7 @@ def build_teacher(
     checkpoint_path: str | None = None,
     amp_level: str = "O0",
     conv_impl: str = "auto",
+    allow_unverified: bool = False,
 ) -> Teacher:
     """The frozen teacher, from a registered ``name[.tag]`` with its published weights (``pretrained``)
     or from a local weights file (``checkpoint_path``), in the run's AMP level.
@@ -170,6 +171,7 @@ def build_teacher(
             pretrained=pretrained,
             conv_impl=conv_impl,
             num_classes=num_classes if pretrained else None,
+            allow_unverified=allow_unverified,
         )
     except ValueError as e:
         raise ValueError(f"{where}: {e}".replace("--model", "teacher").replace("--layers", "a checkpoint train.py wrote")) from e
@@ -361,6 +363,7 @@ def distill_teacher(cfg, num_classes: int, prep: dict, class_names: list[str] | 
         checkpoint_path=d.teacher_checkpoint_path,
         amp_level=cfg.model.amp_level,
         conv_impl=cfg.model.conv_impl,
+        allow_unverified=cfg.model.allow_unverified,
     )
     check_teacher_input(teacher, mean=prep["mean"], std=prep["std"], class_names=class_names)
     return teacher

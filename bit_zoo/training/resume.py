@@ -31,11 +31,19 @@ def resolve_resume(resume: str | None, output_dir: str | Path, *, overwrite: boo
     return Path(resume)
 
 
-def restore(path: Path, *, trainer, model, total_steps: int, global_batch: int, accum_steps: int, check_meta=None) -> TrainState:
+def restore(
+    path: Path, *, trainer, model, total_steps: int, global_batch: int, accum_steps: int, check_meta=None, allow_unverified: bool = False
+) -> TrainState:
     """Load model, optimizer, EMA and loss scale from `path`; refuse a checkpoint of a differently sized
     run, or one that `check_meta(meta)` refuses (see load_training_checkpoint)."""
     state = load_training_checkpoint(
-        path, model=model, optimizer=trainer.optimizer, ema=trainer.ema, scaler=trainer.scaler, check_meta=check_meta
+        path,
+        model=model,
+        optimizer=trainer.optimizer,
+        ema=trainer.ema,
+        scaler=trainer.scaler,
+        check_meta=check_meta,
+        allow_unverified=allow_unverified,
     )
     if state.global_batch != global_batch or state.total_steps != total_steps:
         raise ConfigError(

@@ -35,6 +35,7 @@ from ..utils.atomic import atomic_path, save_checkpoint_atomic
 from ..errors import FetchError
 from .formats import check_keys, converted_shape, is_timm_layout, mindcv_plan, npz_plan, timm_plan
 from .hub import HF_ENDPOINT_ENV, SOURCE_ENV, candidates
+from .meta import META_KEY, verify_digest
 from .pretrained import Weights, download_weights
 from .readers import ArrayReader, open_reader
 
@@ -292,11 +293,16 @@ def _layers_of(model) -> tuple[int, ...]:
     return layers
 
 
-def load_checkpoint(model: ms.nn.Cell, path: str | os.PathLike, *, ema: bool = False) -> None:
-    """Load a local file of any supported format (detected from its bytes) into model, one array at a time."""
+def load_checkpoint(model: ms.nn.Cell, path: str | os.PathLike, *, ema: bool = False, allow_unverified: bool = False) -> None:
+    """Load a local file of any supported format (detected from its bytes) into model, one array at a time.
+
+    A file bit_zoo wrote (meta.json) is checked against its digest first; allow_unverified accepts one without.
+    """
     layers = _layers_of(model)
     fmt, reader = open_arrays(path)
     with reader:
+        if META_KEY in reader:
+            verify_digest(path, reader, allow_unverified=allow_unverified)
         state: dict = lazy_weights(reader, fmt, layers, path=path, ema=ema)
         if "stem.conv.weight" in state:  # small, and adapt_input_conv needs the values
             state["stem.conv.weight"] = np.asarray(state["stem.conv.weight"])

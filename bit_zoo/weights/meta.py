@@ -12,10 +12,14 @@ format that holds arrays (.ckpt, .safetensors, .npz) can carry it unchanged. Key
     class_names    the training data's class names, index order (or null)
     preprocess     {"image_size", "eval_size", "mean", "std", "interpolation", "crop_pct"}
     bit_zoo_version
-    digest         sha256 of every other entry (name, dtype, shape, bytes; names sorted): a file
-                   cut short (even at an entry boundary) or changed no longer matches it
+    digest         sha256 of meta.json itself (every key but this one, as canonical JSON) and of
+                   every other entry (name, dtype, shape, bytes; names sorted): a file cut short
+                   (even at an entry boundary), changed, or with an edited meta.json (class names,
+                   preprocessing) no longer matches it
 
-bit_zoo writes the entry first, so a truncated file keeps it and fails the digest check.
+bit_zoo writes the entry first, so a truncated file keeps it and fails the digest check. A file
+with meta.json but no digest (the key deleted), or with an older bit_zoo's digest that covered the
+other entries only, cannot be checked: readers refuse it unless the user passes --allow_unverified.
 
 Readers ignore keys they do not know, so the object can grow.
 """
@@ -24,13 +28,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["META_KEY", "encode_meta", "decode_meta", "content_digest", "with_meta", "verify_digest"]
+__all__ = [
+    "META_KEY",
+    "ALLOW_UNVERIFIED",
+    "UnverifiedError",
+    "encode_meta",
+    "decode_meta",
+    "content_digest",
+    "with_meta",
+    "verify_digest",
+]
+
+_logger = logging.getLogger(__name__)
 
 META_KEY = "meta.json"
+DIGEST_KEY = "digest"
+ALLOW_UNVERIFIED = "--allow_unverified"  # the option, as every script and tool names it
+
+
+class UnverifiedError(ValueError):
+    """A bit_zoo file whose weights and meta.json cannot be checked (no digest, or one that does not cover meta.json)."""
 
 
 def encode_meta(meta: Mapping) -> np.ndarray:
@@ -44,13 +66,16 @@ def decode_meta(arrays: Mapping[str, np.ndarray]) -> dict | None:
         return None
     raw = np.asarray(arrays[META_KEY])
     try:
-        return json.loads(raw.astype(np.uint8).tobytes().decode("utf-8"))
+        meta = json.loads(raw.astype(np.uint8).tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"the {META_KEY} entry is not valid JSON ({e}): the file is corrupt; write it again") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"the {META_KEY} entry is {type(meta).__name__}, not a JSON object: the file is corrupt; write it again")
+    return meta
 
 
-def content_digest(arrays: Mapping[str, np.ndarray]) -> str:
-    """sha256 over every entry but META_KEY, in name order: name, dtype, shape and bytes."""
+def _entries_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 over every entry but META_KEY, in name order: name, dtype, shape and bytes (alone, the digest older bit_zoo files carry)."""
     h = hashlib.sha256()
     for name in sorted(k for k in arrays if k != META_KEY):
         a = np.ascontiguousarray(arrays[name])
@@ -59,22 +84,58 @@ def content_digest(arrays: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def _covering(entries_digest: str, meta: Mapping) -> str:
+    """The digest over the entries' digest and meta.json without its own digest key (canonical JSON)."""
+    body = {k: v for k, v in meta.items() if k != DIGEST_KEY}
+    h = hashlib.sha256(b"bit_zoo meta.json+entries\0")
+    h.update(json.dumps(body, sort_keys=True).encode("utf-8"))
+    h.update(b"\0" + entries_digest.encode())
+    return h.hexdigest()
+
+
+def content_digest(arrays: Mapping[str, np.ndarray], meta: Mapping) -> str:
+    """The digest a file of `arrays` (META_KEY aside) with metadata `meta` carries: it covers both."""
+    return _covering(_entries_digest(arrays), meta)
+
+
 def with_meta(arrays: Mapping[str, np.ndarray], meta: Mapping) -> dict[str, np.ndarray]:
-    """META_KEY (first) with the digest of `arrays`, then `arrays`: what a bit_zoo file holds."""
-    return {META_KEY: encode_meta({**meta, "digest": content_digest(arrays)}), **arrays}
+    """META_KEY (first) with the digest of `meta` and `arrays`, then `arrays`: what a bit_zoo file holds.
+
+    A digest already in `meta` (read from another file) is replaced: it described that file.
+    """
+    arrays = {k: v for k, v in arrays.items() if k != META_KEY}
+    meta = {k: v for k, v in meta.items() if k != DIGEST_KEY}
+    return {META_KEY: encode_meta({**meta, DIGEST_KEY: content_digest(arrays, meta)}), **arrays}
 
 
-def verify_digest(path, arrays: Mapping[str, np.ndarray]) -> dict | None:
-    """The file's metadata after checking its digest; None for files without metadata (upstream, mindcv, older bit_zoo).
+def verify_digest(path, arrays: Mapping[str, np.ndarray], *, allow_unverified: bool = False) -> dict | None:
+    """The file's metadata after checking its digest; None for files without metadata (upstream, mindcv).
 
-    Raises ValueError naming the file when the content does not match the digest written with it.
+    Raises ValueError naming the file when the content or meta.json does not match the digest written
+    with it, and UnverifiedError (naming --allow_unverified) for a bit_zoo file that cannot be checked:
+    its digest key is missing, or it is an older bit_zoo's digest that does not cover meta.json.
+    With allow_unverified such a file is used, with a warning.
     """
     meta = decode_meta(arrays)
-    if meta is None or "digest" not in meta:
-        return meta
-    if content_digest(arrays) != meta["digest"]:
-        raise ValueError(
-            f"{path} does not match the digest written with it: the file is truncated or corrupted. "
-            "Use another checkpoint (best.ckpt, step_*.ckpt) or write it again."
+    if meta is None:
+        return None
+    if DIGEST_KEY not in meta:
+        problem = "carries no digest"
+    else:
+        entries = _entries_digest(arrays)
+        if meta[DIGEST_KEY] == _covering(entries, meta):
+            return meta
+        if meta[DIGEST_KEY] != entries:
+            raise ValueError(
+                f"{path} does not match the digest written with it: the file is truncated or corrupted, or its {META_KEY} "
+                "was edited. Use another checkpoint (best.ckpt, step_*.ckpt) or write it again."
+            )
+        problem = f"carries an older bit_zoo's digest, which does not cover its {META_KEY}"
+    if not allow_unverified:
+        raise UnverifiedError(
+            f"{path} {problem}: its weights and {META_KEY} (class names, preprocessing) cannot be checked. "
+            f"Pass {ALLOW_UNVERIFIED} true to use it anyway, or write a checked copy with "
+            f"python -m bit_zoo.convert --input {path} --output NEW {ALLOW_UNVERIFIED} true"
         )
+    _logger.warning("%s %s: used unchecked (%s)", path, problem, ALLOW_UNVERIFIED)
     return meta
