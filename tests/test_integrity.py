@@ -69,6 +69,7 @@ def _error_lines(err: str) -> list[str]:
 def _tool_runs(ckpt: Path, tmp_path: Path, image: Path) -> dict:
     """Each reader of checkpoints, as a user runs it: name -> callable returning the exit status."""
     data = ["--dataset", "digits", "--num_samples", "20", "--progress", "false", "--num_workers", "1", "--batch_size", "10"]
+    few = ["--split", "test", "--shots", "1", "--seeds", "1", "--crop_pct", "1", "--eval_size", "32", "--cache_dir", str(tmp_path / "c")]
     return {
         "validate.py": lambda *extra: validate.cli(VALIDATE + ["--ckpt_path", str(ckpt), *extra]),
         "train.py --checkpoint_path": lambda *extra: train.cli(
@@ -79,10 +80,7 @@ def _tool_runs(ckpt: Path, tmp_path: Path, image: Path) -> dict:
         "embed": lambda *extra: embed.main(
             ["--checkpoint_path", str(ckpt), *data, "--output", str(tmp_path / "e.npz"), "--overwrite", "true", *extra]
         ),
-        "fewshot": lambda *extra: fewshot.main(
-            ["--checkpoint_path", str(ckpt), *data, "--split", "test", "--shots", "1", "--seeds", "1", "--crop_pct", "1",
-             "--eval_size", "32", "--cache_dir", str(tmp_path / "cache"), *extra]
-        ),  # fmt: skip
+        "fewshot": lambda *extra: fewshot.main(["--checkpoint_path", str(ckpt), *data, *few, *extra]),
     }
 
 
