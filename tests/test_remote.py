@@ -12,6 +12,7 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
 
+from bit_zoo.tools import remote as remote_tool  # noqa: E402
 from bit_zoo.utils import remote  # noqa: E402
 
 
@@ -130,13 +131,13 @@ def test_remote_cli_makes_a_bucket_and_uploads_a_folder(s3, tmp_path, capsys):
     for rel, body in {"train/0/a.png": b"a", "train/1/b.png": b"bb", "val/0/c.png": b"ccc", ".hidden": b"x"}.items():
         (tmp_path / "ds" / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "ds" / rel).write_bytes(body)
-    assert remote.main(["mb", "s3://made"]) == 0
-    assert remote.main(["upload", str(tmp_path / "ds"), "s3://made/digits"]) == 0
+    assert remote_tool.main(["mb", "s3://made"]) == 0
+    assert remote_tool.main(["upload", str(tmp_path / "ds"), "s3://made/digits"]) == 0
     assert "3 files uploaded to s3://made/digits" in capsys.readouterr().out
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="made")["Contents"])
     assert keys == ["digits/train/0/a.png", "digits/train/1/b.png", "digits/val/0/c.png"]
-    assert remote.main(["upload", str(tmp_path / "nothing"), "s3://made/x"]) == 2
-    assert remote.main(["upload", str(tmp_path / "ds"), "s3://no-such-bucket/x"]) == 2
+    assert remote_tool.main(["upload", str(tmp_path / "nothing"), "s3://made/x"]) == 2
+    assert remote_tool.main(["upload", str(tmp_path / "ds"), "s3://no-such-bucket/x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "no such file or folder" in err[0] and "s3://no-such-bucket/x" in err[1]
 
