@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "FetchError", "TrainingStopped"]
+__all__ = ["ConfigError", "FetchError", "TrainingInterrupted", "TrainingStopped"]
 
 
 class ConfigError(ValueError):
@@ -16,3 +16,12 @@ class FetchError(RuntimeError):
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. the loss stayed non-finite); the message says what is kept and what to change."""
+
+
+class TrainingInterrupted(TrainingStopped):
+    """Training stopped on SIGTERM or SIGINT after saving a resumable checkpoint; ``signum`` is the signal
+    (the scripts exit 128 + signum, as a process killed by it would), ``checkpoint`` the file saved."""
+
+    def __init__(self, message: str, *, signum: int, step: int, checkpoint: str | None) -> None:
+        super().__init__(message)
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint

@@ -1,14 +1,16 @@
 """Exact resume with the shipped quickstart config (random crop on): a real `python train.py` process is
-killed with SIGKILL mid-epoch, resumed with --resume auto, and every tensor of its final checkpoint
-(parameters, optimizer state, loss-scale state, step counters) must equal the uninterrupted run's, bit for bit.
+killed with SIGKILL (or stopped with SIGTERM) mid-epoch, resumed with --resume auto, and every tensor of its
+final checkpoint (parameters, optimizer state, loss-scale state, step counters) must equal the uninterrupted
+run's, bit for bit.
 
-Heavy: three runs of the quickstart pretraining config, about 2 min each on a shared 2-core CPU.
+Heavy: three runs of the quickstart pretraining config per test, about 2 min each on a shared 2-core CPU.
 The loader-level equivalent (seconds) is in test_data.py: test_train_augmentation_resumes_exactly.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -67,3 +69,39 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, train_process)
     norms = [[r["grad_norm"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
              for d in ("run", "ref")]  # fmt: skip
     np.testing.assert_allclose(norms[0], norms[1], rtol=1e-6)
+
+
+@pytest.mark.heavy
+def test_sigterm_mid_epoch_saves_that_step_and_resume_is_bit_identical(tmp_path, train_process):
+    """Preemption: SIGTERM once step_10.ckpt exists (no periodic save follows before step 20). The run finishes
+    the step in progress, saves it, prints one line naming the step and the command that continues, and exits
+    143; --resume auto continues from that step and ends bit-identical to the uninterrupted run."""
+
+    def _train(out: str, *extra: str):
+        return train_process(tmp_path, *ARGS, "--output_dir", out, *extra)
+
+    reference = _train("ref")
+    stopped = _train("run")
+    deadline = time.time() + 900
+    while not (tmp_path / "run" / "step_10.ckpt").exists() and stopped.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    stopped.send_signal(signal.SIGTERM)
+    assert stopped.wait(timeout=300) == 128 + signal.SIGTERM
+    err = stopped.stderr.read()
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("train.py: ")]
+    assert len(lines) == 1, err[-3000:]
+    at = int(re.search(r"SIGTERM at step (\d+)/54: step \1 is saved in \S+last.ckpt", lines[0]).group(1))
+    assert lines[0].endswith("--resume auto") and "continue with: python train.py -c " in lines[0], lines[0]
+    saved = int(_tensors(tmp_path / "run" / "last.ckpt")["state.step"])
+    assert saved == at and 10 < at < 20, f"stopped at step {at}, saved {saved}: not the step after step_10.ckpt"
+
+    resumed = _train("run", "--resume", "auto")
+    assert resumed.wait(timeout=1200) == 0, resumed.stderr.read()[-2000:]
+    assert f"resumed {tmp_path / 'run' / 'last.ckpt'} at step {at}/54" in resumed.stderr.read()
+    assert reference.wait(timeout=1200) == 0, reference.stderr.read()[-2000:]
+    ref, got = _tensors(tmp_path / "ref" / "last.ckpt"), _tensors(tmp_path / "run" / "last.ckpt")
+    assert ref.keys() == got.keys()
+    differ = [k for k in ref if not np.array_equal(ref[k], got[k])]
+    assert not differ, f"{len(differ)} of {len(ref)} tensors differ after resume, e.g. {differ[:5]}"
+    assert _eval_records(tmp_path / "run" / "metrics.jsonl") == _eval_records(tmp_path / "ref" / "metrics.jsonl")

@@ -8,6 +8,7 @@ at 32 px keeps each compile + step in seconds on a 2-core CPU.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -149,6 +150,61 @@ def test_resume_after_kill_mid_epoch(reference_run, tmp_path):
     opt_a = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(out / "last.ckpt")).items() if k.startswith("optim.")}
     opt_b = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(ref_out / "last.ckpt")).items() if k.startswith("optim.")}
     assert_same_params(opt_a, opt_b, atol=1e-6)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_the_step_and_resume_auto_continues(reference_run, tmp_path, monkeypatch, capsys, signum):
+    """SIGTERM (preemption) or SIGINT (Ctrl-C) during step 3 of 6, no periodic saves: the step finishes, last.ckpt
+    holds step 3, one line says how to continue, exit 128 + signal; --resume auto then ends where the
+    uninterrupted run ends. The signal is sent to this very process from inside the step."""
+    from bit_zoo.training.train_step import Trainer
+
+    ref_out, _ = reference_run
+    out = tmp_path / "run"
+    argv = EXACT + ["--steps", "6", "--output_dir", str(out)]
+    real_step, steps = Trainer.step, []
+
+    def step(self, micro_batches):
+        steps.append(len(steps) + 1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signum)
+        return real_step(self, micro_batches)
+
+    def unhandled(*_):  # what the default action (the test process killed) would mean, as a test failure
+        raise AssertionError(f"{signal.Signals(signum).name} reached the default handler: training has none")
+
+    monkeypatch.setattr(Trainer, "step", step)
+    previous = signal.signal(signum, unhandled)
+    try:
+        code = train.cli(argv)
+        assert signal.getsignal(signum) is unhandled  # the run's handler is gone again
+    finally:
+        signal.signal(signum, previous)
+    assert code == 128 + signum
+    lines = _error_lines(capsys.readouterr().err, "train.py")
+    assert len(lines) == 1, lines
+    assert f"{signal.Signals(signum).name} at step 3/6" in lines[0] and str(out / "last.ckpt") in lines[0], lines
+    assert lines[0].endswith(" --resume auto") and "continue with: python train.py " in lines[0], lines
+    assert int(ms.load_checkpoint(str(out / "last.ckpt"))["state.step"].asnumpy()) == 3
+    assert steps == [1, 2, 3]  # nothing after the signalled step
+    monkeypatch.setattr(Trainer, "step", real_step)
+    summary = train.main(argv + ["--resume", "auto"])
+    assert summary["steps"] == 6
+    assert_same_params(params_of(out / "last.ckpt"), params_of(ref_out / "last.ckpt"), atol=1e-6)
+
+
+def test_the_second_stop_signal_takes_the_default_action():
+    """After the first SIGTERM/SIGINT the loop only sets a flag; the handler hands both signals back to the
+    default action, so a second one ends the process at once, even inside a compiled step."""
+    from bit_zoo.training.interrupt import StopSignals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with StopSignals() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_fp16_dynamic_loss_scale_ema_clip_accumulation(tmp_path):

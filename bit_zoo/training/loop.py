@@ -5,21 +5,27 @@
     result = loop.run(state)
 
 Each optimizer step is one ``trainer.step(micro_batches) -> (loss, finite, grad_norm)``.
+SIGTERM or SIGINT stops the run after the step in progress, with a resumable checkpoint
+(TrainingInterrupted; see interrupt.py).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import mindspore as ms
 import numpy as np
+from mindspore import ops
 
-from ..errors import TrainingStopped
+from ..errors import TrainingInterrupted, TrainingStopped
 from .checkpoint import CheckpointConfig, CheckpointManager, TrainState
 from .distributed import DistInfo
+from .interrupt import StopSignals
 from .metrics import MetricsLog, Progress, evaluate
 
 __all__ = ["Plan", "TrainLoop", "epoch_label"]
@@ -136,27 +142,11 @@ class TrainLoop:
             every=self.ckpt_cfg.log_interval,
         )
         self.trainer.net.set_train(True)
-        try:
-            for _ in progress:
-                t0 = time.perf_counter()
-                loss, finite, grad_norm = self.trainer.step(self._next_batches(batches, accum))
-                state.micro_step += accum
-                state.step += 1
-                meter.add(loss, finite, plan.global_batch, time.perf_counter() - t0)
-                self._watch_finite(state, loss, finite)
-                # the bar shows the epoch's running mean: the number the epoch line reports at its end
-                progress.set_postfix(loss=f"{meter.mean_loss:.4f}", lr=f"{plan.lr[state.step - 1]:.2e}")
-                end_of_epoch = state.step % plan.steps_per_epoch == 0 or state.step == plan.total_steps
-                periodic = self.ckpt_cfg.save_interval > 0 and state.step % self.ckpt_cfg.save_interval == 0
-                if end_of_epoch:
-                    state.epoch += 1 if state.step % plan.steps_per_epoch == 0 else 0
-                    best = self._end_epoch(state, meter, grad_norm)
-                    meter.reset()
-                    self._save(state, periodic=periodic, best=best)
-                elif periodic:
-                    self._save(state, periodic=True, best=False)
-        finally:
-            self.manager.wait()  # the checkpoint write in flight is on disk (or its error raised) before the run ends
+        with StopSignals() as stop:
+            try:
+                self._steps(state, progress, batches, meter, stop)
+            finally:
+                self.manager.wait()  # the checkpoint write in flight is on disk (or its error raised) before the run ends
         return {
             "steps": state.step,
             "epochs": state.epoch,
@@ -165,6 +155,57 @@ class TrainLoop:
             "best_top1": state.best_top1,
             "train_state": asdict(state),
         }
+
+    def _steps(self, state: TrainState, progress, batches, meter: _EpochMeter, stop: StopSignals) -> None:
+        plan, accum = self.plan, self.step_cfg.accum_steps
+        for _ in progress:
+            t0 = time.perf_counter()
+            loss, finite, grad_norm = self.trainer.step(self._next_batches(batches, accum))
+            state.micro_step += accum
+            state.step += 1
+            meter.add(loss, finite, plan.global_batch, time.perf_counter() - t0)
+            self._watch_finite(state, loss, finite)
+            # the bar shows the epoch's running mean: the number the epoch line reports at its end
+            progress.set_postfix(loss=f"{meter.mean_loss:.4f}", lr=f"{plan.lr[state.step - 1]:.2e}")
+            end_of_epoch = state.step % plan.steps_per_epoch == 0 or state.step == plan.total_steps
+            periodic = self.ckpt_cfg.save_interval > 0 and state.step % self.ckpt_cfg.save_interval == 0
+            if end_of_epoch:
+                state.epoch += 1 if state.step % plan.steps_per_epoch == 0 else 0
+                best = self._end_epoch(state, meter, grad_norm)
+                meter.reset()
+                self._save(state, periodic=periodic, best=best)
+            elif periodic:
+                self._save(state, periodic=True, best=False)
+            stop.rearm()
+            if self._stop_requested(stop) and state.step < plan.total_steps:
+                self._interrupt(state, stop.signum)
+
+    def _stop_requested(self, stop: StopSignals) -> bool:
+        """Whether any rank received a stop signal. All ranks must stop after the same step (a rank that
+        went on would wait in the next step's AllReduce for ever), so with several they agree every step."""
+        if self.dist is None or self.dist.world_size <= 1:
+            return stop.requested
+        flags = ops.AllGather()(ms.Tensor(np.array([stop.signum or 0], np.float32))).asnumpy()
+        if stop.signum is None and flags.any():
+            stop.signum = int(flags[flags > 0][0])
+        return stop.requested
+
+    def _interrupt(self, state: TrainState, signum: int) -> None:
+        """Save a resumable checkpoint at this step (unless this step's save did already) and stop."""
+        if self.saved_step != state.step:
+            self._save(state, periodic=False, best=False)
+        self.manager.wait()  # on disk (and uploaded, with a remote output_dir) before the process ends
+        path = self.manager.directory / "last.ckpt"
+        if self.saved_step is None:
+            where = "no checkpoint was saved (the loss was non-finite)"
+        else:
+            where = f"step {self.saved_step} is saved in {path}"
+        raise TrainingInterrupted(
+            f"{signal.Signals(signum).name} at step {state.step}/{self.plan.total_steps}: {where}",
+            signum=signum,
+            step=state.step,
+            checkpoint=None if self.saved_step is None else str(path),
+        )
 
     # ---------------------------------------------------------------------------------------
     def _next_batches(self, batches, accum: int) -> list:
