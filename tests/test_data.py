@@ -520,3 +520,51 @@ def test_symlink_loops_and_permission_errors_are_one_clear_error(tmp_path, monke
     monkeypatch.setattr(os, "scandir", denied)
     with pytest.raises(ValueError, match=r"cannot read '.*train/b': permission denied\. Make it readable"):
         create_loader("folder", str(root), "train", batch_size=2, image_size=24)
+
+
+# ------------------------------------------------------------------------------ high bit depth
+
+
+def _png16(path, samples: np.ndarray) -> None:
+    """A 16-bit PNG written byte by byte (PIL cannot write 16-bit RGB): grey (H, W) or RGB (H, W, 3) uint16."""
+    import struct
+    import zlib
+
+    h, w = samples.shape[:2]
+    color_type = 0 if samples.ndim == 2 else 2
+    raw = b"".join(b"\0" + samples[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
+    """16-bit grey and RGB PNGs, 32-bit integer and float TIFFs decode to the 8-bit image they hold (within
+    rounding), in the folder datasets and in predict (one decode). PIL's convert("RGB") clips I;16/I/F at
+    255: this 16-bit grey ramp came out 99 % white."""
+    from bit_zoo.data.sources import decode_image
+
+    rng = np.random.default_rng(4)
+    grey8 = rng.integers(0, 256, (12, 16)).astype(np.uint8)
+    rgb8 = rng.integers(0, 256, (12, 16, 3)).astype(np.uint8)
+    expect_grey = np.repeat(grey8[..., None], 3, axis=2).astype(int)
+    _png16(tmp_path / "grey16.png", grey8.astype(np.uint16) * 257)  # 8-bit v -> 16-bit v * 257: the same brightness
+    _png16(tmp_path / "rgb16.png", rgb8.astype(np.uint16) * 256 + rng.integers(0, 256, rgb8.shape).astype(np.uint16))
+    Image.fromarray(grey8.astype(np.int32) * 257).save(tmp_path / "grey32.tif")  # mode I
+    Image.fromarray(grey8.astype(np.float32) / 255).save(tmp_path / "float.tif")  # mode F, [0, 1]
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16" and Image.open(tmp_path / "grey32.tif").mode == "I"
+    for name, expected in (("grey16.png", expect_grey), ("grey32.tif", expect_grey), ("float.tif", expect_grey), ("rgb16.png", rgb8)):
+        image = decode_image(str(tmp_path / name))
+        assert image.dtype == np.uint8 and image.shape == (12, 16, 3), name
+        assert np.abs(image.astype(int) - expected).max() <= 1, name
+    # through the folder dataset: the 16-bit image and its 8-bit twin give the same batch
+    root = tmp_path / "folder" / "train"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(grey8).save(root / "a" / "0_grey8.png")
+    _png16(root / "a" / "1_grey16.png", grey8.astype(np.uint16) * 257)
+    info = create_loader("folder", str(tmp_path / "folder"), "train", batch_size=2, image_size=16, transform="eval", shuffle=False)
+    images, _ = next(info.dataset.create_tuple_iterator(num_epochs=1, output_numpy=True))
+    np.testing.assert_allclose(images[1], images[0], atol=2 / 255 * 2)  # normalised to [-1, 1]: 1 level = 2/255

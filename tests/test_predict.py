@@ -155,3 +155,17 @@ def test_imagenet_heads_get_imagenet_names(tmp_path, folder_data, make_upstream_
     assert len(in21k) == 21843 and in21k[0] == "organism, being"  # Google's head order starts at n00004475
     assert labels.imagenet21k_synsets()[1] == "n00005787"
     assert labels.imagenet_names(10) is None
+
+
+def test_a_16_bit_png_is_classified_like_its_8_bit_twin(folder_data, meta_checkpoint, tmp_path):
+    """A 16-bit grey PNG (PIL mode I;16) holding the same picture as an 8-bit one gets the same probabilities:
+    predict scales it (PIL's convert("RGB") clipped it at 255, a white image)."""
+    grey = np.asarray(Image.open(folder_data / "val" / "bee" / "bee_0.png").convert("L"))
+    Image.fromarray(grey).save(tmp_path / "a8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "b16.png")
+    assert Image.open(tmp_path / "b16.png").mode == "I;16"
+    out = tmp_path / "p.json"
+    assert main([str(tmp_path), "--checkpoint_path", str(meta_checkpoint), "--output_json", str(out), "--progress", "false"]) == 0
+    eight, sixteen = json.loads(out.read_text())["predictions"]
+    assert eight["indices"] == sixteen["indices"]
+    np.testing.assert_allclose(sixteen["probs"], eight["probs"], rtol=1e-5)

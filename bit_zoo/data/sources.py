@@ -260,17 +260,42 @@ def scan_class_folders(root: Path) -> tuple[list[str], list[str], np.ndarray]:
     return classes, paths, np.asarray(labels, dtype=np.int64)
 
 
-def _decode(path: str) -> np.ndarray:
+def to_rgb8(image) -> np.ndarray:
+    """A PIL image as uint8 RGB (H, W, 3), every bit depth scaled into 0..255.
+
+    PIL's convert("RGB") clips a 16-bit or 32-bit grayscale image (modes I;16*, I) and a float one
+    (F) at 255 instead of scaling it: a 16-bit PNG became 99 % white. Those are scaled here: I;16
+    and I by 65535 (their 16-bit range, values outside it clipped), F as [0, 1] when all its values
+    lie there (the usual float-image convention), else as 0..255. 16-bit RGB(A) PNGs arrive from PIL
+    already reduced to their high bytes, which is the right scaling; the other modes (L, P, LA,
+    RGBA, CMYK, 1) go through convert("RGB").
+    """
+    mode = image.mode
+    if mode == "I" or mode.startswith("I;16"):
+        gray = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257.0
+    elif mode == "F":
+        gray = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if gray.size and gray.min() >= 0.0 and gray.max() <= 1.0:
+            gray = gray * 255.0
+        gray = np.clip(gray, 0, 255)
+    else:
+        return np.asarray(image.convert("RGB"))
+    return np.repeat(np.rint(gray).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def decode_image(path: str) -> np.ndarray:
+    """An image file as uint8 RGB (H, W, 3): the decode of the folder datasets and of predict."""
     from PIL import Image
 
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+        return to_rgb8(image)
+
 
 
 def _decode_error(path: str) -> str | None:
     """Why `path` cannot be decoded, or None."""
     try:
-        _decode(path)
+        decode_image(path)
     except Exception as error:  # noqa: BLE001 - PIL raises several unrelated types for corrupt files
         return f"{type(error).__name__}: {error}"
     return None
@@ -312,7 +337,7 @@ class _ImageFiles:
             candidate = (index + offset) % len(self.paths)
             path = self.paths[candidate]
             try:
-                return _decode(path), self.labels[candidate]
+                return decode_image(path), self.labels[candidate]
             except Exception as error:  # noqa: BLE001 - PIL raises several unrelated types for corrupt files
                 self._failed(path, f"{type(error).__name__}: {error}")
         raise BadImageError(f"none of the {len(self.paths)} images of this split can be decoded (first: '{self.paths[0]}').")

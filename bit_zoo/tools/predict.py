@@ -26,7 +26,7 @@ import numpy as np
 
 from ..utils.atomic import write_text_atomic
 from ..utils.runner import run_cli
-from ..data.sources import IMAGE_EXTENSIONS
+from ..data.sources import IMAGE_EXTENSIONS, decode_image
 from ..models.inference import LoadedModel, add_model_args, model_from_args
 from ..weights.labels import label_names
 from ..options import ToolParser
@@ -59,13 +59,6 @@ def collect_images(paths: list[str]) -> list[str]:
     return files
 
 
-def _decode(path: str) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as image:  # the same decode as the folder dataset's (data/sources.py)
-        return np.asarray(image.convert("RGB"))
-
-
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -94,7 +87,7 @@ def predict_files(loaded: LoadedModel, files: list[str], *, topk: int = 5, batch
 
     for path in Progress(files, total=len(files), desc="predict", enabled=progress):
         try:
-            image = _decode(path)
+            image = decode_image(path)  # the folder datasets' decode: 16-bit images scaled, not clipped
         except Exception as error:  # noqa: BLE001 - PIL raises several unrelated types for unreadable files
             _logger.warning("skipped %s: cannot decode it as an image (%s)", path, error)
             skipped.append({"file": path, "error": str(error)})
