@@ -616,6 +616,36 @@ def test_resume_with_changed_training_data_says_what_changed(tmp_path, capsys):
     assert (out / "last.ckpt").read_bytes() == before
 
 
+def test_resume_with_images_replaced_in_place_is_refused_unless_told(tmp_path, capsys):
+    """The same file names and counts, but one image's pixels replaced (same size on disk, so only the content
+    digest can tell): --resume auto is refused in one line naming --check_data_content, exit 2, the checkpoint
+    untouched; with --check_data_content false the run resumes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    for split, per_class in (("train", 4), ("val", 2)):
+        for cls in ("cat", "dog"):
+            (tmp_path / "folder" / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(tmp_path / "folder" / split / cls / f"{i}.bmp")
+    out = tmp_path / "run"
+    argv = EXACT + ["--dataset", "folder", "--data_dir", str(tmp_path / "folder"), "--batch_size", "4", "--save_interval", "1"]
+    argv += ["--output_dir", str(out)]
+    assert train.cli(argv + ["--steps", "4"]) == 0  # a finished run resumes too (0 steps left): the check comes first
+    before = (out / "last.ckpt").read_bytes()
+    replaced = tmp_path / "folder" / "train" / "dog" / "2.bmp"
+    size = replaced.stat().st_size
+    Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(replaced)
+    assert replaced.stat().st_size == size  # BMP: the size depends on the geometry only
+    capsys.readouterr()
+    assert train.cli(argv + ["--steps", "4", "--resume", "auto"]) == 2
+    lines = _error_lines(capsys.readouterr().err, "train.py")
+    assert len(lines) == 1, lines
+    assert "their contents changed" in lines[0] and "--check_data_content false" in lines[0], lines
+    assert (out / "last.ckpt").read_bytes() == before
+    assert train.cli(argv + ["--steps", "4", "--resume", "auto", "--check_data_content", "false"]) == 0
+
+
 def test_unreachable_weights_are_one_line(tmp_path, monkeypatch, capsys):
     """pretrained weights from a mirror that refuses connections: one line naming the URL and the variable, exit 2."""
     monkeypatch.setenv("BIT_ZOO_HOME", str(tmp_path / "cache"))

@@ -88,6 +88,11 @@ class DataConfig:
     strict_images: bool = option(
         False, "stop before the first step at an image that cannot be decoded (default: skip it with a warning)", scripts=BOTH
     )
+    check_data_content: bool = option(
+        True,
+        "record the training files' sizes and a digest of a sample of them in checkpoints, and refuse a --resume whose "
+        "files changed; false skips it (one stat per file per run)",
+    )
     val_split: float = option(0.0, "hold out this fraction (or count) of train as the eval split", check=_val_split, scripts=BOTH)
     eval_samples: int | None = option(None, "evaluate on the first N eval images only", check=at_least(1), scripts=BOTH)
     split: str = option(
@@ -228,6 +233,7 @@ def build_train_loader(data: DataConfig, prep: dict, *, micro_batch: int, shard:
             num_classes=num_classes,
             classes=data.classes,
             strict_images=data.strict_images,
+            check_content=data.check_data_content,
         )
 
     if data.mixup_alpha is not None:

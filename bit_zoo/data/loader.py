@@ -145,6 +145,7 @@ def create_loader(
     num_classes: int | None = None,
     classes: list[int] | None = None,
     strict_images: bool = False,
+    check_content: bool = False,
 ) -> DataInfo:
     """Build the batched pipeline for one split of one dataset.
 
@@ -167,6 +168,8 @@ def create_loader(
     order, named once in a warning and counted in `DataInfo.bad_images`, so batches and the
     schedule hold. `strict_images=True` decodes every image of the split first and raises
     `BadImageError` (a ValueError) naming the bad files before anything trains.
+    `check_content=True` adds a digest of the files' sizes and of a sample of their bytes to the
+    fingerprint (`sources.content_fingerprint`), so a resume notices images replaced in place.
 
     Epochs: iterate with one iterator for all epochs (`dataset.create_tuple_iterator(num_epochs=E)`,
     or `Model.train`); epoch e is shuffled with (seed, e). MindSpore gives every new iterator a
@@ -279,6 +282,9 @@ def create_loader(
         batches_per_epoch,
         batch_size,
     )
+    fingerprint = sources.fingerprint(source, indices)
+    if check_content:
+        fingerprint["content"] = sources.content_fingerprint(source, indices)
     return DataInfo(
         dataset,
         per_shard,
@@ -287,5 +293,5 @@ def create_loader(
         source.class_names,
         indices,
         source.bad_images,
-        sources.fingerprint(source, indices),
+        fingerprint,
     )

@@ -107,6 +107,7 @@ class Source:
     description: str
     bad_images: BadImages = field(default_factory=BadImages)  # stays empty for CIFAR and digits
     record_names: list[str] | None = None  # file paths of a folder source (for the dataset fingerprint)
+    record_root: Path | None = None  # the folder record_names are relative to (content_fingerprint reads the files)
 
 
 def _fs_error(path, error: OSError) -> ValueError:
@@ -388,7 +389,7 @@ def folder_source(root: Path, class_names: list[str] | None = None, *, strict_im
 
     # the fingerprint names files relative to root: the same dataset staged elsewhere (a fresh node) resumes
     names = [os.path.relpath(p, root) for p in paths]
-    return Source(labels, len(found), found, build, f"image folders ({root})", bad, names)
+    return Source(labels, len(found), found, build, f"image folders ({root})", bad, names, root)
 
 
 def resolve_folder_splits(name: str, data_dir: str | None) -> dict[str, Path]:
@@ -483,7 +484,7 @@ def select_classes(source: Source, classes) -> Source:
 
     names = [source.class_names[c] for c in classes] if source.class_names else None
     description = f"{source.description}, classes {classes}"
-    return Source(lut[source.labels], len(classes), names, build, description, source.bad_images, source.record_names)
+    return Source(lut[source.labels], len(classes), names, build, description, source.bad_images, source.record_names, source.record_root)
 
 
 # ------------------------------------------------------------------------------ dataset fingerprint
@@ -500,6 +501,35 @@ def fingerprint(source: Source, indices: np.ndarray) -> dict:
         digest.update(np.ascontiguousarray(indices, dtype=np.int64).tobytes())
     counts = np.bincount(source.labels[indices], minlength=source.num_classes)
     return {"images": int(len(indices)), "per_class": counts.tolist(), "digest": digest.hexdigest()[:16]}
+
+
+CONTENT_SAMPLE = 16  # files read in full by content_fingerprint
+
+
+def content_fingerprint(source: Source, indices: np.ndarray) -> str | None:
+    """A digest of the split's file contents, cheap enough for every run: every file's size (one stat each)
+    and the bytes of CONTENT_SAMPLE files spread over the split. None for sources without files (digits, CIFAR).
+
+    Replacing an image almost always changes its size; a same-size edit is caught when the file is in the
+    sample. Modification times are left out on purpose: staging a bucket onto a fresh node changes them all.
+    """
+    if source.record_names is None or source.record_root is None:
+        return None
+    digest = hashlib.sha256()
+    order = np.sort(np.asarray(indices, dtype=np.int64))
+    for i in order:
+        path = source.record_root / source.record_names[i]
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = -1  # gone since the scan: the decode reports it; here it only changes the digest
+        digest.update(f"{source.record_names[i]}\0{size}\0".encode("utf-8", "surrogateescape"))
+    for i in order[np.linspace(0, len(order) - 1, min(CONTENT_SAMPLE, len(order))).astype(np.int64)] if len(order) else ():
+        try:
+            digest.update(hashlib.sha256((source.record_root / source.record_names[i]).read_bytes()).digest())
+        except OSError:
+            digest.update(b"unreadable")
+    return digest.hexdigest()[:16]
 
 
 def require_same_data(saved_meta: dict, fingerprint: dict, class_names: list[str] | None = None) -> None:
@@ -526,6 +556,15 @@ def describe_change(saved: dict, current: dict, class_names: list[str] | None = 
         what += [f"class '{names[i]}': {b} -> {a} images" for i, b, a in changed[:5]]
         if len(changed) > 5:
             what.append(f"{len(changed) - 5} more classes changed")
+    if not what and {k: v for k, v in saved.items() if k != "content"} == {k: v for k, v in current.items() if k != "content"}:
+        if saved.get("content") is None or current.get("content") is None:  # not recorded then, or not checked now
+            return None
+        what.append("the same files, but their contents changed (file sizes, or the bytes of sampled files)")
+        return (
+            f"the training data changed since the checkpoint was written ({'; '.join(what)}). Restore the original "
+            "files to resume exactly, start a new run (--output_dir NEW, or --overwrite true), or pass "
+            "--check_data_content false to resume with the files as they are now."
+        )
     if not what:
         what.append("the same counts but different files or order")
     return (
