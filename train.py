@@ -31,6 +31,7 @@ from bit_zoo.errors import ConfigError
 from bit_zoo.models.freeze import freeze
 from bit_zoo.training.checkpoint import CheckpointManager, TrainState, export_weights
 from bit_zoo.training.distill import DistillEvaluator, distill_loss_cell, distill_summary, distill_teacher
+from bit_zoo.utils.lock import FolderLock
 from bit_zoo.utils.runner import run_cli
 from bit_zoo.training.distributed import init_distributed, log_device, set_device
 from bit_zoo.training.loop import Plan, TrainLoop
@@ -63,12 +64,17 @@ def main(argv: list[str] | None = None) -> dict:
     log_device(dist)
     micro = check_batch_split(cfg, dist.world_size)
     staged = localize(cfg, script="train")  # remote data/weights staged, a remote output_dir mirrored
-    mirror = staged.mirror
     check_weights_source(cfg.model, cfg.model.checkpoint_path, flag="checkpoint_path")
     check_data(cfg.data)
     for seed in (ms.set_seed, np.random.seed, ds.config.set_seed):
         seed(cfg.system.seed)
+    # one run per output_dir: a second one into the same folder stops here, before it reads or writes anything there
+    with FolderLock(cfg.system.output_dir, prog="train.py", enabled=dist.is_main):
+        return _train(cfg, dist, staged, micro, argv)
 
+
+def _train(cfg, dist, staged, micro: int, argv: list[str] | None) -> dict:
+    mirror = staged.mirror
     # ---- everything below up to the first write can fail on bad input; nothing is written yet
     num_classes = resolve_num_classes(cfg)
     out = Path(cfg.system.output_dir)
