@@ -107,3 +107,81 @@ def test_cli_writes_npz(tmp_path, capsys):
     assert "40 embeddings of dimension 2048" in capsys.readouterr().out
     with np.load(out) as z:
         assert z["embeddings"].shape == (40, 2048) and int(z["complete"]) == 1 and list(z["class_names"]) == ["3", "4"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Caches keyed by content: a checkpoint replaced at the same path is another model
+
+
+def _write_checkpoint(path, seed: int) -> None:
+    """A bit_zoo checkpoint as train.py writes one (meta.json with its digest), random weights of `seed`."""
+    import bit_zoo
+    from bit_zoo.weights.loading import model_state, save_weights
+    from bit_zoo.weights.meta import with_meta
+
+    model = bit_zoo.ResNetV2((1, 1, 1, 1), num_classes=2, eager_jit=False)
+    rng = np.random.default_rng(seed)
+    params = {k: rng.standard_normal(v.shape).astype(np.float32) * (0.1 if v.ndim < 4 else 1.0) + (k.endswith("gamma"))
+              for k, v in model_state(model).items()}  # fmt: skip
+    pp = {"image_size": 16, "eval_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "crop_pct": 1.0}
+    meta = {"model": "resnetv2", "layers": [1, 1, 1, 1], "width_factor": 1, "num_classes": 2, "in_channels": 3,
+            "class_names": ["0", "1"], "preprocess": pp}  # fmt: skip
+    save_weights(with_meta(params, meta), path)
+
+
+CLI_DATA = ["--dataset", "digits", "--classes", "0,1", "--num_samples", "50", "--batch_size", "25", "--num_workers", "1"]
+CLI_DATA += ["--progress", "false"]
+
+
+def test_a_checkpoint_changed_at_the_same_path_is_embedded_again(tmp_path, capsys):
+    ckpt = tmp_path / "best.ckpt"
+    run = [*CLI_DATA, "--checkpoint_path", str(ckpt), "--output"]
+    _write_checkpoint(ckpt, seed=1)
+    assert main([*run, str(tmp_path / "emb.npz")]) == 0
+    first = load_embeddings(tmp_path / "emb.npz")["embeddings"]
+    _write_checkpoint(ckpt, seed=2)  # fine-tuned further, written to the same place
+    capsys.readouterr()
+    assert main([*run, str(tmp_path / "emb.npz")]) == 2  # not reused: another model's embeddings
+    assert "they differ in: weights_content" in capsys.readouterr().err
+    assert main([*run, str(tmp_path / "emb.npz"), "--overwrite", "true"]) == 0
+    again = load_embeddings(tmp_path / "emb.npz")["embeddings"]
+    assert main([*run, str(tmp_path / "fresh.npz")]) == 0
+    assert np.abs(again - first).max() > 1e-3  # the old model's rows are not reused...
+    np.testing.assert_array_equal(again, load_embeddings(tmp_path / "fresh.npz")["embeddings"])  # ...the new model's are there
+
+
+def test_fewshot_cache_follows_the_checkpoint_content(tmp_path, capsys):
+    from bit_zoo.tools import fewshot
+
+    ckpt = tmp_path / "best.ckpt"
+    few = [*CLI_DATA, "--checkpoint_path", str(ckpt), "--split", "test", "--shots", "1", "--seeds", "1", "--crop_pct", "1"]
+    few += ["--eval_size", "16"]
+    _write_checkpoint(ckpt, seed=1)
+    assert fewshot.main([*few, "--cache_dir", str(tmp_path / "cache")]) == 0
+    old = {p.name: np.load(p)["embeddings"] for p in (tmp_path / "cache").glob("*.npz")}
+    _write_checkpoint(ckpt, seed=2)
+    capsys.readouterr()
+    assert fewshot.main([*few, "--cache_dir", str(tmp_path / "cache")]) == 0
+    table = capsys.readouterr().out
+    assert fewshot.main([*few, "--cache_dir", str(tmp_path / "fresh_cache")]) == 0
+    assert capsys.readouterr().out == table  # the numbers of the model now at that path, as with an empty cache
+    for name, before in old.items():
+        now = np.load(tmp_path / "cache" / name)["embeddings"]
+        np.testing.assert_array_equal(now, np.load(tmp_path / "fresh_cache" / name)["embeddings"])
+        assert np.abs(now - before).max() > 1e-3
+
+
+def test_a_partial_file_of_another_model_is_discarded_on_resume(tmp_path):
+    ckpt = tmp_path / "best.ckpt"
+    _write_checkpoint(ckpt, seed=1)
+    out = tmp_path / "emb.npz"
+    first = load_model(checkpoint_path=str(ckpt), num_classes=0)
+    with pytest.raises(KeyboardInterrupt):  # killed after two complete chunks
+        compute_embeddings(replace(first, model=_Counting(first.model, fail_at=3)), output=out, save_every=1, **KW)
+    _write_checkpoint(ckpt, seed=2)  # the checkpoint changed before the rerun
+    second = load_model(checkpoint_path=str(ckpt), num_classes=0)
+    resumed = _Counting(second.model)
+    arrays = compute_embeddings(replace(second, model=resumed), output=out, save_every=1, **KW)
+    assert resumed.calls == 4  # nothing of the first model's chunks kept
+    reference = compute_embeddings(second, output=tmp_path / "ref.npz", **KW)
+    np.testing.assert_array_equal(arrays["embeddings"], reference["embeddings"])

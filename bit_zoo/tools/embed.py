@@ -21,8 +21,10 @@ run with the same fingerprint reuses it instead of recomputing.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 from dataclasses import asdict, replace
@@ -32,6 +34,9 @@ import mindspore as ms
 import numpy as np
 
 from ..utils.atomic import atomic_path, write_text_atomic
+from ..utils.lock import FolderLock
+from ..weights.loading import open_arrays
+from ..weights.meta import META_KEY, decode_meta
 from ..utils.runner import run_cli
 from ..config import load_yaml
 from ..data import create_loader, sources
@@ -44,7 +49,7 @@ __all__ = ["compute_embeddings", "load_embeddings", "record_names", "add_data_ar
 
 _logger = logging.getLogger("bit_zoo.tools.embed")
 
-EMBED_FORMAT = 1
+EMBED_FORMAT = 2  # 2: the fingerprint holds the weights' and the data's content
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,7 +105,58 @@ def _write_npz(path: Path, arrays: dict) -> None:
         np.savez(tmp, **arrays)
 
 
-def compute_embeddings(
+def compute_embeddings(loaded: LoadedModel, *, output: str | Path, **options) -> dict:
+    """Embed every image of the split into `output` (or reuse it when complete); return its arrays.
+
+    Options: dataset, data_dir, split, classes, val_split, num_samples, batch_size, num_workers, seed,
+    save_every, overwrite, progress (see _compute_embeddings). The model must have no classifier
+    (num_classes=0): its forward is the pre-logits. One process writes an output at a time (a lock
+    file beside it): two runs into one file would interleave their chunks.
+    """
+    output = Path(output)
+    with FolderLock(output.parent, prog="embed", name=f".{output.name}.lock", label=f"{output}", option="--output"):
+        return _compute_embeddings(loaded, output=output, **options)
+
+
+def weights_identity(loaded: LoadedModel) -> dict:
+    """What the weights behind `loaded` are, by content rather than by path.
+
+    A bit_zoo file: its digest (checked when it was loaded; it covers every entry and meta.json). Other
+    files: size, modification time and inode (a file replaced or rewritten at the same path differs).
+    Pretrained weights: the record's file and sha256. A random initialisation: the seed does it.
+    """
+    source = loaded.source
+    if source.startswith("pretrained:"):
+        record = loaded.model.weights
+        return {"record": record.filename, "sha256": record.sha256 or record.sha256_prefix} if record is not None else {}
+    if source.startswith("random-init:"):
+        return {}
+    st = os.stat(source)
+    fmt, reader = open_arrays(source)
+    with reader:
+        meta = decode_meta({META_KEY: reader[META_KEY]}) if META_KEY in reader else None
+    if meta and meta.get("digest"):
+        return {"digest": meta["digest"]}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def data_identity(data_dir: str | None) -> str | None:
+    """A digest of every file's name, size and modification time under data_dir (None: built-in data such as digits)."""
+    if not data_dir:
+        return None
+    h = hashlib.sha256()
+    root = Path(data_dir)
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            st = os.stat(os.path.join(folder, name))
+            h.update(f"{os.path.relpath(os.path.join(folder, name), root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _compute_embeddings(
     loaded: LoadedModel,
     *,
     dataset: str,
@@ -117,11 +173,6 @@ def compute_embeddings(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Embed every image of the split into `output` (or reuse it when complete); return its arrays.
-
-    The model must have no classifier (num_classes=0): its forward is the pre-logits.
-    """
-    output = Path(output)
     model, pp = loaded.model, loaded.preprocess
     if model.num_classes != 0:
         raise ValueError("compute_embeddings needs a model built with num_classes=0 (its forward is then the pre-logits)")
@@ -130,9 +181,12 @@ def compute_embeddings(
         "model": loaded.name,
         "checkpoint": loaded.source,
         "weights": loaded.weights,
+        # the numbers depend on the weights' content, not on their path: a checkpoint replaced in place is another model
+        "weights_content": weights_identity(loaded),
         "preprocess": asdict(pp),
         "dataset": dataset,
         "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
+        "data_content": data_identity(data_dir),
         "split": split,
         "classes": list(classes) if classes is not None else None,
         "val_split": val_split,
@@ -146,8 +200,10 @@ def compute_embeddings(
             _logger.info("%s is complete for this model and split: reused", output)
             return existing
         if not overwrite:
+            before = existing["fingerprint"]
+            differ = sorted(k for k in {*before, *fingerprint} if before.get(k) != fingerprint.get(k))
             raise ValueError(
-                f"{output} holds embeddings of another model, data or preprocessing ({existing['fingerprint']}); "
+                f"{output} holds embeddings of another model, data or preprocessing (they differ in: {', '.join(differ)}); "
                 "pass --overwrite true to replace it, or choose another --output"
             )
     info = create_loader(
