@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import numpy as np
 from mindspore import nn
 
 from ..utils.atomic import atomic_path, write_text_atomic
+from ..utils.progress import Progress
 
 __all__ = [
     "evaluate",
@@ -263,39 +262,6 @@ def gather_parts(part: EvalPart, world_size: int) -> list[EvalPart]:
             )  # fmt: skip
         )
     return parts
-
-
-class Progress:
-    """tqdm on a terminal, plain log lines every `every` items otherwise; silent when not enabled."""
-
-    def __init__(self, iterable: Iterable, *, total: int | None, desc: str, enabled: bool = True, every: int = 50) -> None:
-        self.iterable = iterable
-        self.total = total
-        self.desc = desc
-        self.enabled = enabled
-        self.every = every
-        self.postfix: dict = {}
-        self._bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
-
-    def set_postfix(self, **kwargs) -> None:
-        self.postfix = kwargs
-        if self._bar is not None:
-            self._bar.set_postfix(kwargs, refresh=False)
-
-    def __iter__(self) -> Iterator:
-        for i, item in enumerate(self.iterable, 1):
-            yield item
-            if self._bar is not None:
-                self._bar.update(1)
-            elif self.enabled and (i % self.every == 0 or i == self.total):
-                extra = " ".join(f"{k}={v}" for k, v in self.postfix.items())
-                _logger.info("%s %d/%s %s", self.desc, i, self.total if self.total else "?", extra)
-        if self._bar is not None:
-            self._bar.close()
 
 
 class MetricsLog:
