@@ -137,13 +137,16 @@ def option(
     script_help: dict[str, str] | None = None,
     script_choices: dict[str, tuple] | None = None,
     aliases: tuple[str, ...] = (),
+    required: bool = False,
 ):
     """A dataclass field that is also a command-line option and YAML key of the named scripts.
 
     `aliases`: other names accepted for it on the command line and in YAML (e.g. the MindSpore
     model zoo's data_url for data_dir). `script_defaults` / `script_help` / `script_choices`: what
-    differs for one script (validate.py's batch_size is per eval step, 64)."""
+    differs for one script (validate.py's batch_size is per eval step, 64). `required`: the
+    script cannot run without a value (from the command line or the YAML file)."""
     meta = {
+        "required": required,
         "aliases": aliases,
         "help": help,
         "choices": choices,
@@ -262,11 +265,8 @@ class SystemConfig:
     overwrite: bool = option(
         False,
         "allow a fresh run in an output_dir that holds a previous run",
-        scripts=("train", "embed", "fewshot"),
-        script_help={
-            "embed": "replace an --output computed with other settings",
-            "fewshot": "replace an --output_json that exists",
-        },
+        scripts=("train", "embed"),
+        script_help={"embed": "replace an --output computed with other settings"},
     )
     rank_weights: bool = option(False, "every rank also writes its final weights to weights_rank<R>.ckpt")
     output_json: str | None = option(
@@ -315,6 +315,7 @@ class Opt:
     help: str
     choices: tuple | None
     aliases: tuple[str, ...]
+    required: bool = False
 
 
 Groups = Sequence[tuple[str, type]]
@@ -345,6 +346,7 @@ def script_options(script: str, groups: Groups) -> dict[str, Opt]:
                 meta["script_help"].get(script, meta["help"]),
                 meta.get("script_choices", {}).get(script, meta["choices"]),
                 tuple(meta.get("aliases", ())),
+                bool(meta.get("required", False)),
             )
     return out
 
@@ -488,6 +490,20 @@ def coerce(opt: Opt, value: Any, source: str) -> Any:
     return value
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written (a tool's module docstring, with its example commands); every option's default shown."""
+
+
+class _ListAction(argparse.Action):
+    """Every value given to a list option, as one list (each value may itself be "1,5,10"); "none" unsets it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if any(v is None for v in values):
+            setattr(namespace, self.dest, None)
+            return
+        setattr(namespace, self.dest, [x for v in values for x in v])
+
+
 class _ArgumentError(Exception):
     pass
 
@@ -505,12 +521,13 @@ def build_parser(
     description: str | None = None,
     config: str | None = None,
     positionals: Callable[[argparse.ArgumentParser], None] | None = None,
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    formatter_class=None,
 ) -> argparse.ArgumentParser:
     """The command line of `script`, generated from the fields of `groups` it takes.
 
     `config`: the help of -c/--config (a YAML file of defaults), None for no -c. `positionals`
     adds the arguments that are not options (predict's paths)."""
+    formatter_class = formatter_class or HelpFormatter
     parser = _Parser(prog=prog, description=description, formatter_class=formatter_class, allow_abbrev=False)  # exact names, as in YAML
     if positionals is not None:
         positionals(parser)
@@ -524,6 +541,8 @@ def build_parser(
         kind = dict(dest=name, type=opt.parse, choices=opt.choices)
         if opt.parse.__name__ in ("str2bool", "optional str2bool"):
             kind.update(nargs="?", const=True, metavar="{true,false}")  # --flag alone means true
+        elif opt.parse.__name__.endswith("_list"):
+            kind.update(nargs="+", action=_ListAction)  # --shots 1 5 10 as well as --shots 1,5,10
         group.add_argument(f"--{name}", default=opt.default, help=opt.help, **kind)
         hidden = list(opt.aliases) + ([name.replace("_", "-")] if "_" in name else [])  # --num-classes for --num_classes
         for alias in hidden:
@@ -562,7 +581,7 @@ def parse_options(
     config: str | None = None,
     yaml_skip: Callable[[str], bool] | None = None,
     positionals: Callable[[argparse.ArgumentParser], None] | None = None,
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    formatter_class=None,
 ) -> Parsed:
     """Parse argv (with the YAML file named by -c as defaults when `config` is given) and check every value.
 
@@ -605,6 +624,9 @@ def parse_options(
         if key.startswith("-"):
             raise unknown_option_error("option", key, sorted(mine), "the command line")
         raise ConfigError(f"unexpected argument {first!r} on the command line: options take the form --key value")
+    for name, opt in mine.items():
+        if opt.required and getattr(args, name) is None:
+            raise ConfigError(f"--{name} is required ({opt.help}). Run with --help for every option.")
     out = {}
     for group, cls in groups:
         instance = cls()

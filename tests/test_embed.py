@@ -1,4 +1,4 @@
-"""bit_zoo.tools.embed: pre-logits of every image of a split, labels and file names, reuse of a complete file,
+"""bit_zoo.data.embeddings and python -m bit_zoo.embed: pre-logits of every image of a split, labels and file names, reuse of a complete file,
 resume after an interruption, never a partial file taken for complete."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from bit_zoo.data import create_loader
-from bit_zoo.tools.embed import compute_embeddings, load_embeddings, main
+from bit_zoo.data.embeddings import compute_embeddings, load_embeddings
+from bit_zoo.tools.embed import main
 from bit_zoo.models.inference import load_model
 
 CLASSES = [0, 1]

@@ -86,7 +86,7 @@ def test_cli_with_config_caches_embeddings(tmp_path, capsys, caplog):
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # one per split
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npz")}
     caplog.clear()
-    caplog.set_level(logging.INFO, logger="bit_zoo.tools.embed")
+    caplog.set_level(logging.INFO, logger="bit_zoo.data.embeddings")
     assert main(argv + ["--batch_size", "10"]) == 0  # embeddings come from the cache (the batch size changes nothing)
     assert caplog.text.count("reused") == 2
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.npz")} == stamps

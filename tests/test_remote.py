@@ -127,7 +127,7 @@ def test_folder_dataset_stages_only_the_split_and_classes_a_run_reads(s3, tmp_pa
 
 
 def test_remote_cli_makes_a_bucket_and_uploads_a_folder(s3, tmp_path, capsys):
-    """python -m bit_zoo.utils.remote: what the README's object-storage walk-through runs before train.py."""
+    """python -m bit_zoo.remote: what the README's object-storage walk-through runs before train.py."""
     for rel, body in {"train/0/a.png": b"a", "train/1/b.png": b"bb", "val/0/c.png": b"ccc", ".hidden": b"x"}.items():
         (tmp_path / "ds" / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "ds" / rel).write_bytes(body)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..hyperrule import hyperrule, hyperrule_resolution
-from ..options import at_least, each, length, non_negative, option, positive, unit_interval
+from ..errors import ConfigError
+from ..options import BOTH, at_least, each, length, non_negative, option, positive, unit_interval
 from ..weights.pretrained import BIT_MEAN_STD
 from .loader import DATASETS, DataInfo, create_loader
 from .transforms import _INTERPOLATION, TRANSFORMS
@@ -27,7 +28,8 @@ __all__ = [
 ]
 
 INTERPOLATIONS = tuple(_INTERPOLATION)
-BOTH = ("train", "validate")
+EMBEDDERS = ("embed", "fewshot")  # the tools that read a dataset split
+DATA = BOTH + EMBEDDERS  # the scripts that read a dataset
 
 # Source image size (height, width) of the datasets whose size is known without reading them; the
 # others (imagenet, folder) are taken as photos of at least 96x96 px.
@@ -44,47 +46,70 @@ def _val_split(v):
 class DataConfig:
     """The "data" option group (see bit_zoo.options)."""
 
-    dataset: str = option("cifar10", "dataset", choices=DATASETS, scripts=BOTH)
+    dataset: str = option("cifar10", "dataset", choices=DATASETS, scripts=DATA, script_defaults={t: "digits" for t in EMBEDDERS})
     data_dir: str | None = option(
-        None, "the folder with the data (not needed for digits); a URL (s3://...) is staged into the cache once", scripts=BOTH,
+        None, "the folder with the data (not needed for digits); a URL (s3://...) is staged into the cache once", scripts=DATA,
         aliases=("data_url",),
     )  # fmt: skip
     classes: list[int] | None = option(
-        None, "keep only these label ids, relabelled 0..n-1 in this order", check=each(at_least(0)), scripts=BOTH
+        None, "keep only these label ids, relabelled 0..n-1 in this order", check=each(at_least(0)), scripts=DATA
     )
     image_size: int | None = option(
         None,
         "train crop; default: HyperRule's (128 below 96x96 px source images, else 480)",
         check=at_least(1),
-        scripts=BOTH,
-        script_help={"validate": "eval resolution when eval_size is unset (a training config's image_size)"},
+        scripts=DATA + ("predict", "convert", "benchmark", "eager_bench"),
+        script_defaults={"benchmark": 128, "eager_bench": 128},
+        script_help={
+            "validate": "eval resolution when eval_size is unset (a training config's image_size)",
+            "predict": "evaluate at this size (resize straight to it); default: the checkpoint's meta.json, else the weights record's",
+            "embed": "eval resolution when eval_size is unset (a training config's image_size)",
+            "fewshot": "eval resolution when eval_size is unset (a training config's image_size)",
+            "convert": "export resolution of the example input (default: the weights' eval size)",
+            "benchmark": "input resolution",
+            "eager_bench": "input resolution",
+        },
+        aliases=("img_size",),
     )
     eval_size: int | None = option(
         None,
         "eval resolution; default image_size",
         check=at_least(1),
-        scripts=BOTH,
-        script_help={"validate": "eval resolution; default: image_size, else the checkpoint's, else the weights record's"},
+        scripts=DATA,
+        script_help={
+            "validate": "eval resolution; default: image_size, else the checkpoint's, else the weights record's",
+            "embed": "eval resolution; default: image_size, else the checkpoint's meta.json, else the weights record's",
+            "fewshot": "eval resolution; default: image_size, else 224 (big_vision's protocol)",
+        },
     )
     eval_resize_size: int | None = option(
-        None, "resize before a center crop to eval_size; default none (BiT: resize straight)", check=at_least(1), scripts=BOTH
-    )
+        None, "resize before a center crop to eval_size; default none (BiT: resize straight)", check=at_least(1), scripts=DATA,
+        script_help={"fewshot": "resize before the center crop to eval_size; default: eval_size / crop_pct"},
+    )  # fmt: skip
     interpolation: str | None = option(
-        None, "resize filter; default bilinear (seed recipe: bicubic)", choices=(None,) + INTERPOLATIONS, scripts=BOTH
+        None, "resize filter; default bilinear (seed recipe: bicubic)", choices=(None,) + INTERPOLATIONS, scripts=DATA
     )
     mean: list[float] | None = option(
-        None, "per-channel mean in [0, 1] pixel units; default the weights record's ([-1, 1] for BiT)", scripts=BOTH
+        None, "per-channel mean in [0, 1] pixel units; default the weights record's ([-1, 1] for BiT)", scripts=DATA
     )
-    std: list[float] | None = option(None, "per-channel std; default the weights record's", check=each(positive), scripts=BOTH)
+    std: list[float] | None = option(None, "per-channel std; default the weights record's", check=each(positive), scripts=DATA)
     batch_size: int = option(
         512,
         "GLOBAL batch: all devices, all micro-batches of one optimizer step",
         check=at_least(1),
-        scripts=BOTH,
-        script_defaults={"validate": 64},
-        script_help={"validate": "images per eval step"},
+        scripts=DATA + ("predict", "convert", "benchmark", "eager_bench"),
+        script_defaults={"validate": 64, "embed": 64, "fewshot": 64, "predict": 16, "convert": 1, "benchmark": 16, "eager_bench": 16},
+        script_help={
+            "validate": "images per eval step",
+            "embed": "images per step",
+            "fewshot": "images per step",
+            "predict": "images per step",
+            "convert": "batch of the example input (the exported batch axis is dynamic)",
+            "benchmark": "images per optimizer step (split into --accum_steps micro-batches)",
+            "eager_bench": "images per call",
+        },
     )
-    num_workers: int = option(2, "data pipeline workers", check=at_least(1), scripts=BOTH)
+    num_workers: int = option(2, "data pipeline workers", check=at_least(1), scripts=DATA)
     strict_images: bool = option(
         False, "stop before the first step at an image that cannot be decoded (default: skip it with a warning)", scripts=BOTH
     )
@@ -93,11 +118,18 @@ class DataConfig:
         "record the training files' sizes and a digest of a sample of them in checkpoints, and refuse a --resume whose "
         "files changed; false skips it (one stat per file per run)",
     )
-    val_split: float = option(0.0, "hold out this fraction (or count) of train as the eval split", check=_val_split, scripts=BOTH)
+    val_split: float = option(0.0, "hold out this fraction (or count) of train as the eval split", check=_val_split, scripts=DATA)
     eval_samples: int | None = option(None, "evaluate on the first N eval images only", check=at_least(1), scripts=BOTH)
     split: str = option(
-        "val", "val: held-out part of train with val_split, else the test split", choices=("val", "test"), scripts=("validate",)
-    )
+        "val",
+        "val: held-out part of train with val_split, else the test split",
+        choices=("val", "test"),
+        scripts=("validate",) + EMBEDDERS,
+        script_defaults={"embed": "train"},
+        script_choices={"embed": ("train", "val", "test")},
+        script_help={"embed": "the split to embed (val: the held-out part of train with val_split, else the test split)",
+                     "fewshot": "evaluation split (val: the held-out part of train with val_split, else the test split)"},
+    )  # fmt: skip
     resize_size: int | None = option(None, "train resize before the random crop (HyperRule 160/512)", check=at_least(1))
     transform: str = option("hyperrule", "train augmentation recipe", choices=TRANSFORMS)
     hflip: bool = option(True, "random horizontal flip in training")
@@ -105,7 +137,18 @@ class DataConfig:
     mixup_alpha: float | None = option(None, "default: HyperRule's (0.1 from 20k images, else 0)", check=non_negative)
     label_smoothing: float = option(0.0, "label smoothing", check=unit_interval)
     few_shot: int | None = option(None, "k training images per class", check=at_least(1))
-    num_samples: int | None = option(None, "train on the first N records only", check=at_least(1))
+    num_samples: int | None = option(
+        None, "train on the first N records only", check=at_least(1), scripts=("train",) + EMBEDDERS,
+        script_help={t: "only the first N records of each split" for t in EMBEDDERS},
+    )  # fmt: skip
+
+    def check_options(self, names: set[str]) -> None:
+        """An option the chosen dataset does not read is refused, not silently ignored."""
+        if {"dataset", "data_dir"} <= names and self.dataset == "digits" and self.data_dir:
+            raise ConfigError(
+                f"dataset digits comes with scikit-learn and reads no data_dir, but data_dir is {self.data_dir!r}: "
+                "drop data_dir (--data_dir null), or name the dataset that lives there (--dataset folder, imagenet, cifar10 or cifar100)"
+            )
 
 
 def val_split_arg(value: float) -> float | int:

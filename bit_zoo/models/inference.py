@@ -18,13 +18,14 @@ from mindspore.nn.utils import no_init_parameters
 
 from ..data.transforms import build_transforms
 from .factory import create_model
+from .options import ModelConfig
 from ..weights.loading import EMA_PREFIX, load_state, read_arrays, read_weights_file
 from ..weights.meta import verify_digest
-from ..options import int_list, str2bool
+from ..options import SystemConfig
 from ..weights.pretrained import BIT_MEAN_STD, Weights
 from .resnetv2 import ResNetV2
 
-__all__ = ["Preprocess", "LoadedModel", "load_model", "add_model_args", "model_from_args"]
+__all__ = ["Preprocess", "LoadedModel", "load_model", "model_from_options", "preprocess_overrides"]
 
 _logger = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def load_model(
         model = create_model(model_name, pretrained=True, conv_impl=conv_impl, num_classes=num_classes)
         source, used = f"pretrained:{model_name}", "raw"
     elif not checkpoint_path:
-        # The untrained baseline of a comparison: deterministic given mindspore.set_seed (model_from_args sets it).
+        # The untrained baseline of a comparison: deterministic given mindspore.set_seed (model_from_options sets it).
         _logger.warning("%s: no --checkpoint_path and no --pretrained: random initialisation (an untrained baseline)", model_name)
         classes = 1000 if num_classes is None else num_classes
         if model_name == "resnetv2":
@@ -192,47 +193,37 @@ def load_model(
 
 
 # ----------------------------------------------------------------------------------------------
-# The model options of the inference commands (predict, embed, fewshot): train.py's names.
+# From the options of the inference commands (predict, embed, fewshot): train.py's names, one declaration.
 
 
-def add_model_args(parser, *, checkpoint_required: bool = False) -> None:
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", default=None, help="NAME[.tag] (bit_zoo.list_models()) or resnetv2; default: the checkpoint's meta.json")
-    g.add_argument("--pretrained", type=str2bool, default=False, help="download and load the model's weights record")
-    g.add_argument("--checkpoint_path", default=None, help="weights file: train.py checkpoint, upstream .npz, mindcv .ckpt, .safetensors")
-    g.add_argument("--layers", type=int_list, default=None, help="units per stage, for --model resnetv2 without meta.json")
-    g.add_argument("--width_factor", type=int, default=1, help="for --model resnetv2 without meta.json")
-    g.add_argument("--conv_impl", default="auto", choices=("auto", "native", "unfold"))
-    g.add_argument("--ema", type=str2bool, default=None, help="EMA weights of a training checkpoint (default: when it has them)")
-    g.add_argument(
-        "--allow_unverified",
-        type=str2bool,
-        default=False,
-        help="accept a bit_zoo checkpoint whose digest is missing or does not cover its meta.json (unchecked)",
-    )
-    g.add_argument("--image_size", type=int, default=None, help="override the eval resolution of the weights / checkpoint")
-    g.add_argument(
-        "--mode", default="pynative", choices=("pynative", "graph"), help="pynative runs a compiled forward (see ResNetV2 eager_jit)"
-    )
-
-
-def _none(value):
-    return None if value is None or str(value).lower() in ("none", "null", "") else value
-
-
-def model_from_args(args, *, num_classes: int | None = None) -> LoadedModel:
-    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
-    ms.set_seed(getattr(args, "seed", 0))  # a random-init baseline is the same network on every run
-    loaded = load_model(
-        _none(args.model),
-        checkpoint_path=_none(args.checkpoint_path),
-        pretrained=args.pretrained,
-        layers=tuple(args.layers) if args.layers else None,
-        width_factor=args.width_factor,
-        conv_impl=args.conv_impl,
-        ema=args.ema,
+def model_from_options(m: ModelConfig, system: SystemConfig, *, num_classes: int | None = None, image_size: int | None = None) -> LoadedModel:
+    """load_model from the "model" option group; `image_size`: the explicit eval resolution, if any."""
+    ms.set_context(mode=ms.GRAPH_MODE if system.mode == "graph" else ms.PYNATIVE_MODE)
+    ms.set_seed(system.seed)  # a random-init baseline is the same network on every run
+    return load_model(
+        m.model,
+        checkpoint_path=m.checkpoint_path,
+        pretrained=m.pretrained,
+        layers=tuple(m.layers) if m.layers else None,
+        width_factor=m.width_factor or 1,
+        conv_impl=m.conv_impl,
+        ema=m.ema,
         num_classes=num_classes,
-        image_size=args.image_size,
-        allow_unverified=args.allow_unverified,
+        image_size=image_size,
+        allow_unverified=m.allow_unverified,
     )
-    return loaded
+
+
+def preprocess_overrides(
+    pp: Preprocess, *, resize_size: int | None = None, interpolation: str | None = None, mean=None, std=None
+) -> Preprocess:
+    """The explicit eval options over the model's preprocessing (the size is load_model's image_size)."""
+    if resize_size:
+        pp = replace(pp, resize_size=resize_size)
+    if interpolation:
+        pp = replace(pp, interpolation=interpolation)
+    if mean:
+        pp = replace(pp, mean=tuple(mean))
+    if std:
+        pp = replace(pp, std=tuple(std))
+    return pp

@@ -23,25 +23,27 @@ tool says so.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from mindspore.nn.utils import no_init_parameters
 
+from ..data.from_config import DataConfig
+from ..models.export import export_model
+from ..models.options import ModelConfig
+from ..models.registry import get_weights, is_model, list_models
+from ..models.resnetv2 import ResNetV2
+from ..options import option, parse_options
 from ..utils import remote
 from ..utils.atomic import atomic_path
 from ..utils.runner import run_cli
-from ..models.export import export_model
 from ..weights.formats import to_npz
 from ..weights.loading import fetch_pretrained, lazy_weights, match_state, open_arrays, save_weights
-from ..weights.meta import ALLOW_UNVERIFIED, META_KEY, verify_digest, with_meta
-from ..options import ToolParser, str2bool
-from ..models.registry import get_weights, is_model, list_models
-from ..models.resnetv2 import ResNetV2
+from ..weights.meta import META_KEY, verify_digest, with_meta
 
 __all__ = ["Architecture", "resolve_architecture", "read_model_weights", "convert", "main"]
 
@@ -49,6 +51,8 @@ _logger = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = (".ckpt", ".safetensors", ".npz", ".onnx", ".mindir")
 CUSTOM_MODEL = "resnetv2"
+PROG = "python -m bit_zoo.convert"
+CONVERT = ("convert",)
 
 
 class Architecture:
@@ -197,82 +201,46 @@ def convert(
     return output
 
 
-def _layers_arg(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(","))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--layers wants comma-separated integers such as 3,4,6,3, got {text!r}") from e
+@dataclass
+class ConvertConfig:
+    input: str | None = option(
+        None, "weights file (.npz, timm .safetensors, mindcv .ckpt, bit_zoo .ckpt/.safetensors); default: the pretrained weights",
+        scripts=CONVERT,
+    )  # fmt: skip
+    output: str | None = option(None, f"output file, one of {', '.join(OUTPUT_FORMATS)}", scripts=CONVERT, required=True)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = ToolParser(prog="python -m bit_zoo.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--model", help=f"registered name or name.tag (bit_zoo.list_models()), or {CUSTOM_MODEL}; default: the input's meta.json"
-    )
-    p.add_argument("--layers", type=_layers_arg, help="units per stage for --model resnetv2, e.g. 3,4,6,3")
-    p.add_argument("--width_factor", "--width-factor", dest="width_factor", type=int, help="width W for --model resnetv2")
-    p.add_argument(
-        "--input", help="weights file (.npz, timm .safetensors, mindcv .ckpt, bit_zoo .ckpt/.safetensors); default: the pretrained weights"
-    )
-    p.add_argument("--output", required=True, help=f"output file, one of {', '.join(OUTPUT_FORMATS)}")
-    p.add_argument(
-        "--num_classes",
-        "--num-classes",
-        dest="num_classes",
-        type=int,
-        help="classifier size (default: the input's); another count zeroes the head",
-    )
-    p.add_argument(
-        "--img_size",
-        "--img-size",
-        dest="img_size",
-        type=int,
-        help="export resolution of the example input (default: the weights' eval size)",
-    )
-    p.add_argument(
-        "--batch_size",
-        "--batch-size",
-        dest="batch_size",
-        type=int,
-        default=1,
-        help="batch of the example input (the exported batch axis is dynamic)",
-    )
-    p.add_argument("--ema", action="store_true", help="take the EMA weights of a training checkpoint")
-    p.add_argument(
-        ALLOW_UNVERIFIED,
-        dest="allow_unverified",
-        type=str2bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="accept a bit_zoo input whose digest is missing or does not cover its meta.json (the output gets a fresh one)",
-    )
-    return p
+GROUPS = [("model", ModelConfig), ("data", DataConfig), ("convert", ConvertConfig)]
+
+
+def parse(argv: list[str] | None):
+    return parse_options("convert", GROUPS, argv, prog=PROG, description=__doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(_main, argv, prog="python -m bit_zoo.convert")
+    return run_cli(_main, argv, prog=PROG)
 
 
 def _main(argv: list[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    parsed = parse(argv)
+    m, d, c = parsed["model"], parsed["data"], parsed["convert"]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # a URL (s3://...) input is staged into the cache; a URL output is written locally, then uploaded
-    local_output = remote.local_cache(args.output) if remote.is_remote(args.output) else args.output
+    local_output = remote.local_cache(c.output) if remote.is_remote(c.output) else c.output
     out = convert(
         local_output,
-        input_path=remote.fetch(args.input),
-        model=args.model,
-        layers=args.layers,
-        width_factor=args.width_factor,
-        num_classes=args.num_classes,
-        img_size=args.img_size,
-        batch_size=args.batch_size,
-        ema=args.ema,
-        allow_unverified=args.allow_unverified,
+        input_path=remote.fetch(c.input),
+        model=m.model,
+        layers=tuple(m.layers) if m.layers else None,
+        width_factor=m.width_factor,
+        num_classes=m.num_classes,
+        img_size=d.image_size,
+        batch_size=d.batch_size,
+        ema=bool(m.ema),
+        allow_unverified=m.allow_unverified,
     )
-    if remote.is_remote(args.output):
-        out = remote.put(out, args.output)
+    if remote.is_remote(c.output):
+        out = remote.put(out, c.output)
     print(out)
     return 0
 

@@ -3,386 +3,80 @@
     python -m bit_zoo.embed --checkpoint_path outputs/quickstart_digits_pretrain/best.ckpt --dataset digits --split train --output emb.npz
     python -m bit_zoo.embed -c configs/quickstart_digits.yaml --split val --output emb_val.npz
 
-The embedding is BiT's pre-logits: the global average pool of the final GroupNorm+ReLU map (the
-input of the classifier), one float32 row per image in the split's order. The .npz holds:
-
-    embeddings  float32 [N, D]     labels   int64 [N] (after `classes` relabelling)
-    files       str [N]            record names: image paths, "data_batch_1.bin#17", "sklearn-digits#5"
-    indices     int64 [N]          record index in the split's source
-    class_names str [C]            fingerprint   JSON of everything the numbers depend on
-    complete    int8 = 1
-
-Resumable: batches go to ``<output>.partial/chunk_*.npz`` (each written to a temporary name, then
-renamed); a rerun after an interruption continues after the last complete chunk. The output
-itself appears only when complete (temporary name, then rename, with complete=1), and a second
-run with the same fingerprint reuses it instead of recomputing.
+The embedding is BiT's pre-logits (the input of the classifier), one float32 row per image in the
+split's order, with labels, record names and class names (see bit_zoo.data.embeddings for the
+file). Resumable: a rerun after an interruption continues after the last complete chunk; a
+complete output computed with the same settings is reused. Options are train.py's names; -c takes
+a training config and uses the keys this tool takes.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
 import logging
-import os
-import shutil
 import sys
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import dataclass
 
-import mindspore as ms
-import numpy as np
-
-from ..utils.atomic import atomic_path, write_text_atomic
-from ..utils.lock import FolderLock
-from ..weights.loading import open_arrays
-from ..weights.meta import META_KEY, decode_meta
+from ..data.embeddings import compute_embeddings
+from ..data.from_config import DataConfig, val_split_arg
+from ..models.inference import model_from_options, preprocess_overrides
+from ..models.options import ModelConfig
+from ..options import SystemConfig, at_least, option, parse_options
 from ..utils.runner import run_cli
-from ..config import load_yaml
-from ..data import create_loader, sources
-from ..data.from_config import val_split_arg
-from ..models.inference import LoadedModel, Preprocess, add_model_args, model_from_args
-from ..options import ToolParser, float_list, int_list, str2bool
-from ..training.metrics import Progress
 
-__all__ = ["compute_embeddings", "load_embeddings", "record_names", "add_data_args", "parse_args", "main"]
+__all__ = ["EmbedConfig", "GROUPS", "parse", "main"]
 
-_logger = logging.getLogger("bit_zoo.tools.embed")
-
-EMBED_FORMAT = 2  # 2: the fingerprint holds the weights' and the data's content
+PROG = "python -m bit_zoo.embed"
+EMBED = ("embed",)
 
 
-# ----------------------------------------------------------------------------------------------
-# Record names
+@dataclass
+class EmbedConfig:
+    output: str | None = option(None, ".npz to write", scripts=EMBED, required=True)
+    save_every: int = option(20, "batches per resume chunk", check=at_least(1), scripts=EMBED)
 
 
-def record_names(dataset: str, data_dir: str | None, split: str, val_split: float, indices: np.ndarray) -> list[str]:
-    """A readable name for each record index of a split: the file, or file#record for packed formats."""
-    usage = "train" if split == "train" or (split == "val" and val_split) else split
-    if dataset in ("folder", "imagenet"):
-        splits = sources.resolve_folder_splits(dataset, data_dir)
-        root = splits["train"] if usage == "train" else splits.get(usage)
-        _, paths, _ = sources.scan_class_folders(root)
-        return [paths[i] for i in indices]
-    if dataset == "digits":
-        _, labels = sources._digits_arrays()
-        train, test = sources.digits_partition(labels)
-        original = train if usage == "train" else test
-        return [f"sklearn-digits#{original[i]}" for i in indices]
-    layout = sources._CIFAR_LAYOUT[dataset]
-    usage = "train" if usage == "train" else "test"
-    files, per_file = layout["files"][usage], layout["records"][usage]
-    return [f"{files[i // per_file]}#{i % per_file}" for i in indices]
+GROUPS = [("system", SystemConfig), ("model", ModelConfig), ("data", DataConfig), ("embed", EmbedConfig)]
 
 
-# ----------------------------------------------------------------------------------------------
-# Computing, with chunked resume
-
-
-def _partial_dir(output: Path) -> Path:
-    return output.with_name(output.name + ".partial")
-
-
-def load_embeddings(path: str | Path) -> dict | None:
-    """The arrays of a complete embeddings file, or None if it is absent or incomplete."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as e:  # noqa: BLE001 - a truncated zip raises BadZipFile, EOFError, OSError or ValueError
-        _logger.warning("%s is unreadable (%s): computing it again", path, e)
-        return None
-    if int(arrays.get("complete", 0)) != 1:
-        return None
-    arrays["fingerprint"] = json.loads(str(arrays["fingerprint"]))
-    return arrays
-
-
-def _write_npz(path: Path, arrays: dict) -> None:
-    with atomic_path(path, suffix=".npz") as tmp:
-        np.savez(tmp, **arrays)
-
-
-def compute_embeddings(loaded: LoadedModel, *, output: str | Path, **options) -> dict:
-    """Embed every image of the split into `output` (or reuse it when complete); return its arrays.
-
-    Options: dataset, data_dir, split, classes, val_split, num_samples, batch_size, num_workers, seed,
-    save_every, overwrite, progress (see _compute_embeddings). The model must have no classifier
-    (num_classes=0): its forward is the pre-logits. One process writes an output at a time (a lock
-    file beside it): two runs into one file would interleave their chunks.
-    """
-    output = Path(output)
-    with FolderLock(output.parent, prog="embed", name=f".{output.name}.lock", label=f"{output}", option="--output"):
-        return _compute_embeddings(loaded, output=output, **options)
-
-
-def weights_identity(loaded: LoadedModel) -> dict:
-    """What the weights behind `loaded` are, by content rather than by path.
-
-    A bit_zoo file: its digest (checked when it was loaded; it covers every entry and meta.json). Other
-    files: size, modification time and inode (a file replaced or rewritten at the same path differs).
-    Pretrained weights: the record's file and sha256. A random initialisation: the seed does it.
-    """
-    source = loaded.source
-    if source.startswith("pretrained:"):
-        record = loaded.model.weights
-        return {"record": record.filename, "sha256": record.sha256 or record.sha256_prefix} if record is not None else {}
-    if source.startswith("random-init:"):
-        return {}
-    st = os.stat(source)
-    fmt, reader = open_arrays(source)
-    with reader:
-        meta = decode_meta({META_KEY: reader[META_KEY]}) if META_KEY in reader else None
-    if meta and meta.get("digest"):
-        return {"digest": meta["digest"]}
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
-
-
-def data_identity(data_dir: str | None) -> str | None:
-    """A digest of every file's name, size and modification time under data_dir (None: built-in data such as digits)."""
-    if not data_dir:
-        return None
-    h = hashlib.sha256()
-    root = Path(data_dir)
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            st = os.stat(os.path.join(folder, name))
-            h.update(f"{os.path.relpath(os.path.join(folder, name), root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def _compute_embeddings(
-    loaded: LoadedModel,
-    *,
-    dataset: str,
-    data_dir: str | None,
-    split: str,
-    output: str | Path,
-    classes: list[int] | None = None,
-    val_split: float | int = 0,
-    num_samples: int | None = None,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    seed: int = 0,
-    save_every: int = 20,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict:
-    model, pp = loaded.model, loaded.preprocess
-    if model.num_classes != 0:
-        raise ValueError("compute_embeddings needs a model built with num_classes=0 (its forward is then the pre-logits)")
-    fingerprint = {
-        "format": EMBED_FORMAT,
-        "model": loaded.name,
-        "checkpoint": loaded.source,
-        "weights": loaded.weights,
-        # the numbers depend on the weights' content, not on their path: a checkpoint replaced in place is another model
-        "weights_content": weights_identity(loaded),
-        "preprocess": asdict(pp),
-        "dataset": dataset,
-        "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
-        "data_content": data_identity(data_dir),
-        "split": split,
-        "classes": list(classes) if classes is not None else None,
-        "val_split": val_split,
-        "num_samples": num_samples,
-        "seed": seed,
-    }
-    fingerprint = json.loads(json.dumps(fingerprint))  # the form it has after a round trip through the file (lists, not tuples)
-    existing = load_embeddings(output)
-    if existing is not None:
-        if existing["fingerprint"] == fingerprint:
-            _logger.info("%s is complete for this model and split: reused", output)
-            return existing
-        if not overwrite:
-            before = existing["fingerprint"]
-            differ = sorted(k for k in {*before, *fingerprint} if before.get(k) != fingerprint.get(k))
-            raise ValueError(
-                f"{output} holds embeddings of another model, data or preprocessing (they differ in: {', '.join(differ)}); "
-                "pass --overwrite true to replace it, or choose another --output"
-            )
-    info = create_loader(
-        dataset,
-        data_dir,
-        split,
-        batch_size=batch_size,
-        image_size=pp.image_size,
-        resize_size=pp.resize_size,
-        transform="eval",
-        interpolation=pp.interpolation,
-        mean=pp.mean,
-        std=pp.std,
-        val_split=val_split,
-        num_samples=num_samples,
-        shuffle=False,
-        drop_remainder=False,
-        seed=seed,
-        num_workers=num_workers,
-        classes=classes,
-    )
-    parts = _partial_dir(output)
-    stamp = parts / "fingerprint.json"
-    if parts.is_dir() and (not stamp.is_file() or json.loads(stamp.read_text()) != {**fingerprint, "batch_size": batch_size}):
-        _logger.info("%s belongs to another run: discarded", parts)
-        shutil.rmtree(parts)
-    parts.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(stamp, json.dumps({**fingerprint, "batch_size": batch_size}))
-    done = 0
-    while (parts / f"chunk_{done:05d}.npz").is_file():
-        done += 1
-    if done:
-        _logger.info("resuming %s after %d complete chunk(s) (%d batches)", output, done, done * save_every)
-
-    batches = info.dataset
-    skip = done * save_every
-    if skip:
-        batches = batches.skip(skip)
-    total = max(info.batches_per_epoch - skip, 0)
-    chunk_emb, chunk_lab = [], []
-    chunk = done
-    model.set_train(False)
-    for images, labels in Progress(
-        batches.create_tuple_iterator(num_epochs=1, output_numpy=True), total=total, desc=f"embed {split}", enabled=progress
-    ):
-        chunk_emb.append(model(ms.Tensor(images)).asnumpy().astype(np.float32))
-        chunk_lab.append(np.asarray(labels, dtype=np.int64))
-        if len(chunk_emb) == save_every:
-            _write_npz(parts / f"chunk_{chunk:05d}.npz", {"embeddings": np.concatenate(chunk_emb), "labels": np.concatenate(chunk_lab)})
-            chunk, chunk_emb, chunk_lab = chunk + 1, [], []
-    if chunk_emb:
-        _write_npz(parts / f"chunk_{chunk:05d}.npz", {"embeddings": np.concatenate(chunk_emb), "labels": np.concatenate(chunk_lab)})
-        chunk += 1
-
-    embs, labs = [], []
-    for i in range(chunk):
-        with np.load(parts / f"chunk_{i:05d}.npz", allow_pickle=False) as z:
-            embs.append(z["embeddings"])
-            labs.append(z["labels"])
-    embeddings = np.concatenate(embs) if embs else np.zeros((0, model.num_features), np.float32)
-    labels = np.concatenate(labs) if labs else np.zeros((0,), np.int64)
-    if len(embeddings) != len(info.indices):
-        raise RuntimeError(
-            f"{len(embeddings)} embeddings for {len(info.indices)} images of the split: the chunks in {parts} do not match the data; delete that folder and run again"
-        )
-    arrays = {
-        "embeddings": embeddings,
-        "labels": labels,
-        "files": np.asarray(record_names(dataset, data_dir, split, val_split, info.indices), dtype=str),
-        "indices": np.asarray(info.indices, dtype=np.int64),
-        "class_names": np.asarray(info.class_names or [str(i) for i in range(info.num_classes)], dtype=str),
-        "fingerprint": np.asarray(json.dumps(fingerprint, sort_keys=True)),
-        "complete": np.asarray(1, dtype=np.int8),
-    }
-    _write_npz(output, arrays)
-    shutil.rmtree(parts)
-    _logger.info("wrote %s: %d embeddings of dimension %d", output, *embeddings.shape)
-    arrays["fingerprint"] = fingerprint
-    return arrays
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line (train.py's option names; -c takes a training config and uses the keys it knows)
-
-
-def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="digits", choices=("cifar10", "cifar100", "imagenet", "folder", "digits"))
-    g.add_argument("--data_dir", default=None, help="not needed for digits")
-    g.add_argument("--classes", type=int_list, default=None, help="keep only these label ids, relabelled 0..n-1 in this order")
-    g.add_argument("--val_split", type=float, default=0, help="as train.py: hold out this fraction (or count) of train as split val")
-    g.add_argument("--eval_size", type=int, default=None, help="resolution (default: the checkpoint's or the weights record's)")
-    g.add_argument("--eval_resize_size", type=int, default=None, help="resize before a center crop to eval_size")
-    g.add_argument("--interpolation", default=None, choices=(None, "bilinear", "bicubic", "nearest", "area"))
-    g.add_argument("--mean", type=float_list, default=None)
-    g.add_argument("--std", type=float_list, default=None)
-    g.add_argument("--batch_size", type=int, default=64)
-    g.add_argument("--num_workers", type=int, default=2)
-    g.add_argument("--num_samples", type=int, default=None, help="only the first N records of each split")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--progress", type=lambda v: str(v).lower() in ("1", "true", "yes"), default=True)
-    return g
-
-
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """-c CONFIG sets defaults from the YAML keys this parser knows (a training config's others are skipped)."""
-    pre = ToolParser(add_help=False)
-    pre.add_argument("-c", "--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    parser.add_argument("-c", "--config", default=None, help="YAML config (e.g. a training config of configs/)")
-    if known.config:
-        actions = {a.dest: a for a in parser._actions}
-        defaults, skipped = {}, []
-        for key, value in load_yaml(known.config).items():
-            action = actions.get(key)
-            if action is None or key in ("help", "config"):
-                skipped.append(key)
-                continue
-            if value is not None and action.type is not None:
-                value = [action.type(v) for v in value] if action.nargs in ("+", "*") and isinstance(value, list) else action.type(value)
-            defaults[key] = value
-        parser.set_defaults(**defaults)
-        _logger.debug("config %s: keys not used here: %s", known.config, skipped)
-    return parser.parse_args(argv)
-
-
-def preprocess_overrides(pp: Preprocess, args) -> Preprocess:
-    """The command line's / config's eval preprocessing over the model's (the size is applied by load_model)."""
-    if args.eval_resize_size:
-        pp = replace(pp, resize_size=args.eval_resize_size)
-    if args.interpolation:
-        pp = replace(pp, interpolation=args.interpolation)
-    if args.mean:
-        pp = replace(pp, mean=tuple(args.mean))
-    if args.std:
-        pp = replace(pp, std=tuple(args.std))
-    return pp
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = ToolParser(prog="python -m bit_zoo.embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser)
-    g = add_data_args(parser)
-    g.add_argument("--split", default="train", choices=("train", "val", "test"))
-    o = parser.add_argument_group("output")
-    o.add_argument("--output", required=True, help=".npz to write")
-    o.add_argument("--overwrite", type=str2bool, default=False, help="replace an --output computed with other settings")
-    o.add_argument("--save_every", type=int, default=20, help="batches per resume chunk")
-    return parser
+def parse(argv: list[str] | None):
+    return parse_options(
+        "embed", GROUPS, argv, prog=PROG, description=__doc__, config="YAML config (e.g. a training config of configs/: the keys this tool takes)",
+        yaml_skip=lambda key: True,  # a training config's other keys (lr, steps, ...) are not this tool's
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(_main, argv, prog="python -m bit_zoo.embed")
+    return run_cli(_main, argv, prog=PROG)
 
 
 def _main(argv: list[str] | None) -> int:
-    args = parse_args(build_parser(), argv)
+    parsed = parse(argv)
+    system, m, d, e = parsed["system"], parsed["model"], parsed["data"], parsed["embed"]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args.image_size = args.eval_size or args.image_size  # validate.py's rule: eval_size, else image_size
-    loaded = model_from_args(args, num_classes=0)
-    loaded.preprocess = preprocess_overrides(loaded.preprocess, args)
+    loaded = model_from_options(m, system, num_classes=0, image_size=d.eval_size or d.image_size)  # validate.py's rule
+    loaded.preprocess = preprocess_overrides(loaded.preprocess, resize_size=d.eval_resize_size, interpolation=d.interpolation, mean=d.mean, std=d.std)
+    pp = loaded.preprocess
     arrays = compute_embeddings(
         loaded,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        split=args.split,
-        output=args.output,
-        classes=args.classes,
-        val_split=val_split_arg(args.val_split),
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        seed=args.seed,
-        save_every=args.save_every,
-        overwrite=args.overwrite,
-        progress=args.progress,
+        dataset=d.dataset,
+        data_dir=d.data_dir,
+        split=d.split,
+        output=e.output,
+        classes=d.classes,
+        val_split=val_split_arg(d.val_split),
+        num_samples=d.num_samples,
+        batch_size=d.batch_size,
+        num_workers=d.num_workers,
+        seed=system.seed,
+        save_every=e.save_every,
+        overwrite=system.overwrite,
+        progress=system.progress,
     )
-    n, d = arrays["embeddings"].shape
-    print(f"{args.output}: {n} embeddings of dimension {d} ({args.dataset} {args.split}, {len(arrays['class_names'])} classes)")
+    n, dim = arrays["embeddings"].shape
+    print(
+        f"{e.output}: {n} embeddings of dimension {dim} ({d.dataset} {d.split}, {len(arrays['class_names'])} classes, "
+        f"{loaded.source}, {pp.resize_size or pp.image_size}->{pp.image_size} px)"
+    )
     return 0
 
 

@@ -15,24 +15,22 @@ center crop 224, pixels in [-1, 1]. Embeddings of each split are computed once a
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import logging
 import sys
-from dataclasses import replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
+from ..data.embeddings import cached_embeddings
+from ..data.from_config import DataConfig, val_split_arg
+from ..models.inference import Preprocess, model_from_options, preprocess_overrides
+from ..models.options import ModelConfig
+from ..options import SystemConfig, at_least, each, option, parse_options, positive
 from ..utils.atomic import write_text_atomic
 from ..utils.runner import run_cli
-from ..data.from_config import val_split_arg
-from .embed import add_data_args, compute_embeddings, parse_args, preprocess_overrides
-from ..models.inference import Preprocess, add_model_args, model_from_args
-from ..options import ToolParser, str2bool
 
-__all__ = ["BIAS_CONSTANT", "ridge_fit", "ridge_accuracy", "fewshot_indices", "run_fewshot", "main"]
+__all__ = ["BIAS_CONSTANT", "FewshotConfig", "GROUPS", "parse", "protocol_preprocess", "ridge_fit", "ridge_accuracy", "fewshot_indices", "run_fewshot", "main"]
 
 _logger = logging.getLogger("bit_zoo.tools.fewshot")
 
@@ -40,6 +38,13 @@ BIAS_CONSTANT = 100.0  # big_vision: a constant feature this large makes its wei
 DEFAULT_L2 = 2.0**10
 DEFAULT_SHOTS = (1, 5, 10, 25)
 DEFAULT_SEEDS = 3
+PROTOCOL_SIZE = 224  # big_vision's few-shot resolution, when neither eval_size nor image_size is given
+PROG = "python -m bit_zoo.fewshot"
+FEWSHOT = ("fewshot",)
+
+
+def _crop_pct(v):
+    return None if 0 < v <= 1 else "a fraction in (0, 1]"
 
 
 def ridge_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2_reg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -104,86 +109,84 @@ def format_table(results: dict, *, title: str) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = ToolParser(prog="python -m bit_zoo.fewshot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser)
-    g = add_data_args(parser)
-    g.add_argument("--train_split", default="train", choices=("train", "val", "test"), help="where the k shots are drawn")
-    g.add_argument("--split", default="val", choices=("val", "test"), help="evaluation split (as validate.py)")
-    g.add_argument(
-        "--crop_pct", type=float, default=224 / 256, help="resize to eval_size / crop_pct, then center crop (big_vision: 256 -> 224)"
+@dataclass
+class FewshotConfig:
+    shots: list[int] = option(list(DEFAULT_SHOTS), "k: training images per class (one evaluation per k)", check=each(at_least(1)), scripts=FEWSHOT)
+    seeds: int = option(DEFAULT_SEEDS, "number of seeds (0..seeds-1)", check=at_least(1), scripts=FEWSHOT)
+    l2_reg: float = option(DEFAULT_L2, "ridge regularisation", check=positive, scripts=FEWSHOT)
+    train_split: str = option("train", "where the k shots are drawn", choices=("train", "val", "test"), scripts=FEWSHOT)
+    crop_pct: float = option(
+        224 / 256, "resize to eval_size / crop_pct, then center crop (big_vision: 256 -> 224)", check=_crop_pct, scripts=FEWSHOT
     )
-    f = parser.add_argument_group("fewshot")
-    f.add_argument("--shots", type=int, nargs="+", default=list(DEFAULT_SHOTS))
-    f.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="number of seeds (0..seeds-1)")
-    f.add_argument("--l2_reg", type=float, default=DEFAULT_L2)
-    f.add_argument("--cache_dir", default="outputs/fewshot_cache", help="embeddings cache (one .npz per model, data and split)")
-    f.add_argument("--output_json", default=None)
-    f.add_argument("--overwrite", type=str2bool, default=False)
-    parser.set_defaults(eval_size=224, interpolation="bilinear", mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
-    return parser
+    cache_dir: str = option("outputs/fewshot_cache", "embeddings cache (one .npz per model, data and split)", scripts=FEWSHOT)
+
+
+GROUPS = [("system", SystemConfig), ("model", ModelConfig), ("data", DataConfig), ("fewshot", FewshotConfig)]
+
+
+def parse(argv: list[str] | None):
+    return parse_options(
+        "fewshot", GROUPS, argv, prog=PROG, description=__doc__, config="YAML config (e.g. a training config of configs/: the keys this tool takes)",
+        yaml_skip=lambda key: True,  # a training config's other keys (lr, steps, few_shot, ...) are not this tool's
+    )  # fmt: skip
+
+
+def protocol_preprocess(d: DataConfig, crop_pct: float) -> Preprocess:
+    """The protocol's preprocessing, not the checkpoint's: resize to size / crop_pct, center crop, normalise.
+
+    The size: eval_size, else image_size (validate.py's rule), else big_vision's 224."""
+    size = d.eval_size or d.image_size or PROTOCOL_SIZE
+    resize = d.eval_resize_size or (round(size / crop_pct) if crop_pct < 1 else None)
+    return preprocess_overrides(Preprocess(size, resize), interpolation=d.interpolation, mean=d.mean, std=d.std)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(_main, argv, prog="python -m bit_zoo.fewshot")
+    return run_cli(_main, argv, prog=PROG)
 
 
 def _main(argv: list[str] | None) -> int:
-    args = parse_args(build_parser(), argv)
+    parsed = parse(argv)
+    system, m, d, f = parsed["system"], parsed["model"], parsed["data"], parsed["fewshot"]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if any(k < 1 for k in args.shots) or args.seeds < 1 or not 0 < args.crop_pct <= 1:
-        raise ValueError(f"--shots {args.shots} and --seeds {args.seeds} must be positive, --crop_pct {args.crop_pct} in (0, 1]")
-    size = args.eval_size
-    args.image_size = size
-    loaded = model_from_args(args, num_classes=0)
-    # The protocol's preprocessing, not the checkpoint's: resize to size / crop_pct, center crop, normalise.
-    resize = args.eval_resize_size or (round(size / args.crop_pct) if args.crop_pct < 1 else None)
-    loaded.preprocess = preprocess_overrides(Preprocess(size, resize), args)
-    if resize is None:
-        loaded.preprocess = replace(loaded.preprocess, resize_size=None)
+    pp = protocol_preprocess(d, f.crop_pct)
+    loaded = model_from_options(m, system, num_classes=0, image_size=pp.image_size)
+    loaded.preprocess = pp
     common = dict(
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        classes=args.classes,
-        val_split=val_split_arg(args.val_split),
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        seed=args.seed,
-        progress=args.progress,
+        dataset=d.dataset,
+        data_dir=d.data_dir,
+        classes=d.classes,
+        val_split=val_split_arg(d.val_split),
+        num_samples=d.num_samples,
+        batch_size=d.batch_size,
+        num_workers=d.num_workers,
+        seed=system.seed,
+        progress=system.progress,
     )
-    embeddings = {}
-    for role, split in (("train", args.train_split), ("test", args.split)):
-        # What the numbers depend on (not the batch size, the workers or the progress bar).
-        data_key = {k: common[k] for k in ("dataset", "data_dir", "classes", "val_split", "num_samples", "seed")}
-        key = json.dumps([loaded.source, loaded.weights, loaded.name, str(loaded.preprocess), split, data_key], sort_keys=True, default=str)
-        path = Path(args.cache_dir) / f"{split}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
-        embeddings[role] = compute_embeddings(loaded, split=split, output=path, overwrite=True, **common)
-    results = run_fewshot(embeddings["train"], embeddings["test"], shots=args.shots, seeds=args.seeds, l2_reg=args.l2_reg)
-    pp = loaded.preprocess
+    embeddings = {role: cached_embeddings(loaded, split=split, cache_dir=f.cache_dir, **common) for role, split in (("train", f.train_split), ("test", d.split))}
+    results = run_fewshot(embeddings["train"], embeddings["test"], shots=f.shots, seeds=f.seeds, l2_reg=f.l2_reg)
     title = (
-        f"few-shot linear (ridge, l2={args.l2_reg:g}) on {args.dataset} {args.train_split} -> {args.split}"
-        f"{f' classes {args.classes}' if args.classes is not None else ''}: {loaded.source} ({loaded.weights} weights), "
+        f"few-shot linear (ridge, l2={f.l2_reg:g}) on {d.dataset} {f.train_split} -> {d.split}"
+        f"{f' classes {d.classes}' if d.classes is not None else ''}: {loaded.source} ({loaded.weights} weights), "
         f"{len(embeddings['train']['labels'])} train / {len(embeddings['test']['labels'])} eval images, "
-        f"{pp.resize_size or pp.image_size}->{pp.image_size} px, {args.seeds} seeds"
+        f"{pp.resize_size or pp.image_size}->{pp.image_size} px, {f.seeds} seeds"
     )
     print(format_table(results, title=title))
-    if args.output_json:
+    if system.output_json:
         out = {
             "model": loaded.name,
             "checkpoint": loaded.source,
-            "dataset": args.dataset,
-            "classes": args.classes,
-            "train_split": args.train_split,
-            "eval_split": args.split,
-            "l2_reg": args.l2_reg,
-            "seeds": args.seeds,
+            "dataset": d.dataset,
+            "classes": d.classes,
+            "train_split": f.train_split,
+            "eval_split": d.split,
+            "l2_reg": f.l2_reg,
+            "seeds": f.seeds,
             "preprocess": {"image_size": pp.image_size, "resize_size": pp.resize_size, "mean": pp.mean, "std": pp.std},
             "train_images": int(len(embeddings["train"]["labels"])),
             "eval_images": int(len(embeddings["test"]["labels"])),
             "results": {str(k): v for k, v in results.items()},
         }
-        write_text_atomic(args.output_json, json.dumps(out, indent=2))
+        write_text_atomic(system.output_json, json.dumps(out, indent=2))
     return 0
 
 

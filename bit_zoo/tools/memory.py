@@ -22,8 +22,8 @@ input (c bytes per element) and its own tensors are rebuilt during its backward:
 unit is counted once on top.
 
 This is the native-convolution path (Ascend, GPU). The CPU ``unfold`` path also keeps the im2col
-columns of every k x k conv (9x its input); it is not modelled. The configuration is read with
-yaml directly (flat keys as in configs/); options missing from a config take train.py's defaults.
+columns of every k x k conv (9x its input); it is not modelled. The configuration is read and
+checked as train.py reads it; options missing from it take train.py's defaults.
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..options import ToolParser
+from ..config import Config, config_dict, parse_config
 from ..models.registry import get_weights
+from ..options import at_least, non_negative, option, parse_options, positive
+from ..utils.runner import run_cli
 
 __all__ = [
     "Geometry",
@@ -53,20 +55,10 @@ GB = 1e9  # decimal GB: "32 GB" devices are quoted so (Ascend 910: 32 GB HBM)
 
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10, "imagenet": 1000}
 OPTIMIZER_SLOTS = {"sgd": 1, "rmsprop": 2, "adamw": 2}
-# train.py's defaults for the options a config may leave out.
-DEFAULTS = {
-    "model": "bit_m_r50x1",
-    "batch_size": 512,
-    "accum_steps": 1,
-    "amp_level": "O0",
-    "recompute": False,
-    "opt": "sgd",
-    "ema_decay": 0.0,
-    "num_classes": None,
-    "layers": [1, 1, 1, 1],
-    "width_factor": 1,
-    "in_channels": 3,
-}
+# train.py's defaults for the options a config may leave out (the declarations'), and the input channels.
+DEFAULTS = {**config_dict(Config()), "in_channels": 3}
+PROG = "python -m bit_zoo.memory"
+MEMORY = ("memory",)
 
 
 @dataclass(frozen=True)
@@ -255,21 +247,8 @@ def suggest(cfg: dict, *, devices: int, device_memory_gb: float, reserved_gb: fl
 
 
 def load_config(path: str | Path) -> dict:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config {path}: no such file")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config {path}: expected a mapping of options, got {type(data).__name__}")
-    flat = {}
-    for key, value in data.items():  # flat files; a grouped one ({data: {...}}) is flattened one level
-        if isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
-    return flat
+    """The flat option: value mapping of a training config, read and checked as train.py does (its defaults filled in)."""
+    return config_dict(parse_config("train", ["-c", str(path)]))
 
 
 def format_plan(p: Plan) -> str:
@@ -287,21 +266,33 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class MemoryConfig:
+    device_memory_gb: float = option(32.0, "memory of one device (Ascend 910: 32)", check=positive, scripts=MEMORY)
+    devices: int = option(8, "data-parallel devices the global batch_size splits over", check=at_least(1), scripts=MEMORY)
+    reserved_gb: float = option(2.0, "framework, HCCL buffers and graphs (an assumption)", check=non_negative, scripts=MEMORY)
+    json: bool = option(False, "print the estimate as JSON", scripts=MEMORY)
+
+
+def _config(parser) -> None:
+    parser.add_argument("-c", "--config", required=True, help="a training YAML config (configs/...)")
+
+
+def parse(argv: list[str] | None):
+    return parse_options("memory", [("memory", MemoryConfig)], argv, prog=PROG, description=__doc__, positionals=_config)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = ToolParser(prog="python -m bit_zoo.memory", description="Estimate per-device training memory of a config.")
-    parser.add_argument("-c", "--config", required=True, help="a YAML config (configs/...)")
-    parser.add_argument("--device_memory_gb", type=float, default=32.0, help="memory of one device (Ascend 910: 32)")
-    parser.add_argument("--devices", type=int, default=8, help="data-parallel devices the global batch_size splits over")
-    parser.add_argument("--reserved_gb", type=float, default=2.0, help="framework, HCCL buffers and graphs (an assumption)")
-    parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-        p = plan(cfg, devices=args.devices, device_memory_gb=args.device_memory_gb, reserved_gb=args.reserved_gb, config_name=args.config)
-        options = [] if p.fits else suggest(cfg, devices=args.devices, device_memory_gb=args.device_memory_gb, reserved_gb=args.reserved_gb)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(_main, argv, prog=PROG)
+
+
+def _main(argv: list[str] | None) -> int:
+    parsed = parse(argv)
+    args, path = parsed["memory"], parsed.args.config
+    cfg = load_config(path)
+    kw = dict(devices=args.devices, device_memory_gb=args.device_memory_gb, reserved_gb=args.reserved_gb)
+    p = plan(cfg, config_name=path, **kw)
+    options = [] if p.fits else suggest(cfg, **kw)
     if args.json:
         print(json.dumps({"plan": asdict(p), "fitting_options": [asdict(o) for o in options]}, indent=2))
         return 0

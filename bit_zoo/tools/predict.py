@@ -5,34 +5,40 @@
 
 Labels: the checkpoint's class names (train.py stores them), else ImageNet-1k names for a
 1000-class head and ImageNet-21k names (Google's BiT-M order) for a 21843-class head (see labels.py).
-Preprocessing: the checkpoint's (meta.json), else the weights record's. Folders are searched
+Preprocessing: the checkpoint's (meta.json), else the weights record's; --image_size N evaluates
+at N px instead (resize straight to it), and the first line on stderr names the size used. Folders are searched
 recursively for image files; a file that cannot be decoded is reported and skipped. Exit status:
 0 if at least one image was classified, 1 if none was, 2 for bad options.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import mindspore as ms
 import numpy as np
 
-from ..utils.atomic import write_text_atomic
-from ..utils.runner import run_cli
+from ..data.from_config import DataConfig
 from ..data.sources import IMAGE_EXTENSIONS, decode_image
-from ..models.inference import LoadedModel, add_model_args, model_from_args
+from ..models.inference import LoadedModel, model_from_options
+from ..models.options import ModelConfig
+from ..options import SystemConfig, at_least, option, parse_options
+from ..utils.atomic import write_text_atomic
+from ..utils.progress import Progress
+from ..utils.runner import run_cli
 from ..weights.labels import label_names
-from ..options import ToolParser
-from ..training.metrics import Progress
 
-__all__ = ["collect_images", "predict_files", "main"]
+__all__ = ["PredictConfig", "GROUPS", "parse", "collect_images", "predict_files", "main"]
+
+PROG = "python -m bit_zoo.predict"
+PREDICT = ("predict",)
 
 _logger = logging.getLogger("bit_zoo.tools.predict")
 
@@ -121,42 +127,51 @@ def to_csv(result: dict, topk: int) -> str:
     return buf.getvalue()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = ToolParser(prog="python -m bit_zoo.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@dataclass
+class PredictConfig:
+    topk: int = option(5, "labels shown per image", check=at_least(1), scripts=PREDICT)
+    output_csv: str | None = option(None, "write predictions as CSV: file, label_i, prob_i, index_i", scripts=PREDICT)
+
+
+GROUPS = [("system", SystemConfig), ("model", ModelConfig), ("data", DataConfig), ("predict", PredictConfig)]
+
+
+def _paths(parser) -> None:
     parser.add_argument("paths", nargs="+", help="image files and folders (searched recursively)")
-    add_model_args(parser)
-    g = parser.add_argument_group("output")
-    g.add_argument("--topk", type=int, default=5)
-    g.add_argument("--batch_size", type=int, default=16)
-    g.add_argument("--output_json", default=None, help="write predictions (and skipped files) as JSON")
-    g.add_argument("--output_csv", default=None, help="write predictions as CSV: file, label_i, prob_i, index_i")
-    g.add_argument("--progress", type=lambda v: str(v).lower() in ("1", "true", "yes"), default=True)
-    return parser
+
+
+def parse(argv: list[str] | None):
+    return parse_options("predict", GROUPS, argv, prog=PROG, description=__doc__, positionals=_paths)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(_main, argv, prog="python -m bit_zoo.predict")
+    return run_cli(_main, argv, prog=PROG)
 
 
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    parsed = parse(argv)
+    system, m, d, opts = parsed["system"], parsed["model"], parsed["data"], parsed["predict"]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.topk < 1 or args.batch_size < 1:
-        raise ValueError(f"--topk {args.topk} and --batch_size {args.batch_size} must be positive")
-    files = collect_images(args.paths)
-    loaded = model_from_args(args)
+    files = collect_images(parsed.args.paths)
+    loaded = model_from_options(m, system, image_size=d.image_size)
     if loaded.model.num_classes < 1:
         raise ValueError("the model has no classifier (0 classes): give a checkpoint with a head, or use python -m bit_zoo.embed")
-    result = predict_files(loaded, files, topk=args.topk, batch_size=args.batch_size, progress=args.progress)
+    pp = loaded.preprocess
+    print(
+        f"{loaded.name} {loaded.source} ({loaded.weights} weights, {loaded.model.num_classes} classes) at "
+        f"{pp.resize_size or pp.image_size}->{pp.image_size} px: {len(files)} file(s)",
+        file=sys.stderr,
+    )
+    result = predict_files(loaded, files, topk=opts.topk, batch_size=d.batch_size, progress=system.progress)
     result.update(model=loaded.name, checkpoint=loaded.source, weights=loaded.weights, preprocess=vars(loaded.preprocess).copy())
     result["preprocess"].pop("_ops", None)
     print(format_table(result))
     n, s = len(result["predictions"]), len(result["skipped"])
     print(f"{n} image(s) classified, {s} skipped", file=sys.stderr)
-    if args.output_json:
-        write_text_atomic(args.output_json, json.dumps(result, indent=2))
-    if args.output_csv:
-        write_text_atomic(args.output_csv, to_csv(result, min(args.topk, loaded.model.num_classes)))
+    if system.output_json:
+        write_text_atomic(system.output_json, json.dumps(result, indent=2))
+    if opts.output_csv:
+        write_text_atomic(opts.output_csv, to_csv(result, min(opts.topk, loaded.model.num_classes)))
     return 0 if n else 1
 
 
