@@ -39,16 +39,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bit_zoo.utils._timm import import_timm
 from bit_zoo.models.factory import create_model
-from bit_zoo.options import ToolParser
+from bit_zoo.data.from_config import DataConfig
+from bit_zoo.errors import ConfigError
+from bit_zoo.models.options import ModelConfig
+from bit_zoo.options import SystemConfig, at_least, option, parse_options
+from bit_zoo.utils.runner import run_cli
 from bit_zoo.models.registry import get_weights  # `python -m benchmarks.benchmark` has imported the package (and its registry) already
-from bit_zoo.training.distill import DistillNetWithLoss, freeze_teacher
+from bit_zoo.training.distill import DistillConfig, DistillNetWithLoss, freeze_teacher
 from bit_zoo.training.optim import OptimConfig, create_optimizer
 from bit_zoo.training.train_step import StepConfig, Trainer
 
+PROG = "python -m benchmarks.benchmark"
 _logger = logging.getLogger(__name__)
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -147,7 +153,7 @@ def _ms_data(args: argparse.Namespace):
 
     rng = np.random.default_rng(0)
     dtype = ms.float16 if args.precision == "fp16" else ms.float32
-    x = rng.uniform(-1, 1, (args.batch_size, 3, args.img_size, args.img_size)).astype(np.float32)
+    x = rng.uniform(-1, 1, (args.batch_size, 3, args.image_size, args.image_size)).astype(np.float32)
     y = rng.integers(0, args.num_classes, args.batch_size).astype(np.int32)
     return x, y, dtype
 
@@ -321,7 +327,7 @@ def _torch_worker(args: argparse.Namespace) -> list[dict]:
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
     dtype = torch.float16 if args.precision == "fp16" else torch.float32
-    x = torch.empty(args.batch_size, 3, args.img_size, args.img_size).uniform_(-1, 1)
+    x = torch.empty(args.batch_size, 3, args.image_size, args.image_size).uniform_(-1, 1)
     y = torch.randint(0, args.num_classes, (args.batch_size,))
 
     def train_step():
@@ -401,7 +407,7 @@ def format_table(results: list[dict], args: argparse.Namespace) -> str:
     """The rows of every round, the ratios of each round, and (several rounds) the ratios side by side."""
     opts = _options_label(_step_config(args))
     head = (
-        f"model={args.model} img_size={args.img_size} batch={args.batch_size} mode={args.mode} "
+        f"model={args.model} img_size={args.image_size} batch={args.batch_size} mode={args.mode} "
         f"precision={args.precision} recompute={args.recompute}{' step options:' + opts if opts else ''}"
     )
     cols = ["round", "name", "conv_impl", "train img/s", "infer img/s", "first step s", "peak RSS MiB", "steps"]
@@ -441,81 +447,86 @@ def format_table(results: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ToolParser(prog="python -m benchmarks.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="bit_s_r50x1", help="bit_zoo model name")
-    g.add_argument("--img_size", "--img-size", type=int, default=128)
-    g.add_argument(
-        "--batch_size", "--batch-size", type=int, default=16, help="images per optimizer step (split into --accum-steps micro-batches)"
-    )
-    g.add_argument("--num_classes", "--num-classes", type=int, default=1000)
-    g = p.add_argument_group("execution")
-    g.add_argument("--mode", choices=("graph", "pynative"), default="graph")
-    g.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="fp16 = MindSpore amp O2")
-    g.add_argument("--conv_impl", "--conv-impl", choices=("auto", "native", "unfold"), default="auto")
-    g.add_argument("--recompute", action="store_true", help="recompute each unit's activations in backward")
-    g = p.add_argument_group("train.py step options (bit_zoo Trainer row; defaults: a config's step section left at its defaults)")
-    g.add_argument("--accum_steps", "--accum-steps", type=int, default=1)
-    g.add_argument("--clip_grad_norm", "--clip-grad-norm", type=float, default=0.0)
-    g.add_argument("--ema_decay", "--ema-decay", type=float, default=0.0)
-    g.add_argument("--loss_scale", "--loss-scale", choices=("none", "static", "dynamic"), default="none")
-    g.add_argument("--loss_scale_value", "--loss-scale-value", type=float, default=2.0**24)
-    g = p.add_argument_group("measurement")
-    g.add_argument("--steps", type=int, default=5, help="timed steps per block (train; inference times --steps calls)")
-    g.add_argument("--blocks", type=int, default=2, help="alternating timed blocks of the Trainer and floor rows")
-    g.add_argument("--warmup", type=int, default=2, help="untimed steps, the first (compiling) one included")
-    g.add_argument("--rounds", type=int, default=1, help="repeat the bit_zoo and timm workers, alternating (mindcv runs once)")
-    g.add_argument("--mindcv_steps", "--mindcv-steps", type=int, default=2)
-    g.add_argument("--mindcv_warmup", "--mindcv-warmup", type=int, default=1)
-    g.add_argument("--no_mindcv", "--no-mindcv", action="store_true", help="skip the mindcv BiT_resnet50 comparison")
-    g.add_argument("--no_floor", "--no-floor", action="store_true", help="skip the nn.TrainOneStepCell floor row (it doubles the memory)")
-    g.add_argument("--torch_reference", "--torch-reference", action="store_true", help="also measure timm resnetv2_50x1_bit on PyTorch CPU")
-    g.add_argument("--no_bit_zoo", "--no-bit-zoo", action="store_true", help="skip bit_zoo (e.g. with --torch-reference alone)")
-    g.add_argument("--json", metavar="OUT", help="write the settings and results to this JSON file")
-    g.add_argument(
-        "--teacher", default=None, help="also time distillation from this teacher (e.g. bit_m_r152x2) into --model, in its own worker"
-    )
+BENCH = ("benchmark",)
+
+
+@dataclass
+class BenchConfig:
+    precision: str = option("fp32", "fp16 = MindSpore amp O2", choices=("fp32", "fp16"), scripts=BENCH)
+    steps: int = option(5, "timed steps per block (train; inference times --steps calls)", check=at_least(1), scripts=BENCH)
+    blocks: int = option(2, "alternating timed blocks of the Trainer and floor rows", check=at_least(1), scripts=BENCH)
+    warmup: int = option(2, "untimed steps, the first (compiling) one included", check=at_least(1), scripts=BENCH)
+    rounds: int = option(1, "repeat the bit_zoo and timm workers, alternating (mindcv runs once)", check=at_least(1), scripts=BENCH)
+    mindcv_steps: int = option(2, "timed steps of the mindcv row", check=at_least(1), scripts=BENCH)
+    mindcv_warmup: int = option(1, "untimed steps of the mindcv row", check=at_least(1), scripts=BENCH)
+    no_mindcv: bool = option(False, "skip the mindcv BiT_resnet50 comparison", scripts=BENCH)
+    no_floor: bool = option(False, "skip the nn.TrainOneStepCell floor row (it doubles the memory)", scripts=BENCH)
+    torch_reference: bool = option(False, "also measure timm resnetv2_50x1_bit on PyTorch CPU", scripts=BENCH)
+    no_bit_zoo: bool = option(False, "skip bit_zoo (e.g. with --torch_reference alone)", scripts=BENCH)
+    json: str | None = option(None, "write the settings and results to this JSON file", scripts=BENCH)
+
+
+GROUPS = [
+    ("system", SystemConfig),
+    ("model", ModelConfig),
+    ("data", DataConfig),
+    ("step", StepConfig),
+    ("distill", DistillConfig),
+    ("measurement", BenchConfig),
+]
+
+
+def _worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker", choices=tuple(_WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--worker_out", "--worker-out", help=argparse.SUPPRESS)
-    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Every option as one namespace (args.image_size, args.accum_steps, ...), from the declarations train.py uses."""
+    return parse_options("benchmark", GROUPS, argv, prog=PROG, description=__doc__, positionals=_worker_args).flat()
 
 
 _WORKERS = {"bit_zoo": _bit_zoo_worker, "mindcv": _mindcv_worker, "torch": _torch_worker, "distill": _distill_worker}
-_DRIVER_FLAGS = ("--torch-reference", "--no-mindcv", "--no-bit-zoo")
+_DRIVER_FLAGS = ("--torch_reference", "--torch-reference", "--no_mindcv", "--no-mindcv", "--no_bit_zoo", "--no-bit-zoo")
 _DRIVER_OPTIONS = ("--json", "--rounds")
+_BOOLS = ("true", "false", "1", "0", "yes", "no", "y", "n", "on", "off")
 
 
 def worker_argv(argv: list[str]) -> list[str]:
-    """The workers get the same settings, less the driver-only flags."""
-    out, skip = [], False
+    """The workers get the same settings, less the driver-only options (a flag's explicit true/false too)."""
+    out, skip, flag = [], False, False
     for a in argv:
         if skip:
             skip = False
+        elif flag and a.lower() in _BOOLS:
+            flag = False
         elif a in _DRIVER_OPTIONS:
             skip = True
-        elif not (a.startswith(tuple(o + "=" for o in _DRIVER_OPTIONS)) or a in _DRIVER_FLAGS):
+        elif a in _DRIVER_FLAGS:
+            flag = True
+        elif not a.startswith(tuple(o + "=" for o in _DRIVER_OPTIONS + _DRIVER_FLAGS)):
+            flag = False
             out.append(a)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv, prog=PROG)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.worker:
         result = _WORKERS[args.worker](args)
         Path(args.worker_out).write_text(json.dumps(result))
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:  # a bad name is one line here, not a traceback in every worker
-        for name in filter(None, (args.model, args.teacher)):
-            get_weights(name)
-    except ValueError as e:
-        print(f"python -m benchmarks.benchmark: error: {e}", file=sys.stderr)
-        return 2
+    for name in filter(None, (args.model, args.teacher)):
+        get_weights(name)  # a bad name is one line here (run_cli), not a traceback in every worker
     if args.batch_size % args.accum_steps:
-        build_parser().error(f"--batch-size {args.batch_size} does not split into --accum-steps {args.accum_steps} micro-batches")
+        raise ConfigError(f"--batch_size {args.batch_size} does not split into --accum_steps {args.accum_steps} micro-batches")
     if args.model.split(".")[0].split("_")[-1] != "r50x1" and not args.no_mindcv:
         _logger.warning("mindcv's BiT_resnet50 is an R50x1: the ratios compare different architectures")
     wargv = worker_argv(argv)

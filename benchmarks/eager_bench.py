@@ -10,18 +10,24 @@ run the same random-weights model on the same batch; outputs are checked to agre
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 import mindspore as ms
 import numpy as np
 
-from bit_zoo.utils.atomic import write_text_atomic
+from bit_zoo.data.from_config import DataConfig
 from bit_zoo.models.factory import create_model
-from bit_zoo.options import ToolParser
+from bit_zoo.models.options import ModelConfig
+from bit_zoo.options import at_least, option, parse_options
+from bit_zoo.utils.atomic import write_text_atomic
+from bit_zoo.utils.runner import run_cli
+
+PROG = "python -m benchmarks.eager_bench"
+EAGER = ("eager_bench",)
 
 
 def _time_calls(fn, x, *, warmup: int, iters: int) -> tuple[float, float, np.ndarray]:
@@ -64,17 +70,23 @@ def run(model_name: str, *, image_size: int, batch_size: int, warmup: int, iters
     return results
 
 
+@dataclass
+class EagerBenchConfig:
+    warmup: int = option(2, "untimed calls, the first (compiling) one included", check=at_least(1), scripts=EAGER)
+    iters: int = option(5, "timed calls per setting", check=at_least(1), scripts=EAGER)
+    skip_plain_eager: bool = option(False, "skip the uncompiled eager setting (slow)", scripts=EAGER)
+    output_json: str | None = option(None, "write the results to this JSON file", scripts=EAGER)
+
+
+GROUPS = [("model", ModelConfig), ("data", DataConfig), ("eager_bench", EagerBenchConfig)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = ToolParser(prog="python -m benchmarks.eager_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="bit_s_r50x1")
-    p.add_argument("--image_size", type=int, default=128)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--conv_impl", default="auto", choices=("auto", "native", "unfold"))
-    p.add_argument("--skip_plain_eager", action="store_true", help="skip the uncompiled eager setting (slow)")
-    p.add_argument("--output_json", default=None)
-    args = p.parse_args(argv)
+    return run_cli(_main, argv, prog=PROG)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parse_options("eager_bench", GROUPS, argv, prog=PROG, description=__doc__).flat()
     print(f"{args.model}, {args.image_size} px, batch {args.batch_size}, conv_impl {args.conv_impl}, MindSpore {ms.__version__}")
     results = run(
         args.model,

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +34,15 @@ from bit_zoo.utils._timm import import_timm
 from bit_zoo.models.factory import create_model
 from bit_zoo.weights.formats import npz_key_map, timm_key_map
 from bit_zoo.weights.pretrained import home_dir
+from bit_zoo.models.options import ModelConfig
 from bit_zoo.models.zoo import WEIGHTS
+from bit_zoo.options import option, parse_options
+from bit_zoo.utils.runner import run_cli
 
 __all__ = ["build_files", "main"]
+
+PROG = "python -m benchmarks.load_bench"
+LOAD = ("load_bench",)
 
 
 def _params(model_name: str):
@@ -239,18 +246,28 @@ def _timm_available() -> bool:
         return False
 
 
+@dataclass
+class LoadBenchConfig:
+    dir: str | None = option(None, "where the generated files live (default: $BIT_ZOO_HOME/load_bench)", scripts=LOAD)
+    formats: str = option("npz,mindcv_ckpt,timm_safetensors", "comma-separated subset to measure", scripts=LOAD)
+    no_timm: bool = option(False, "skip the timm reference", scripts=LOAD)
+
+
+GROUPS = [("model", ModelConfig), ("load_bench", LoadBenchConfig)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.load_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--model", default="bit_m_r101x3", help="registered name; its default record's classes are used")
-    p.add_argument("--dir", default=None, help="where the generated files live (default: $BIT_ZOO_HOME/load_bench)")
-    p.add_argument("--formats", default="npz,mindcv_ckpt,timm_safetensors", help="comma-separated subset to measure")
-    p.add_argument("--no_timm", "--no-timm", dest="no_timm", action="store_true", help="skip the timm reference")
+    return run_cli(_main, argv, prog=PROG)
+
+
+def _hidden(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--file", help=argparse.SUPPRESS)
     p.add_argument("--format", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parse_options("load_bench", GROUPS, argv, prog=PROG, description=__doc__, positionals=_hidden).flat()
     if args.worker:
         print(json.dumps(_worker(args.worker, args.model, args.file, args.format)), flush=True)
         os._exit(0)  # skip MindSpore's noisy interpreter teardown

@@ -245,7 +245,7 @@ class SystemConfig:
         "graph",
         "graph (compiled) or pynative (eager)",
         choices=MODES,
-        scripts=ALL_TOOLS_TRAIN_VALIDATE,
+        scripts=ALL_TOOLS_TRAIN_VALIDATE + ("benchmark",),
         script_defaults={t: "pynative" for t in INFERENCE_TOOLS},
         script_help={t: "pynative runs a compiled forward (see ResNetV2 eager_jit); graph compiles the whole network" for t in INFERENCE_TOOLS},
     )
@@ -492,6 +492,10 @@ def coerce(opt: Opt, value: Any, source: str) -> Any:
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The description as written (a tool's module docstring, with its example commands); every option's default shown."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default:" in text else super()._get_help_string(action)  # a help that explains its default says it once
 
 
 class _ListAction(argparse.Action):

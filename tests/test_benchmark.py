@@ -15,7 +15,7 @@ def _row(name, role, train, infer, first=1.0, rnd=1):
 
 
 def test_format_table_ratios_per_round():
-    args = benchmark.build_parser().parse_args(["--clip-grad-norm", "1", "--loss-scale", "dynamic"])
+    args = benchmark.parse_args(["--clip-grad-norm", "1", "--loss-scale", "dynamic"])
     rows = [
         _row("bit_zoo bit_s_r50x1 Trainer", "bit_zoo", 16.0, 45.0, first=8.0),
         _row("bit_s_r50x1 nn.TrainOneStepCell", "floor", 15.0, None),
@@ -36,7 +36,7 @@ def test_format_table_ratios_per_round():
 
 
 def test_distillation_rows_and_their_breakdown():
-    args = benchmark.build_parser().parse_args(["--teacher", "bit_m_r152x2"])
+    args = benchmark.parse_args(["--teacher", "bit_m_r152x2"])
     rows = [
         _row("distill step bit_m_r152x2 -> bit_s_r50x1", "distill", 4.0, None, first=30.0),
         _row("student step bit_s_r50x1", "student", 10.0, None),
@@ -60,9 +60,9 @@ def test_worker_args_drop_driver_flags(monkeypatch):
     assert seen == [("bit_zoo", argv), ("torch", argv), ("bit_zoo", argv), ("torch", argv)]
 
 
-def test_batch_must_split_into_micro_batches():
-    with pytest.raises(SystemExit):
-        benchmark.main(["--batch-size", "10", "--accum-steps", "4"])
+def test_batch_must_split_into_micro_batches(capsys):
+    assert benchmark.main(["--batch-size", "10", "--accum-steps", "4"]) == 2
+    assert "does not split into --accum_steps 4" in capsys.readouterr().err
 
 
 @pytest.mark.heavy

@@ -13,7 +13,7 @@ import logging
 import sys
 
 from ..options import HelpFormatter, ToolParser
-from ..utils.remote import make_bucket, upload
+from ..utils.remote import RemoteError, UploadError, make_bucket, upload
 from ..utils.runner import run_cli
 
 __all__ = ["main"]
@@ -41,7 +41,11 @@ def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.command == "upload":
-        print(f"{upload(args.local, args.url)} files uploaded to {args.url}")
+        try:
+            count = upload(args.local, args.url)
+        except UploadError as e:  # the upload is this command's whole work: a failure is bad input (exit 2), not a run's late upload (4)
+            raise RemoteError(str(e)) from e
+        print(f"{count} files uploaded to {args.url}")
     else:
         make_bucket(args.url)
         print(f"created {args.url}")

@@ -68,8 +68,10 @@ class DistillConfig:
     """The "distill" option group: train.py distils from `teacher` when it is set (see bit_zoo.options)."""
 
     teacher: str | None = option(
-        None, "distil from this registered name[.tag] (function matching); unset with teacher_checkpoint_path: the checkpoint's own"
-    )
+        None, "distil from this registered name[.tag] (function matching); unset with teacher_checkpoint_path: the checkpoint's own",
+        scripts=("train", "benchmark"),
+        script_help={"benchmark": "also time distillation from this teacher (e.g. bit_m_r152x2) into --model, in its own worker"},
+    )  # fmt: skip
     teacher_pretrained: bool = option(False, "the teacher's weights record (downloaded)")
     teacher_checkpoint_path: str | None = option(
         None, "the teacher's weights file: a train.py checkpoint (carries its architecture) or any format bit_zoo reads with teacher"

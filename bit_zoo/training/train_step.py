@@ -94,17 +94,20 @@ def _zero_buf(buf):
     return ops.assign(buf, ops.zeros_like(buf))
 
 
+TRAIN_AND_BENCHMARK = ("train", "benchmark")  # benchmarks/benchmark.py times the Trainer with these
+
+
 @dataclass
 class StepConfig:
     """The "step" option group (see bit_zoo.options): the Trainer reads the first eight fields, the loop the rest."""
 
-    accum_steps: int = option(1, "micro-batches per optimizer step (upstream batch split)", check=at_least(1))
-    clip_grad_norm: float = option(0.0, "clip by global norm; 0 = off", check=non_negative)
-    loss_scale: str = option("none", "loss scaling (for fp16)", choices=LOSS_SCALES)
-    loss_scale_value: float = option(2.0**24, "(initial) loss scale", check=positive)
+    accum_steps: int = option(1, "micro-batches per optimizer step (upstream batch split)", check=at_least(1), scripts=TRAIN_AND_BENCHMARK)
+    clip_grad_norm: float = option(0.0, "clip by global norm; 0 = off", check=non_negative, scripts=TRAIN_AND_BENCHMARK)
+    loss_scale: str = option("none", "loss scaling (for fp16)", choices=LOSS_SCALES, scripts=TRAIN_AND_BENCHMARK)
+    loss_scale_value: float = option(2.0**24, "(initial) loss scale", check=positive, scripts=TRAIN_AND_BENCHMARK)
     loss_scale_factor: int = option(2, "dynamic: divide / multiply the scale by this", check=at_least(2))
     loss_scale_window: int = option(2000, "dynamic: grow the scale after this many finite steps", check=at_least(1))
-    ema_decay: float = option(0.0, "EMA decay of the weights; 0 = no EMA", check=unit_interval)
+    ema_decay: float = option(0.0, "EMA decay of the weights; 0 = no EMA", check=unit_interval, scripts=TRAIN_AND_BENCHMARK)
     ema_warmup: bool = option(True, "decay min(d, (1+n)/(10+n)) as TF's num_updates")
     ema_eval: bool = option(True, "evaluate (and pick best) with the EMA weights")
     max_nonfinite_steps: int = option(
