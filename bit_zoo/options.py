@@ -548,7 +548,8 @@ def build_parser(
         elif opt.parse.__name__.endswith("_list"):
             kind.update(nargs="+", action=_ListAction)  # --shots 1 5 10 as well as --shots 1,5,10
         group.add_argument(f"--{name}", default=opt.default, help=opt.help, **kind)
-        hidden = list(opt.aliases) + ([name.replace("_", "-")] if "_" in name else [])  # --num-classes for --num_classes
+        spellings = dict.fromkeys(a for n in (name, *opt.aliases) for a in (n, n.replace("_", "-")))  # --num-classes for --num_classes
+        hidden = [a for a in spellings if a != name]
         for alias in hidden:
             group.add_argument(f"--{alias}", default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kind)
     return parser
