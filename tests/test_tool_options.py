@@ -121,6 +121,14 @@ def test_data_dir_with_digits_is_refused_from_a_config_file(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_convert_refuses_export_options_for_a_weights_file(tmp_path, capsys):
+    from bit_zoo.tools import convert
+
+    assert convert.main(["--model", "bit_s_r50x1", "--input", "x.npz", "--output", str(tmp_path / "w.ckpt"), "--img_size", "64"]) == 2
+    assert "shape the example input of an export" in capsys.readouterr().err  # was: accepted and ignored
+    assert not (tmp_path / "w.ckpt").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # An explicit resolution decides the size
 

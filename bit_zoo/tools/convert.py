@@ -33,6 +33,7 @@ import numpy as np
 from mindspore.nn.utils import no_init_parameters
 
 from ..data.from_config import DataConfig
+from ..errors import ConfigError
 from ..models.export import export_model
 from ..models.options import ModelConfig
 from ..models.registry import get_weights, is_model, list_models
@@ -50,6 +51,7 @@ __all__ = ["Architecture", "resolve_architecture", "read_model_weights", "conver
 _logger = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = (".ckpt", ".safetensors", ".npz", ".onnx", ".mindir")
+EXPORT_FORMATS = (".onnx", ".mindir")
 CUSTOM_MODEL = "resnetv2"
 PROG = "python -m bit_zoo.convert"
 CONVERT = ("convert",)
@@ -225,6 +227,11 @@ def _main(argv: list[str] | None) -> int:
     parsed = parse(argv)
     m, d, c = parsed["model"], parsed["data"], parsed["convert"]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if Path(c.output).suffix not in EXPORT_FORMATS and (d.image_size is not None or d.batch_size != 1):
+        raise ConfigError(
+            f"--image_size and --batch_size shape the example input of an export ({', '.join(EXPORT_FORMATS)}); "
+            f"--output {c.output} is a weights file and has none: drop them"
+        )
     # a URL (s3://...) input is staged into the cache; a URL output is written locally, then uploaded
     local_output = remote.local_cache(c.output) if remote.is_remote(c.output) else c.output
     out = convert(
