@@ -71,7 +71,7 @@ def test_injected_enospc_names_the_file_and_cleans_up(tmp_path, monkeypatch):
     with pytest.raises(DiskFullError, match=rf"to write {target}: it needs more than the 0\.0 MiB written.*free in {target.parent}"):
         with atomic_path(target, suffix=".ckpt") as tmp:
             writer_filling_the_disk(tmp)
-    monkeypatch.setattr("shutil.disk_usage", lambda path: type("U", (), {"free": 1000})())
+    monkeypatch.setattr("shutil.disk_usage", lambda path: type("U", (), {"free": 1000, "total": 10**9})())
     with pytest.raises(DiskFullError, match=r"needs 0\.0 MiB, 0\.0 MiB free"):
         write_text_atomic(target, "y" * 5000)  # refused before anything is written
     assert target.read_text() == "earlier checkpoint" and _hidden(target.parent) == []

@@ -465,6 +465,27 @@ def test_convert_from_and_to_a_bucket(s3, tmp_path, make_upstream_npz):
     assert convert.main(["--model", "bit_s_r50x1", "--input", f"s3://{bucket}/in/missing.npz", "--output", str(tmp_path / "x.ckpt")]) == 2
 
 
+def test_predict_takes_an_s3_checkpoint_as_validate_does(s3, tmp_path):
+    """predict --checkpoint_path s3://... stages the file (it said "weights file not found: s3:/...", a slash lost)."""
+    import json
+
+    import bit_zoo
+    from conftest import write_train_checkpoint
+    from PIL import Image
+
+    from bit_zoo.tools import predict
+
+    bucket = _bucket(s3, "ckpts")
+    net = bit_zoo.ResNetV2((1, 1, 1, 1), 1, num_classes=3, eager_jit=False)
+    write_train_checkpoint(tmp_path / "best.ckpt", net, class_names=["a", "b", "c"], image_size=32)
+    s3.upload_file(str(tmp_path / "best.ckpt"), bucket, "run/best.ckpt")
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(tmp_path / "x.png")
+    out = tmp_path / "p.json"
+    argv = [str(tmp_path / "x.png"), "--checkpoint_path", f"s3://{bucket}/run/best.ckpt", "--output_json", str(out), "--progress", "false"]
+    assert predict.main(argv) == 0
+    assert json.loads(out.read_text())["predictions"][0]["labels"][0] in ("a", "b", "c")
+
+
 def _train_process(home, *args: str):
     import os
     import subprocess

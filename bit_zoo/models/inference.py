@@ -22,6 +22,7 @@ from .options import ModelConfig
 from ..weights.loading import EMA_PREFIX, load_state, read_arrays, read_weights_file
 from ..weights.meta import verify_digest
 from ..options import SystemConfig
+from ..utils.remote import fetch
 from ..weights.pretrained import BIT_MEAN_STD, Weights
 from .resnetv2 import ResNetV2
 
@@ -202,7 +203,8 @@ def model_from_options(m: ModelConfig, system: SystemConfig, *, num_classes: int
     ms.set_seed(system.seed)  # a random-init baseline is the same network on every run
     return load_model(
         m.model,
-        checkpoint_path=m.checkpoint_path,
+        # an s3:// file is staged into the cache (a local file, which the caches' content keys then read), as validate.py does
+        checkpoint_path=fetch(m.checkpoint_path),
         pretrained=m.pretrained,
         layers=tuple(m.layers) if m.layers else None,
         width_factor=m.width_factor or 1,

@@ -106,15 +106,21 @@ def predict_files(loaded: LoadedModel, files: list[str], *, topk: int = 5, batch
     return {"predictions": predictions, "skipped": skipped}
 
 
+def _shown(name: str) -> str:
+    """A file name for the terminal: bytes that are not UTF-8 (held as lone surrogates) shown as U+FFFD,
+    which every UTF-8 stream can print; the CSV and JSON keep the real name."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def format_table(result: dict, *, width: int = 40) -> str:
     rows = [("file", "top-1", "prob", "top-k")]
     for p in result["predictions"]:
         rest = ", ".join(f"{lab[:24]} {pr:.3f}" for lab, pr in zip(p["labels"][1:], p["probs"][1:]))
-        rows.append((p["file"], p["labels"][0][:width], f"{p['probs'][0]:.4f}", rest))
+        rows.append((_shown(p["file"]), p["labels"][0][:width], f"{p['probs'][0]:.4f}", rest))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip() for r in rows]
     for s in result["skipped"]:
-        lines.append(f"{s['file']}  SKIPPED: {s['error']}")
+        lines.append(f"{_shown(s['file'])}  SKIPPED: {_shown(s['error'])}")
     return "\n".join(lines)
 
 
@@ -165,13 +171,14 @@ def _main(argv: list[str] | None) -> int:
     result = predict_files(loaded, files, topk=opts.topk, batch_size=d.batch_size, progress=system.progress)
     result.update(model=loaded.name, checkpoint=loaded.source, weights=loaded.weights, preprocess=vars(loaded.preprocess).copy())
     result["preprocess"].pop("_ops", None)
-    print(format_table(result))
     n, s = len(result["predictions"]), len(result["skipped"])
-    print(f"{n} image(s) classified, {s} skipped", file=sys.stderr)
     if system.output_json:
         write_text_atomic(system.output_json, json.dumps(result, indent=2))
     if opts.output_csv:
-        write_text_atomic(opts.output_csv, to_csv(result, min(opts.topk, loaded.model.num_classes)))
+        # file names as the file system has them: one that is not UTF-8 keeps its bytes (JSON escapes it instead)
+        write_text_atomic(opts.output_csv, to_csv(result, min(opts.topk, loaded.model.num_classes)), errors="surrogateescape")
+    print(format_table(result))  # after the files: a table cut short (a closed pipe) loses nothing
+    print(f"{n} image(s) classified, {s} skipped", file=sys.stderr)
     return 0 if n else 1
 
 

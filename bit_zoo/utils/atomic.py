@@ -163,8 +163,11 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None, expected_
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent)
-    if expected_bytes is not None and shutil.disk_usage(path.parent).free < expected_bytes:
-        raise _disk_full(path, expected_bytes, 0)
+    if expected_bytes is not None:
+        usage = shutil.disk_usage(path.parent)
+        # a pseudo file system (/proc, /sys) reports 0 bytes in all: no space figure to judge; the write says why it fails
+        if usage.total > 0 and usage.free < expected_bytes:
+            raise _disk_full(path, expected_bytes, 0)
     tmp = path.with_name(f"{_temp_prefix(path, os.getpid())}{path.suffix if suffix is None else suffix}")
     try:
         yield tmp
@@ -174,14 +177,20 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None, expected_
         written = _remove_own_temps(path)
         if _no_space_cause(error) is not None:
             raise _disk_full(path, expected_bytes, written) from error
+        if isinstance(error, OSError) and error.strerror and error.filename and Path(error.filename).name.startswith(tmp.name):
+            # the error of the temporary name, which the user never gave: name the file they asked for
+            raise type(error)(error.errno, error.strerror, str(path)) from error
         raise
     finally:
         _remove_own_temps(path)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    with atomic_path(path, expected_bytes=len(text.encode("utf-8"))) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+def write_text_atomic(path: str | os.PathLike, text: str, *, errors: str = "strict") -> Path:
+    """`text` as UTF-8. errors="surrogateescape" writes a file name that is not valid UTF-8 (os.fsdecode'd
+    into lone surrogates) back as its original bytes instead of failing."""
+    data = text.encode("utf-8", errors)
+    with atomic_path(path, expected_bytes=len(data)) as tmp:
+        tmp.write_bytes(data)
     return Path(path)
 
 

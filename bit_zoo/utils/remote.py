@@ -361,11 +361,20 @@ class Mirror:
         return self.sync(strict=False)
 
 
+def _require_bucket_url(url: str, what: str) -> None:
+    """Refuse a URL without a remote protocol or a bucket (a local path given by mistake would otherwise
+    reach fsspec's local file system, whose error names some other folder)."""
+    bucket = str(url).split("://", 1)[1].split("/", 1)[0] if is_remote(url) else ""
+    if not bucket:
+        raise RemoteError(f"{url!r} is not {what}: give s3://BUCKET{'' if what == 'a bucket URL' else '/PREFIX'} (obs:// too)")
+
+
 def upload(local: str | os.PathLike, url: str, *, retries: int = 3, backoff_s: float = 1.0) -> int:
     """Upload a local file, or every file of a local folder, under url; return the number of files.
 
     Each object appears only once its upload completed (see put); hidden files are skipped.
     """
+    _require_bucket_url(url, "a remote URL")
     local = Path(local)
     if not local.exists():
         raise FileNotFoundError(f"{local}: no such file or folder to upload")
@@ -384,6 +393,7 @@ def upload(local: str | os.PathLike, url: str, *, retries: int = 3, backoff_s: f
 
 def make_bucket(url: str) -> None:
     """Create the bucket of url (s3://bucket): for a local test server; on OBS, buckets are made in the console."""
+    _require_bucket_url(url, "a bucket URL")
     fs, root = _filesystem(url)
     try:
         fs.mkdir(root.split("/", 1)[0])
