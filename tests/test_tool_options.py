@@ -25,6 +25,16 @@ def test_train_suggests_the_option_meant(argv, meant):
         parse_config("train", argv)
 
 
+def test_flags_and_lists_in_every_spelling():
+    """A bare --flag means true; a list takes "3,4", "3 4" or none; aliases and hyphens reach the same option."""
+    cfg = parse_config("train", ["--pretrained", "--hflip", "false", "--classes", "3", "4", "--randaugment", "2,9", "--img-size", "64"])
+    assert cfg.model.pretrained is True and cfg.data.hflip is False and cfg.data.classes == [3, 4] and cfg.data.randaugment == [2, 9]
+    assert cfg.data.image_size == 64
+    assert parse_config("train", ["--classes", "none"]).data.classes is None
+    with pytest.raises(ConfigError, match="randaugment=\\[2\\]: must be a list of 2 values"):
+        parse_config("train", ["--randaugment", "2"])
+
+
 def test_yaml_key_suggests_the_option_meant(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("learning_rate: 0.1\n")
