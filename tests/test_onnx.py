@@ -1,4 +1,4 @@
-"""ONNX and dynamic-batch MINDIR export of the export-only network form (bit_zoo/models/export.py)."""
+"""ONNX and dynamic-batch MINDIR export of the inference-only network forms (bit_zoo/models/export.py)."""
 
 from __future__ import annotations
 
@@ -80,13 +80,12 @@ def test_export_refuses_other_suffixes(tiny, tmp_path):
 
 
 def test_onnx_over_the_protobuf_limit_writes_one_data_file(tiny, tmp_path, monkeypatch, caplog):
-    """A network over 2 GB: MindSpore's exporter stores the weights outside the protobuf (one file per
-    parameter); export gathers them into `<name>.onnx.data` and says so. Here MindSpore's limit is
-    lowered to 0 so a tiny network takes the same path; the heavy test below exports a real 3.7 GB one."""
+    """A network over 2 GB: export stores the weights outside the protobuf, in one `<name>.onnx.data`,
+    and says so. Here the limit is lowered to 0 so a tiny network takes the same path; the heavy test below exports a real 3.7 GB one."""
     ort = pytest.importorskip("onnxruntime")
-    from mindspore.onnx import onnx_export
+    from bit_zoo.models import export
 
-    monkeypatch.setattr(onnx_export, "PROTO_LIMIT_SIZE", 0)
+    monkeypatch.setattr(export, "EXTERNAL_DATA_KIB", 0)
     model, params = tiny
     with caplog.at_level("WARNING", logger="bit_zoo.models.export"):
         out = export_model(params, TINY, tmp_path / "tiny.onnx", img_size=64)
@@ -96,7 +95,7 @@ def test_onnx_over_the_protobuf_limit_writes_one_data_file(tiny, tmp_path, monke
     assert (tmp_path / "tiny.onnx.data").stat().st_size >= weight_bytes > (tmp_path / "tiny.onnx").stat().st_size
     _run_onnx(ort, out, model, batches=(1, 3))
 
-    monkeypatch.setattr(onnx_export, "PROTO_LIMIT_SIZE", 1024 * 1024 * 2)  # MindSpore's 2 GiB again: the weights fit inline
+    monkeypatch.setattr(export, "EXTERNAL_DATA_KIB", 1024 * 1024 * 2)  # 2 GiB: the weights fit inline
     export_model(params, TINY, tmp_path / "tiny.onnx", img_size=64)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]  # the stale data file went with the old export
     _run_onnx(ort, out, model, batches=(2,))

@@ -1,18 +1,20 @@
-"""An export-only form of the BiT ResNet-v2, built from operators MindSpore's ONNX and MINDIR exporters take.
+"""Inference-only forms of the BiT ResNet-v2 for export: an ONNX graph written directly, and a MINDIR cell.
 
-Why a second form: the training network's operators do not all export. MindSpore 2.10's ONNX
-exporter has no GroupNorm, no PadV3 (ops.pad), no Im2Col (the CPU unfold path) and no Ones
-(ops.ones in the fused normalisation), and the network's reshapes name the batch size, which
-pins an exported graph to one batch. Here, for inference only:
+Why not the training network: its operators do not all export (MindSpore 2.10's exporters have no
+GroupNorm, PadV3, Im2Col or Ones, and its reshapes name the batch size). Both forms here standardise
+every conv weight once, in float64 on the host, and store the result as the conv's constant weight:
+the same numbers the training form computes every call.
 
-* every weight standardisation is done once, in float64 on the host, and the result is the conv's
-  constant weight (a native nn.Conv2d, no bias): the same numbers the training form computes;
-* GroupNorm is built from reductions and reshapes that never name the batch or the spatial size:
-  per-channel means over H, W, then per-group means of those (equal group sizes make that the
-  group mean), twice (mean, then variance of the centred input), and a per-channel affine;
-* the stem's zero pad is a 1x1 identity convolution with padding 1 (a conv pads with zeros, as
-  BiT's stem needs; a max pool would pad -inf);
-* the head is a global mean and a dense layer.
+* ONNX (`onnx_model`): written node by node with onnx's helpers, in the operators onnxruntime has
+  fast CPU kernels for: GroupNorm as Reshape + InstanceNormalization + Reshape and the affine as a
+  BatchNormalization (the form torch.onnx writes for timm's model, less one elementwise pass);
+  ONNX's own GroupNormalization (opset 18 and 21) measured 1.4-1.8x slower in onnxruntime 1.32
+  (docs/speed.md). The stem's zero pad is a Pad, the head a global average pool and a Gemm.
+* MINDIR (`ExportResNetV2`, through MindSpore's exporter): GroupNorm from reductions and reshapes
+  that never name the batch or the spatial size (per-channel means over H, W, then per-group means
+  of those, twice: mean, then variance of the centred input) and a per-channel affine; the stem's
+  zero pad a 1x1 identity convolution with padding 1 (a conv pads with zeros, as BiT's stem needs;
+  a max pool would pad -inf).
 
 So an exported graph takes any batch size and any input resolution (multiple of 32 or not).
 """
@@ -23,7 +25,6 @@ import logging
 import os
 import tempfile
 from collections.abc import Mapping
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import mindspore as ms
@@ -32,7 +33,7 @@ from mindspore import nn, ops
 
 from ..utils.atomic import atomic_path, file_mode
 
-__all__ = ["ExportResNetV2", "export_model", "external_data_path"]
+__all__ = ["ExportResNetV2", "export_model", "external_data_path", "onnx_model"]
 
 _logger = logging.getLogger(__name__)
 
@@ -143,23 +144,24 @@ def export_model(
     layers: tuple[int, ...],
     output: str | os.PathLike,
     *,
-    img_size: int,
+    img_size: int | None = None,
     in_channels: int = 3,
     batch_size: int = 1,
 ) -> Path:
-    """Export to .onnx or .mindir with dynamic batch, height and width axes (img_size: ONNX's example input)."""
+    """Export to .onnx or .mindir with dynamic batch, height and width axes.
+
+    Neither graph depends on an example input: img_size and batch_size are accepted for the callers
+    that still pass them and change nothing.
+    """
     output = Path(output)
     fmt = {".onnx": "ONNX", ".mindir": "MINDIR"}.get(output.suffix)
     if fmt is None:
         raise ValueError(f"export output {output} must end in .onnx or .mindir")
-    net = ExportResNetV2(params, layers)
-    if fmt == "MINDIR":
-        x = ms.Tensor(shape=[None, in_channels, None, None], dtype=ms.float32)  # dynamic batch, height and width
-    else:
-        x = ms.Tensor(np.zeros((batch_size, in_channels, img_size, img_size), np.float32))
     if fmt == "ONNX":
-        _export_onnx(net, x, output)
+        _export_onnx(params, layers, output, in_channels=in_channels)
     else:
+        net = ExportResNetV2(params, layers)
+        x = ms.Tensor(shape=[None, in_channels, None, None], dtype=ms.float32)  # dynamic batch, height and width
         with atomic_path(output, suffix=output.suffix) as tmp:
             ms.export(net, x, file_name=str(tmp.with_suffix("")), file_format=fmt)  # export appends .mindir
     _logger.info("exported %s (units %s, dynamic batch, height and width) to %s", fmt, ",".join(map(str, layers)), output)
@@ -180,33 +182,138 @@ def external_data_path(output: str | os.PathLike) -> Path:
     return output.with_name(output.name + ".data")
 
 
-def _export_onnx(net: nn.Cell, x: ms.Tensor, output: Path) -> None:
-    """Export through MindSpore's exporter in a private directory, then move the result beside `output`.
+ONNX_OPSET = 17  # InstanceNormalization (opset 6) and everything else here; what torch.onnx writes for timm's model
 
-    A protobuf message cannot exceed 2 GiB, so for bigger networks (bit_m_r152x4: 3.7 GB; here from 1.5 GiB
-    of weights, see EXTERNAL_DATA_KIB) MindSpore writes each parameter to a file of its own, named after the parameter, in the .onnx's directory:
-    hundreds of files that a second export into the same directory would overwrite. Here they are
-    written into a temporary directory and gathered into one `<name>.onnx.data` (the layout onnx's
-    own `save_as_external_data` writes), tensor by tensor, so no more than one tensor is in memory.
+
+class _OnnxGraph:
+    """Nodes and initializers of the lean ONNX graph, with unique names."""
+
+    def __init__(self, onnx) -> None:
+        self.onnx, self.nodes, self.inits, self._n, self._shapes = onnx, [], [], 0, set()
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def shape_const(self, name: str, value: list[int]) -> str:
+        """A shape operand as a Constant node: kept inline when the weights go to external data (shape inference reads it)."""
+        tensor = self.onnx.numpy_helper.from_array(np.array(value, np.int64), name)
+        self.nodes.append(self.onnx.helper.make_node("Constant", [], [name], name=name, value=tensor))
+        self._shapes.add(name)
+        return name
+
+    def node(self, op: str, inputs: list[str], **attrs) -> str:
+        self._n += 1
+        out = f"{op.lower()}_{self._n}"
+        self.nodes.append(self.onnx.helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def conv(self, x: str, name: str, weight: np.ndarray, *, stride: int = 1, padding: int = 0) -> str:
+        k = weight.shape[-1]
+        w = self.const(name, weight)
+        return self.node("Conv", [x, w], kernel_shape=[k, k], strides=[stride, stride], pads=[padding] * 4)
+
+    def group_norm_relu(self, x: str, prefix: str, gamma: np.ndarray, beta: np.ndarray, *, groups: int = 32, eps: float = 1e-5) -> str:
+        """GroupNorm + ReLU as onnxruntime runs it fastest: InstanceNormalization over (N, G, C/G*H*W), then the
+        per-channel affine as one BatchNormalization (mean 0, variance 1, epsilon 0: an exact scale and shift), then Relu."""
+        c = gamma.shape[0]
+        shape = self.node("Shape", [x])
+        grouped = self.node("Reshape", [x, self._grouped_shape(groups)])
+        normed = self.node("InstanceNormalization", [grouped, self._ones(groups), self._zeros(groups)], epsilon=eps)
+        y = self.node("Reshape", [normed, shape])
+        g = self.const(prefix + "gamma", np.asarray(gamma, np.float32))
+        b = self.const(prefix + "beta", np.asarray(beta, np.float32))
+        y = self.node("BatchNormalization", [y, g, b, self._zeros(c), self._ones(c)], epsilon=0.0)
+        return self.node("Relu", [y])
+
+    def _grouped_shape(self, groups: int) -> str:
+        name = f"grouped_shape_{groups}"
+        return name if name in self._shapes else self.shape_const(name, [0, groups, -1])
+
+    def _ones(self, n: int) -> str:
+        name = f"ones_{n}"
+        return name if any(t.name == name for t in self.inits) else self.const(name, np.ones(n, np.float32))
+
+    def _zeros(self, n: int) -> str:
+        name = f"zeros_{n}"
+        return name if any(t.name == name for t in self.inits) else self.const(name, np.zeros(n, np.float32))
+
+
+def onnx_model(params: Mapping[str, np.ndarray], layers: tuple[int, ...], *, in_channels: int = 3, eps: float = 1e-10):
+    """The inference network as an ONNX ModelProto, written directly from the parameters (no exporter in between).
+
+    What onnxruntime needs to run it as fast as a framework's export of the same network: every weight
+    standardised once here (float64) and stored as the conv's constant weight; GroupNorm in the form
+    onnxruntime has fast kernels for (see _OnnxGraph.group_norm_relu); the stem's zero pad as a Pad.
+    Batch, height and width are symbolic.
     """
     onnx = _import_onnx()
-    from mindspore import onnx as ms_onnx  # ms.export(file_format="ONNX") is deprecated in 2.10
+    helper = onnx.helper
+    g = _OnnxGraph(onnx)
+    x = g.conv("image", "stem.conv.weight", standardize(params["stem.conv.weight"], eps), stride=2, padding=3)
+    x = g.node("Pad", [x, g.shape_const("stem.pad", [0, 0, 1, 1, 0, 0, 1, 1])])  # BiT pads with zeros, then pools
+    x = g.node("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2])
+    for s, depth in enumerate(layers):
+        for u in range(depth):
+            pre = f"stages.{s}.blocks.{u}."
+            stride = (1 if s == 0 else 2) if u == 0 else 1
+            p = g.group_norm_relu(x, pre + "norm1.", params[pre + "norm1.gamma"], params[pre + "norm1.beta"])
+            if pre + "downsample.weight" in params:
+                shortcut = g.conv(p, pre + "downsample.weight", standardize(params[pre + "downsample.weight"], eps), stride=stride)
+            else:
+                shortcut = x
+            y = g.conv(p, pre + "conv1.weight", standardize(params[pre + "conv1.weight"], eps))
+            y = g.group_norm_relu(y, pre + "norm2.", params[pre + "norm2.gamma"], params[pre + "norm2.beta"])
+            y = g.conv(y, pre + "conv2.weight", standardize(params[pre + "conv2.weight"], eps), stride=stride, padding=1)
+            y = g.group_norm_relu(y, pre + "norm3.", params[pre + "norm3.gamma"], params[pre + "norm3.beta"])
+            y = g.conv(y, pre + "conv3.weight", standardize(params[pre + "conv3.weight"], eps))
+            x = g.node("Add", [y, shortcut])
+    x = g.group_norm_relu(x, "norm.", params["norm.gamma"], params["norm.beta"])
+    x = g.node("Flatten", [g.node("GlobalAveragePool", [x])])
+    if "head.fc.weight" in params:
+        w = g.const("head.fc.weight", np.asarray(params["head.fc.weight"], np.float32))
+        b = g.const("head.fc.bias", np.asarray(params["head.fc.bias"], np.float32))
+        x = g.node("Gemm", [x, w, b], transB=1)
+        out_dim = int(params["head.fc.weight"].shape[0])
+    else:
+        out_dim = int(params["norm.gamma"].shape[0])
+    g.nodes[-1].output[0] = "logits"
+    float_ = onnx.TensorProto.FLOAT
+    graph = helper.make_graph(
+        g.nodes,
+        "bit_zoo_resnetv2",
+        [helper.make_tensor_value_info("image", float_, ["batch", in_channels, "height", "width"])],
+        [helper.make_tensor_value_info("logits", float_, ["batch", out_dim])],
+        g.inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], producer_name="bit_zoo")
 
+
+def _export_onnx(params: Mapping[str, np.ndarray], layers: tuple[int, ...], output: Path, *, in_channels: int) -> None:
+    """Write the lean ONNX graph; weights over EXTERNAL_DATA_KIB go to one `<name>.onnx.data` beside it.
+
+    A protobuf message cannot exceed 2 GiB (bit_m_r152x4: 3.7 GB), so the weights of a big network are
+    stored outside it, in onnx's own external-data layout (one file, offsets on page boundaries). Both
+    files are written in a private directory and renamed into place, the .onnx last.
+    """
+    onnx = _import_onnx()
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    model = onnx_model(params, layers, in_channels=in_channels)
+    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    external = weight_bytes > EXTERNAL_DATA_KIB * 1024
     output.parent.mkdir(parents=True, exist_ok=True)
     data_out = external_data_path(output)
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.export-", dir=output.parent) as work:
         work = Path(work)
-        axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}}
-        with _external_data_over(EXTERNAL_DATA_KIB):
-            ms_onnx.export(net, x, file_name=str(work / "exported.onnx"), input_names=["image"], output_names=["logits"], dynamic_axes=axes)
-        model = onnx.load(str(work / "exported.onnx"), load_external_data=False)
-        _name_output_batch(model)
-        data_bytes = _gather_external_data(model, work, work / data_out.name)
         staged = work / output.name
+        if external:
+            convert_model_to_external_data(model, all_tensors_to_one_file=True, location=data_out.name, size_threshold=0)
         onnx.save(model, str(staged))
+        del model
         onnx.checker.check_model(str(staged))  # by path: the checker then reads external data beside it
         mode = file_mode()
-        if data_bytes:
+        if external:
             os.chmod(work / data_out.name, mode)
             os.replace(work / data_out.name, data_out)
         elif data_out.exists():  # a previous, bigger export's weights: no longer what output.onnx refers to
@@ -214,90 +321,19 @@ def _export_onnx(net: nn.Cell, x: ms.Tensor, output: Path) -> None:
             _logger.info("removed %s, the external weights of a previous export to %s", data_out, output)
         os.chmod(staged, mode)
         os.replace(staged, output)
-    if data_bytes:
+    if external:
         _logger.warning(
             "%s: the weights (%.2f GB) are too big for one ONNX file (protobuf's limit is 2 GiB; bit_zoo moves weights "
             "over 1.5 GiB out), so they were written to a second file, %s; keep the two files together in one directory "
             "(onnxruntime and onnx.load find the weights by that name)",
             output,
-            data_bytes / 1e9,
+            weight_bytes / 1e9,
             data_out.name,
         )
 
 
 # Weights over 1.5 GiB go to the .onnx.data file. Protobuf's hard limit is 2 GiB for the whole
-# message, and MindSpore switches at exactly 2 GiB of weights: bit_m_r101x3 with its 21,843-class
-# head (1.92 GiB) would be written as one 2.06 GB message, a few percent under the limit, which
-# onnx.load and onnx.checker handle only up to the limit; the margin keeps such files well clear.
+# message: bit_m_r101x3 with its 21,843-class head (1.92 GiB) would be one 2.06 GB message, a few
+# percent under the limit, which onnx.load and onnx.checker handle only up to the limit; the
+# margin keeps such files well clear.
 EXTERNAL_DATA_KIB = 3 * 1024 * 1024 // 2
-
-
-@contextmanager
-def _external_data_over(kib: int):
-    """Lower MindSpore's switch to external data (onnx_export.PROTO_LIMIT_SIZE, in KiB) for one export;
-    a lower value already set (a test forcing the path) is kept."""
-    from mindspore.onnx import onnx_export
-
-    old = onnx_export.PROTO_LIMIT_SIZE
-    onnx_export.PROTO_LIMIT_SIZE = min(old, kib)
-    try:
-        yield
-    finally:
-        onnx_export.PROTO_LIMIT_SIZE = old
-
-
-_ALIGN = 4096  # tensor offsets in the data file on page boundaries, as onnx's own writer does, so readers may mmap them
-
-
-def _gather_external_data(model, src_dir: Path, data_path: Path) -> int:
-    """Copy every externally stored initializer of `model` into one file `data_path`; point the
-    initializers at it (relative location, offset, length). Return the bytes written (0: all inline)."""
-    from onnx.external_data_helper import uses_external_data
-
-    offset = 0
-    with ExitStack() as stack:
-        out = None
-        for tensor in model.graph.initializer:
-            if not uses_external_data(tensor):
-                continue
-            info = {e.key: e.value for e in tensor.external_data}
-            if out is None:
-                out = stack.enter_context(open(data_path, "wb"))
-            src = src_dir / info["location"]
-            start, length = int(info.get("offset", 0)), info.get("length")
-            length = int(length) if length is not None else src.stat().st_size - start
-            pad = -offset % _ALIGN
-            out.write(b"\0" * pad)
-            offset += pad
-            with open(src, "rb") as f:
-                f.seek(start)
-                copied = _copy_exact(f, out, length)
-            if copied != length:
-                raise RuntimeError(f"ONNX export: {src.name} holds {copied} bytes of {tensor.name}, expected {length}")
-            del tensor.external_data[:]
-            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            offset += length
-            src.unlink()  # the copy is made: do not hold the weights twice on disk
-    return offset
-
-
-def _copy_exact(src, dst, length: int, chunk: int = 64 << 20) -> int:
-    copied = 0
-    while copied < length:
-        buf = src.read(min(chunk, length - copied))
-        if not buf:
-            break
-        dst.write(buf)
-        copied += len(buf)
-    return copied
-
-
-def _name_output_batch(model) -> None:
-    """Declare the output's batch axis symbolic: MindSpore 2.10 applies dynamic_axes to inputs only,
-    and onnxruntime then warns on every batch size but the example's."""
-    dim = model.graph.output[0].type.tensor_type.shape.dim[0]
-    if dim.dim_param != "batch":
-        dim.ClearField("dim_value")
-        dim.dim_param = "batch"
