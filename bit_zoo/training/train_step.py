@@ -27,6 +27,7 @@ compiles to the same operators but ran at half the speed on CPU (docs/speed.md).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from mindspore import nn, ops
 
 from ..models import cpu_kernels
 from ..options import at_least, non_negative, option, positive, unit_interval
+from ._compile_cache import compile_cached
 from .ema import EMA
 
 __all__ = [
@@ -394,6 +396,7 @@ class Trainer:
         for cell in cells:
             cell.set_jit_config(ms.JitConfig(jit_level=self.jit_level))
         self._last = None  # (finite, norm) of the fused step run by micro_step, for apply()
+        self.compile_cache: dict[str, str] = {}  # per graph: 'hit', 'miss', 'off' (see _compile_cache.compile_cached)
         _logger.info(
             "train step: MindSpore %s on %s%s, %s mode, jit_level %s, %s, accum_steps %d, loss scale %s, clip %s, EMA %s%s",
             ms.__version__,
@@ -414,6 +417,7 @@ class Trainer:
         batches = list(micro_batches)
         if len(batches) != self.cfg.accum_steps:
             raise ValueError(f"step() got {len(batches)} micro-batches but accum_steps={self.cfg.accum_steps}: pass exactly accum_steps")
+        self._compile(*batches[0])
         if self.fused:
             ((x, y),) = batches
             loss, finite, norm = self.train_step(x, y)
@@ -427,6 +431,7 @@ class Trainer:
 
     # The earlier two-call interface, kept for loops not yet on step(): micro_step accum_steps times, then apply.
     def micro_step(self, x: ms.Tensor, y: ms.Tensor) -> ms.Tensor:
+        self._compile(x, y)
         if self.fused:
             loss, finite, norm = self.train_step(x, y)
             self._last = (finite, norm)
@@ -442,6 +447,17 @@ class Trainer:
         else:
             finite, norm = self.apply_update()
         return bool(finite.asnumpy()), float(norm.asnumpy())
+
+    def _compile(self, x: ms.Tensor, y: ms.Tensor) -> None:
+        """Compile the step's graphs before their first call, through bit_zoo's compile cache (training/_compile_cache.py)."""
+        if self.compile_cache:
+            return
+        extra = {"step": dataclasses.asdict(self.cfg), "jit_level": self.jit_level}
+        graphs = [("TrainStep", self.train_step, (x, y))] if self.fused else [
+            ("ForwardBackward", self.forward_backward, (x, y)), ("ApplyUpdate", self.apply_update, ())
+        ]  # fmt: skip
+        for role, cell, args in graphs:
+            self.compile_cache[role] = compile_cached(cell, *args, extra={**extra, "role": role})
 
     @property
     def loss_scale(self) -> float:
