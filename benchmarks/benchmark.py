@@ -1,19 +1,26 @@
-"""Speed and memory benchmark of the training step each framework's users run, on random data.
+"""Speed and memory of BiT R50x1 (or any bit_zoo model) on every CPU runtime a user could pick, on random data.
 
+    python -m benchmarks.benchmark --peers --rounds 2 --no-mindcv --csv benchmarks/results/cpu.csv
     python -m benchmarks.benchmark --torch-reference --rounds 3      # bit_s_r50x1, 128 px, batch 16, graph, fp32
     python -m benchmarks.benchmark --clip-grad-norm 1 --ema-decay 0.9999 --loss-scale dynamic --no-mindcv
 
 Rows (one subprocess per worker, so a peak RSS is its own and a failed compile's ./rank_0 dump
-lands in a temporary directory):
+lands in a temporary directory; with --rounds N the workers run in turn, N times):
 
 * ``bit_zoo <model> Trainer``: train.py's own step, ``Trainer.step`` with the step options given
-  (--accum-steps, --clip-grad-norm, --ema-decay, --loss-scale) and train.py's SGD (nn.Momentum);
+  (--accum-steps, --clip-grad-norm, --ema-decay, --loss-scale) and train.py's SGD (nn.Momentum),
+  in graph mode (--mode); infer = the eval-mode model as evaluate() calls it;
 * ``<model> nn.TrainOneStepCell``: the floor, ``TrainOneStepCell(WithLossCell(net, loss), opt)``
   of the same model, built in the same process; the two rows' timed blocks alternate;
+* ``bit_zoo <model> Trainer, PyNative`` (--pynative-row): the same in PyNative mode, no floor;
+* ``timm resnetv2_50x1_bit`` (--torch-reference): the standard PyTorch loop (zero_grad, backward,
+  step), eager; infer = the eval-mode model under inference_mode;
+* ``timm ... torch.compile`` (--torch-compile): inference of ``torch.compile(model)`` (inductor;
+  the first call includes the compile, cold or from inductor's cache as the machine has it);
+* ``timm ... ONNX`` / ``bit_zoo ... ONNX`` (--onnx): each project's ONNX export (torch.onnx, and
+  bit_zoo's export_model) in onnxruntime's CPU provider; the first call includes creating the session;
 * ``mindcv BiT_resnet50 ...``: the cell mindcv's train.py builds (``mindcv.utils.create_trainer``
-  with its defaults: a mindspore Model's TrainOneStepCell), run once (~1 min a step on CPU, so
-  ``--mindcv-warmup`` / ``--mindcv-steps``, 1 / 2, whatever --steps says);
-* ``timm resnetv2_50x1_bit`` (--torch-reference): the standard PyTorch loop (zero_grad, backward, step);
+  with its defaults), first round only (~1 min a step on CPU: --mindcv-warmup / --mindcv-steps);
 * with ``--teacher NAME`` (e.g. bit_m_r152x2), in a worker of their own: ``distill step``, train.py's
   distillation step (the Trainer over DistillNetWithLoss: the frozen teacher's forward on the batch
   plus the student's step), ``student step``, the same student's plain Trainer step (the two
@@ -21,43 +28,108 @@ lands in a temporary directory):
   of the first and last are taken after their warmup, in that worker (the student step's is the
   ``bit_zoo`` row's).
 
-Columns: first step s = the first training step's wall time, compilation included; train img/s =
-images per second over the timed steps after --warmup; infer img/s = eval-mode forward of the
-model as evaluate() calls it; peak RSS = the worker's ru_maxrss after training (the Trainer's
-taken before the floor model is built). --rounds N repeats the bit_zoo and timm workers in turn
-and prints each round's ratios, for a machine whose load moves.
+--peers turns on every runtime row above except mindcv. PyTorch and onnxruntime use --threads
+threads (default: all cores); MindSpore its own default thread pool.
+
+Columns: first step / first infer s = the first call's wall time, compilation (or session creation)
+included; for the Trainer rows, whether bit_zoo's compile cache had the graph (hit) or not (miss;
+--cold-cache: always, from an empty cache of the worker's own); img/s over the timed calls after --warmup; GFLOP/s = the network's convolution and
+classifier FLOPs per image (forward_flops; a training step counted as 3x the forward) times img/s;
+% peak = against the best fp32 matmul this machine ran in the same round with the same FLOPs as
+one forward batch (numpy and torch, --threads threads); peak RSS = the worker's ru_maxrss after
+training. The header names the CPU, its vector instruction set, the versions and the load average.
+--csv appends every row, with machine, versions, load and the command, to a results file.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 
-from bit_zoo.utils._timm import import_timm
-from bit_zoo.models.factory import create_model
 from bit_zoo.data.from_config import DataConfig
 from bit_zoo.errors import ConfigError
+from bit_zoo.models.factory import create_model
 from bit_zoo.models.options import ModelConfig
-from bit_zoo.options import SystemConfig, at_least, option, parse_options
-from bit_zoo.utils.runner import run_cli
 from bit_zoo.models.registry import get_weights  # `python -m benchmarks.benchmark` has imported the package (and its registry) already
+from bit_zoo.options import SystemConfig, at_least, option, parse_options
 from bit_zoo.training.distill import DistillConfig, DistillNetWithLoss, freeze_teacher
 from bit_zoo.training.optim import OptimConfig, create_optimizer
 from bit_zoo.training.train_step import StepConfig, Trainer
+from bit_zoo.utils._timm import import_timm
+from bit_zoo.utils.runner import run_cli
 
 PROG = "python -m benchmarks.benchmark"
 _logger = logging.getLogger(__name__)
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
+TIMM_NAME = "resnetv2_50x1_bit"  # timm's twin of bit_s_r50x1 (the torch rows always run it)
+TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward-data + backward-weights, each about one forward's FLOPs
+
+
+def forward_flops(layers: tuple[int, ...], width_factor: int, img_size: int, num_classes: int, in_channels: int = 3) -> int:
+    """FLOPs (2 x multiply-adds) of one image's forward pass: every convolution and the classifier.
+
+    GroupNorm, ReLU, the residual adds and the pools are left out (under 1 % of the total).
+    """
+    w = 64 * width_factor
+    h = (img_size + 2 * 3 - 7) // 2 + 1  # stem 7x7/2, pad 3
+    macs = h * h * in_channels * 49 * w
+    h = (h + 2 - 3) // 2 + 1  # zero pad 1, max pool 3x3/2
+    cin = w
+    for s, depth in enumerate(layers):
+        mid = w * 2**s
+        out = 4 * mid
+        for u in range(depth):
+            stride = 2 if u == 0 and s > 0 else 1
+            ho = (h + 2 - 3) // stride + 1  # the 3x3 conv carries the stride
+            if u == 0:
+                macs += ho * ho * cin * out  # projection shortcut
+            macs += h * h * cin * mid + ho * ho * mid * mid * 9 + ho * ho * mid * out
+            h, cin = ho, out
+    return 2 * (macs + cin * num_classes)
+
+
+def machine_info() -> dict:
+    """CPU model, core count and vector instruction set (from /proc/cpuinfo), and oneDNN's ISA cap if set."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "AVX" if "avx" in flags else "SSE"
+    if "avx512_bf16" in flags:
+        isa += " (+BF16)"
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return {"cpu": model, "cores": os.cpu_count() or 1, "isa": isa + (f", ONEDNN_MAX_CPU_ISA={cap}" if cap else "")}
+
+
+def versions() -> str:
+    """The installed versions of every runtime the rows use (without importing them)."""
+    out = []
+    for dist in ("mindspore", "torch", "timm", "onnxruntime", "onnx"):
+        try:
+            out.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(out)
 
 
 def _peak_rss_mib() -> float:
@@ -111,7 +183,7 @@ def _alternate(calls: dict, *, steps: int, blocks: int) -> dict:
 def _record(
     name: str,
     role: str,
-    framework: str,
+    runtime: str,
     conv_impl: str,
     args: argparse.Namespace,
     train,
@@ -124,7 +196,7 @@ def _record(
     return {
         "name": name,
         "role": role,
-        "framework": framework,
+        "runtime": runtime,
         "conv_impl": conv_impl,
         "train_img_s": args.batch_size / train[1] if train else None,
         "infer_img_s": args.batch_size / infer[1] if infer else None,
@@ -199,6 +271,8 @@ def _bit_zoo_worker(args: argparse.Namespace) -> list[dict]:
     from mindspore import nn
 
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE, device_target="CPU")
+    if args.cold_cache:  # a compile cache of this worker's own (it runs in a fresh temporary directory): the first step compiles
+        os.environ["BIT_ZOO_COMPILE_CACHE"] = str(Path("compile_cache").resolve())
     x_np, y_np, dtype = _ms_data(args)
     cfg = _step_config(args)
     net, amp, trainer = _train_py_trainer(args)
@@ -221,19 +295,27 @@ def _bit_zoo_worker(args: argparse.Namespace) -> list[dict]:
     # Inference as evaluate() and validate.py run it: the eval-mode Cell called on a batch.
     x = ms.Tensor(x_np, dtype)
     amp.set_train(False)
-    infer = _time_calls(lambda: amp(x), warmup=args.warmup, steps=args.steps, sync=lambda out: out.asnumpy())
-    framework = f"mindspore {ms.__version__}"
-    options = _options_label(cfg)
+    infer = _time_calls(lambda: amp(x), warmup=args.warmup, steps=args.steps * args.blocks, sync=lambda out: out.asnumpy())
+    runtime = f"MindSpore {ms.__version__} {'graph' if args.mode == 'graph' else 'PyNative'} ({net.conv_impl})"
+    cache = ", ".join(f"{role} {status}" for role, status in trainer.compile_cache.items() if status != "pynative")
+    options = _options_label(cfg) + (", PyNative" if args.mode == "pynative" else "")
     rows = [
-        _record(f"bit_zoo {args.model} Trainer{options}", "bit_zoo", framework, net.conv_impl, args, (first["trainer"], per_call["trainer"], None),
+        _record(f"bit_zoo {args.model} Trainer{options}", "bit_zoo", runtime, net.conv_impl, args, (first["trainer"], per_call["trainer"], None),
                 infer, rss["trainer"], args.warmup, args.steps * args.blocks)
     ]  # fmt: skip
+    rows[0]["compile_cache"] = cache or None
     if "floor" in calls:
         rows.append(
-            _record(f"{args.model} nn.TrainOneStepCell", "floor", framework, net.conv_impl, args, (first["floor"], per_call["floor"], None),
+            _record(f"{args.model} nn.TrainOneStepCell", "floor", runtime, net.conv_impl, args, (first["floor"], per_call["floor"], None),
                     None, rss["floor"], args.warmup, args.steps * args.blocks)
         )  # fmt: skip
     return rows
+
+
+def _pynative_worker(args: argparse.Namespace) -> list[dict]:
+    """--pynative-row: the bit_zoo worker in PyNative mode (Trainer and inference, no floor)."""
+    args = argparse.Namespace(**{**vars(args), "mode": "pynative", "no_floor": True})
+    return [dict(row, role="bit_zoo_pynative") for row in _bit_zoo_worker(args)]
 
 
 def _distill_worker(args: argparse.Namespace) -> list[dict]:
@@ -258,7 +340,7 @@ def _distill_worker(args: argparse.Namespace) -> list[dict]:
     calls["student"] = lambda: student.step(batches)[0]
     first["student"] = _first_calls(calls["student"], args.warmup)
     per_call = _alternate(calls, steps=args.steps, blocks=args.blocks)
-    framework = f"mindspore {ms.__version__}"
+    framework = f"MindSpore {ms.__version__} {args.mode}"
     options = _options_label(cfg)
     n = args.steps * args.blocks
     return [
@@ -312,7 +394,9 @@ def _mindcv_worker(args: argparse.Namespace) -> list[dict]:
     net.set_train(False)
     infer = _time_calls(lambda: net(x), warmup=warmup, steps=steps, sync=lambda out: out.asnumpy())
     name = f"mindcv BiT_resnet50 {type(train_net).__name__}"
-    return [_record(name, "mindcv", f"mindspore {ms.__version__}", "mindcv", args, train, infer, rss_train, warmup, steps)]
+    return [
+        _record(name, "mindcv", f"MindSpore {ms.__version__} {args.mode} (mindcv)", "mindcv", args, train, infer, rss_train, warmup, steps)
+    ]
 
 
 def _torch_worker(args: argparse.Namespace) -> list[dict]:
@@ -321,8 +405,9 @@ def _torch_worker(args: argparse.Namespace) -> list[dict]:
 
     timm = import_timm()
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    name = "resnetv2_50x1_bit"
+    name = TIMM_NAME
     net = timm.create_model(name, pretrained=False, num_classes=args.num_classes)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -344,9 +429,111 @@ def _torch_worker(args: argparse.Namespace) -> list[dict]:
     rss_train = _peak_rss_mib()
     net.eval()
     with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=args.precision == "fp16"):
-        inference = _time_calls(lambda: net(x), warmup=args.warmup, steps=args.steps)
-    framework = f"torch {torch.__version__} (eager, {torch.get_num_threads()} threads)"
-    return [_record(f"timm {name}", "torch", framework, "torch", args, train, inference, rss_train, args.warmup, steps)]
+        inference = _time_calls(lambda: net(x), warmup=args.warmup, steps=steps)
+    runtime = f"PyTorch {torch.__version__} eager, {torch.get_num_threads()} threads"
+    return [_record(f"timm {name}", "torch", runtime, "torch", args, train, inference, rss_train, args.warmup, steps)]
+
+
+def _timm_eval(args: argparse.Namespace):
+    """(torch, timm's eval-mode model, the batch), seeded as the eager row's."""
+    import torch
+
+    timm = import_timm()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    net = timm.create_model(TIMM_NAME, pretrained=False, num_classes=args.num_classes).eval()
+    x = torch.empty(args.batch_size, 3, args.image_size, args.image_size).uniform_(-1, 1)
+    return torch, net, x
+
+
+def _torch_compile_worker(args: argparse.Namespace) -> list[dict]:
+    """--torch-compile: timm's model under torch.compile (inductor), inference."""
+    torch, net, x = _timm_eval(args)
+    compiled = torch.compile(net)
+    steps = args.steps * args.blocks
+    with torch.inference_mode():
+        infer = _time_calls(lambda: compiled(x), warmup=args.warmup, steps=steps)
+    runtime = f"PyTorch {torch.__version__} inductor, {torch.get_num_threads()} threads"
+    return [_record(f"timm {TIMM_NAME} torch.compile", "torch_compile", runtime, "torch", args, None, infer, None, args.warmup, steps)]
+
+
+def _ort_infer(args: argparse.Namespace, path: Path):
+    """Inference timings of an ONNX file in onnxruntime's CPU provider; the first call creates the session."""
+    import numpy as np
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).uniform(-1, 1, (args.batch_size, 3, args.image_size, args.image_size)).astype(np.float32)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    session = []
+
+    def call():
+        if not session:
+            session.append(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]))
+        return session[0].run(None, {session[0].get_inputs()[0].name: x})
+
+    infer = _time_calls(call, warmup=args.warmup, steps=args.steps * args.blocks)
+    return infer, f"onnxruntime {ort.__version__}, {args.threads} threads"
+
+
+def _ort_timm_worker(args: argparse.Namespace) -> list[dict]:
+    """--onnx: timm's model exported by torch.onnx (TorchScript exporter, opset 17), in onnxruntime."""
+    torch, net, x = _timm_eval(args)
+    path = Path("timm.onnx").resolve()  # the worker runs in its own temporary directory
+    t0 = time.perf_counter()
+    axes = {"image": {0: "batch"}, "logits": {0: "batch"}}
+    torch.onnx.export(
+        net, (x,), str(path), input_names=["image"], output_names=["logits"], dynamic_axes=axes, opset_version=17, dynamo=False
+    )
+    export_s = time.perf_counter() - t0
+    infer, runtime = _ort_infer(args, path)
+    row = _record(f"timm {TIMM_NAME} ONNX", "ort_timm", runtime, "onnx", args, None, infer, None, args.warmup, args.steps * args.blocks)
+    return [dict(row, export_s=export_s)]
+
+
+def _ort_bit_zoo_worker(args: argparse.Namespace) -> list[dict]:
+    """--onnx: bit_zoo's own ONNX export (export_model) of --model, in onnxruntime."""
+    import mindspore as ms
+
+    from bit_zoo.models.export import export_model
+    from bit_zoo.weights.loading import model_state
+
+    ms.set_seed(0)
+    net = create_model(args.model, num_classes=args.num_classes)
+    path = Path("bit_zoo.onnx").resolve()
+    t0 = time.perf_counter()
+    export_model(model_state(net), get_weights(args.model).layers, path)
+    export_s = time.perf_counter() - t0
+    del net
+    infer, runtime = _ort_infer(args, path)
+    row = _record(
+        f"bit_zoo {args.model} ONNX", "ort_bit_zoo", runtime, "onnx", args, None, infer, None, args.warmup, args.steps * args.blocks
+    )
+    return [dict(row, export_s=export_s)]
+
+
+def _peak_worker(args: argparse.Namespace) -> list[dict]:
+    """This machine's fp32 matmul speed at the size of one forward batch (n^3 multiply-adds = its FLOPs / 2)."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    arch = get_weights(args.model)
+    flops = forward_flops(arch.layers, arch.width_factor, args.image_size, args.num_classes) * args.batch_size
+    n = max(64, round((flops / 2) ** (1 / 3) / 64) * 64)
+    a, b = (np.random.default_rng(i).standard_normal((n, n), dtype=np.float32) for i in (0, 1))
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    best = {}
+    for lib, mm in (("numpy", lambda: a @ b), ("torch", lambda: torch.mm(ta, tb))):
+        mm()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            mm()
+            times.append(time.perf_counter() - t0)
+        best[lib] = 2 * n**3 / min(times) / 1e9
+    return [{"name": f"fp32 matmul {n}x{n}x{n}", "role": "peak", "runtime": f"numpy {np.__version__}, torch {torch.__version__}",
+             "peak_gflops": max(best.values()), "numpy_gflops": best["numpy"], "torch_gflops": best["torch"], "matmul_n": n}]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,8 +563,12 @@ def _ratio(a: dict, b: dict, key: str) -> str:
     return "-" if a.get(key) is None or b.get(key) is None else f"x{a[key] / b[key]:.2f}"
 
 
+# The runtimes bit_zoo's graph-mode inference is held against.
+INFER_PEERS = ("bit_zoo_pynative", "torch", "torch_compile", "ort_timm", "ort_bit_zoo")
+
+
 def ratio_lines(rows: list[dict]) -> list[str]:
-    """bit_zoo's Trainer row against the floor, mindcv and timm rows of the same round."""
+    """bit_zoo's Trainer row against the floor, mindcv and timm rows of the same round, and the issue's targets."""
     ok = {r["role"]: r for r in rows if "error" not in r}
     ours = ok.get("bit_zoo")
     lines = []
@@ -400,37 +591,102 @@ def ratio_lines(rows: list[dict]) -> list[str]:
                 f"bit_zoo Trainer vs {o['name']}: train {_ratio(ours, o, 'train_img_s')}, infer {_ratio(ours, o, 'infer_img_s')}, "
                 f"first step {ours['first_step_s']:.1f} s vs {o['first_step_s']:.1f} s"
             )
+    return lines + target_lines(ok)
+
+
+def _verdict(value: float, ok: bool) -> str:
+    return f"{value} ({'met' if ok else 'NOT met'})"
+
+
+def target_lines(ok: dict) -> list[str]:
+    """Issue 24's targets, from the rows of one round that ran (role -> row)."""
+    ours, lines = ok.get("bit_zoo"), []
+    if ours is None:
+        return lines
+    if "torch" in ok and ours.get("train_img_s") and ok["torch"].get("train_img_s"):
+        r = ours["train_img_s"] / ok["torch"]["train_img_s"]
+        lines.append(f"target: training >= x1.00 of PyTorch eager: {_verdict(f'x{r:.2f}', r >= 1.0)}")
+    peers = [ok[role] for role in INFER_PEERS if role in ok and ok[role].get("infer_img_s")]
+    if peers and ours.get("infer_img_s"):
+        best = max(peers, key=lambda r: r["infer_img_s"])
+        r = ours["infer_img_s"] / best["infer_img_s"]
+        lines.append(f"target: graph inference >= x1.00 of the fastest other runtime ({best['name']}): {_verdict(f'x{r:.2f}', r >= 1.0)}")
+    if "ort_bit_zoo" in ok and "ort_timm" in ok:
+        r = ok["ort_bit_zoo"]["infer_img_s"] / ok["ort_timm"]["infer_img_s"]
+        lines.append(f"target: bit_zoo's ONNX >= x1.00 of timm's ONNX in onnxruntime: {_verdict(f'x{r:.2f}', r >= 1.0)}")
+    first_step, first_infer = ours.get("first_step_s"), ours.get("first_infer_s")
+    if first_step is not None:
+        lines.append(f"target: first training step < 5 s: {_verdict(f'{first_step:.1f} s', first_step < 5)}")
+    if first_infer is not None:
+        lines.append(
+            f"target: first inference call < 2 s (after the training graph, same process): {_verdict(f'{first_infer:.1f} s', first_infer < 2)}"
+        )
     return lines
 
 
-def format_table(results: list[dict], args: argparse.Namespace) -> str:
-    """The rows of every round, the ratios of each round, and (several rounds) the ratios side by side."""
+def add_flops(rows: list[dict], flops_per_image: int) -> list[dict]:
+    """Achieved GFLOP/s of each row (a training step counted as TRAIN_FLOPS_PER_FORWARD forwards)."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        if "error" not in r and r.get("role") != "peak":
+            r["train_gflops"] = r["train_img_s"] * TRAIN_FLOPS_PER_FORWARD * flops_per_image / 1e9 if r.get("train_img_s") else None
+            r["infer_gflops"] = r["infer_img_s"] * flops_per_image / 1e9 if r.get("infer_img_s") else None
+        out.append(r)
+    return out
+
+
+def _pct(gflops, peak) -> str:
+    return "-" if gflops is None else f"{gflops:.0f}" + (f" ({100 * gflops / peak:.0f}%)" if peak else "")
+
+
+def format_table(results: list[dict], args: argparse.Namespace, machine: dict | None = None) -> str:
+    """The header (settings, machine, versions, peak), the rows of every round and the ratios of each round."""
     opts = _options_label(_step_config(args))
-    head = (
+    head = [
         f"model={args.model} img_size={args.image_size} batch={args.batch_size} mode={args.mode} "
         f"precision={args.precision} recompute={args.recompute}{' step options:' + opts if opts else ''}"
-    )
-    cols = ["round", "name", "conv_impl", "train img/s", "infer img/s", "first step s", "peak RSS MiB", "steps"]
+    ]
+    if machine:
+        head.append(
+            f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['isa']}; load average {machine['load_before']:.1f} "
+            f"before, {machine['load_after']:.1f} after; {args.threads} threads for PyTorch and onnxruntime"
+        )
+        head.append(f"versions: {machine['versions']}")
+    peaks = {r.get("round", 1): r for r in results if r.get("role") == "peak" and "error" not in r}
+    for rnd, p in sorted(peaks.items()):
+        head.append(
+            f"peak (round {rnd}): {p['name']} (the FLOPs of one forward batch): numpy {p['numpy_gflops']:.0f} GFLOP/s, "
+            f"torch {p['torch_gflops']:.0f} GFLOP/s"
+        )
+    cols = ["round", "name", "runtime", "train img/s", "infer img/s", "first step s", "first infer s", "train GFLOP/s", "infer GFLOP/s",
+            "peak RSS MiB", "steps"]  # fmt: skip
     rows = []
     for r in results:
-        rnd = str(r.get("round", 1))
-        if "error" in r:
-            rows.append([rnd, r["name"], "ERROR", "-", "-", "-", "-", "-"])
+        rnd = r.get("round", 1)
+        if r.get("role") == "peak":
             continue
+        if "error" in r:
+            rows.append([str(rnd), r["name"], "ERROR"] + ["-"] * (len(cols) - 3))
+            continue
+        peak = peaks.get(rnd, {}).get("peak_gflops")
         rows.append(
             [
-                rnd,
+                str(rnd),
                 r["name"],
-                r["conv_impl"],
+                r.get("runtime", r.get("conv_impl", "")),
                 _fmt(r["train_img_s"], ".2f"),
                 _fmt(r["infer_img_s"], ".2f"),
-                _fmt(r["first_step_s"], ".1f"),
+                _fmt(r["first_step_s"], ".1f") + (f" (cache {r['compile_cache']})" if r.get("compile_cache") else ""),
+                _fmt(r.get("first_infer_s"), ".1f"),
+                _pct(r.get("train_gflops"), peak),
+                _pct(r.get("infer_gflops"), peak),
                 _fmt(r["peak_rss_train_mib"], ".0f"),
                 f"{r['warmup']}+{r['steps']}",
             ]
         )
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    lines = [head, "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |"]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)] if rows else [len(c) for c in cols]
+    lines = head + ["| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |"]
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in rows]
     rounds = sorted({r.get("round", 1) for r in results})
@@ -445,6 +701,47 @@ def format_table(results: list[dict], args: argparse.Namespace) -> str:
         if "error" in r:
             lines.append(f"{r['name']} failed: {r['error']}")
     return "\n".join(lines)
+
+
+CSV_FIELDS = (
+    "date_utc", "commit", "cpu", "cores", "isa", "load_before", "load_after", "versions", "command", "model", "img_size",
+    "batch_size", "precision", "threads", "round", "name", "role", "runtime", "train_img_s", "infer_img_s", "first_step_s",
+    "first_infer_s", "compile_cache", "train_gflops", "infer_gflops", "peak_gflops", "peak_rss_train_mib", "warmup", "steps", "error",
+)  # fmt: skip
+
+
+def append_csv(path: str | os.PathLike, results: list[dict], meta: dict) -> None:
+    """Append one line per row (the peak as a row of its own), with the run's machine, versions and command."""
+    path = Path(path)
+    if path.exists() and path.stat().st_size:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if tuple(header) != CSV_FIELDS:
+            raise ValueError(f"{path} has other columns than this benchmark writes ({', '.join(header[:5])}, ...): pass another --csv file")
+        new = False
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = True
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for r in results:
+            row = {**meta, **r}
+            writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items() if k in CSV_FIELDS})
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(_REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout
+        dirty = subprocess.run(
+            ["git", "-C", str(_REPO_ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        )
+        return sha.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 BENCH = ("benchmark",)
@@ -463,7 +760,14 @@ class BenchConfig:
     no_floor: bool = option(False, "skip the nn.TrainOneStepCell floor row (it doubles the memory)", scripts=BENCH)
     torch_reference: bool = option(False, "also measure timm resnetv2_50x1_bit on PyTorch CPU", scripts=BENCH)
     no_bit_zoo: bool = option(False, "skip bit_zoo (e.g. with --torch_reference alone)", scripts=BENCH)
+    torch_compile: bool = option(False, "also time timm's inference under torch.compile (inductor)", scripts=BENCH)
+    onnx: bool = option(False, "also time timm's and bit_zoo's ONNX exports in onnxruntime", scripts=BENCH)
+    pynative_row: bool = option(False, "also run the bit_zoo Trainer and inference rows in PyNative mode", scripts=BENCH)
+    peers: bool = option(False, "every runtime row: torch_reference, torch_compile, onnx, pynative_row", scripts=BENCH)
+    threads: int = option(os.cpu_count() or 1, "threads for PyTorch and onnxruntime (default: all cores)", check=at_least(1), scripts=BENCH)
+    cold_cache: bool = option(False, "the Trainer rows compile from scratch (an empty compile cache of their own)", scripts=BENCH)
     json: str | None = option(None, "write the settings and results to this JSON file", scripts=BENCH)
+    csv: str | None = option(None, "append every row, with machine, versions, load and command, to this CSV file", scripts=BENCH)
 
 
 GROUPS = [
@@ -486,9 +790,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parse_options("benchmark", GROUPS, argv, prog=PROG, description=__doc__, positionals=_worker_args).flat()
 
 
-_WORKERS = {"bit_zoo": _bit_zoo_worker, "mindcv": _mindcv_worker, "torch": _torch_worker, "distill": _distill_worker}
-_DRIVER_FLAGS = ("--torch_reference", "--torch-reference", "--no_mindcv", "--no-mindcv", "--no_bit_zoo", "--no-bit-zoo")
-_DRIVER_OPTIONS = ("--json", "--rounds")
+_WORKERS = {
+    "bit_zoo": _bit_zoo_worker,
+    "bit_zoo_pynative": _pynative_worker,
+    "mindcv": _mindcv_worker,
+    "torch": _torch_worker,
+    "torch_compile": _torch_compile_worker,
+    "ort_bit_zoo": _ort_bit_zoo_worker,
+    "ort_timm": _ort_timm_worker,
+    "peak": _peak_worker,
+    "distill": _distill_worker,
+}
+_DRIVER_FLAGS = (
+    "--torch_reference", "--torch-reference", "--no_mindcv", "--no-mindcv", "--no_bit_zoo", "--no-bit-zoo", "--torch_compile",
+    "--torch-compile", "--onnx", "--pynative_row", "--pynative-row", "--peers",
+)  # fmt: skip
+_DRIVER_OPTIONS = ("--json", "--rounds", "--csv")
 _BOOLS = ("true", "false", "1", "0", "yes", "no", "y", "n", "on", "off")
 
 
@@ -529,20 +846,42 @@ def _main(argv: list[str] | None) -> int:
         raise ConfigError(f"--batch_size {args.batch_size} does not split into --accum_steps {args.accum_steps} micro-batches")
     if args.model.split(".")[0].split("_")[-1] != "r50x1" and not args.no_mindcv:
         _logger.warning("mindcv's BiT_resnet50 is an R50x1: the ratios compare different architectures")
+    if args.peers:
+        args.torch_reference = args.torch_compile = args.onnx = args.pynative_row = True
     wargv = worker_argv(argv)
+    machine = {**machine_info(), "versions": versions(), "load_before": os.getloadavg()[0]}
+    arch = get_weights(args.model)
+    flops = forward_flops(arch.layers, arch.width_factor, args.image_size, args.num_classes)
     results = []
     for rnd in range(1, args.rounds + 1):
-        which = [] if args.no_bit_zoo else ["bit_zoo"]
+        which = [] if args.no_bit_zoo else ["bit_zoo"] + (["bit_zoo_pynative"] if args.pynative_row else [])
         which += ["torch"] if args.torch_reference else []
+        which += ["torch_compile"] if args.torch_compile else []
+        which += ["ort_bit_zoo", "ort_timm"] if args.onnx else []
         which += ["mindcv"] if rnd == 1 and not args.no_mindcv else []
         which += ["distill"] if args.teacher else []
+        which += ["peak"] if which else []
         for w in which:
-            results += [dict(row, round=rnd) for row in _run_worker(w, wargv)]
-    table = format_table(results, args)
+            results += [dict(row, round=rnd) for row in add_flops(_run_worker(w, wargv), flops)]
+    machine["load_after"] = os.getloadavg()[0]
+    table = format_table(results, args, machine)
     print(table)
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k not in ("worker", "worker_out")}
-        Path(args.json).write_text(json.dumps({"settings": settings, "results": results, "table": table}, indent=2))
+        Path(args.json).write_text(json.dumps({"settings": settings, "machine": machine, "results": results, "table": table}, indent=2))
+    if args.csv:
+        meta = {
+            **machine,
+            "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            "commit": _commit(),
+            "command": "python -m benchmarks.benchmark " + shlex.join(argv),
+            "model": args.model,
+            "img_size": args.image_size,
+            "batch_size": args.batch_size,
+            "precision": args.precision,
+            "threads": args.threads,
+        }
+        append_csv(args.csv, results, meta)
     return 1 if any("error" in r for r in results) else 0
 
 
