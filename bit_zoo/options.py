@@ -173,6 +173,10 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def finite(v):
+    return None if _finite(v) else "a finite number"
+
+
 def positive(v):
     return None if _finite(v) and v > 0 else "a finite number > 0"
 

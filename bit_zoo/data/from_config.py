@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..hyperrule import hyperrule, hyperrule_resolution
 from ..errors import ConfigError
-from ..options import BOTH, at_least, each, length, non_negative, option, positive, unit_interval
+from ..options import BOTH, at_least, each, finite, length, non_negative, option, positive, unit_interval
 from ..weights.pretrained import BIT_MEAN_STD
 from .loader import DATASETS, DataInfo, create_loader
 from .transforms import _INTERPOLATION, TRANSFORMS
@@ -90,7 +90,7 @@ class DataConfig:
         None, "resize filter; default bilinear (seed recipe: bicubic)", choices=(None,) + INTERPOLATIONS, scripts=DATA
     )
     mean: list[float] | None = option(
-        None, "per-channel mean in [0, 1] pixel units; default the weights record's ([-1, 1] for BiT)", scripts=DATA
+        None, "per-channel mean in [0, 1] pixel units; default the weights record's ([-1, 1] for BiT)", check=each(finite), scripts=DATA
     )
     std: list[float] | None = option(None, "per-channel std; default the weights record's", check=each(positive), scripts=DATA)
     batch_size: int = option(

@@ -42,6 +42,8 @@ __all__ = [
     "content_digest",
     "with_meta",
     "verify_digest",
+    "check_meta_values",
+    "MAX_IMAGE_SIZE",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -108,6 +110,55 @@ def with_meta(arrays: Mapping[str, np.ndarray], meta: Mapping) -> dict[str, np.n
     return {META_KEY: encode_meta({**meta, DIGEST_KEY: content_digest(arrays, meta)}), **arrays}
 
 
+MAX_IMAGE_SIZE = 8192  # pixels a side: 805 MB of float32 per 3-channel image; BiT's largest is 480
+_BOUNDS = {  # key -> (low, high) for whole numbers in meta.json; a digest does not vouch for sense, only for integrity
+    "num_classes": (0, 1_000_000),
+    "in_channels": (1, 64),
+    "width_factor": (1, 64),
+}
+
+
+def _whole(v, low: int, high: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _finite_list(v) -> bool:
+    return isinstance(v, list) and 1 <= len(v) <= 64 and all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in v)
+
+
+def check_meta_values(path, meta: Mapping) -> None:
+    """Raise ValueError naming the file and the key when a meta.json value is out of range: a crafted or damaged
+    file must not make a reader build a model of a million units or resize images to a billion pixels."""
+
+    def bad(key: str, value, rule: str) -> ValueError:
+        return ValueError(
+            f"{path}: {META_KEY} {key}={value!r} is out of range ({rule}): the file is damaged or was not written by bit_zoo. "
+            "Use another checkpoint, or pass --model and --image_size to read its weights without it"
+        )
+
+    for key, (low, high) in _BOUNDS.items():
+        if key in meta and meta[key] is not None and not _whole(meta[key], low, high):
+            raise bad(key, meta[key], f"a whole number in [{low}, {high}]")
+    layers = meta.get("layers")
+    if layers is not None and not (isinstance(layers, list) and len(layers) == 4 and all(_whole(u, 1, 256) for u in layers)):
+        raise bad("layers", layers, "4 whole numbers of units per stage, each in [1, 256]")
+    pre = meta.get("preprocess")
+    if pre is None:
+        return
+    if not isinstance(pre, Mapping):
+        raise bad("preprocess", pre, "an object")
+    for key in ("image_size", "eval_size"):
+        if pre.get(key) is not None and not _whole(pre[key], 1, MAX_IMAGE_SIZE):
+            raise bad(f"preprocess.{key}", pre[key], f"a whole number of pixels in [1, {MAX_IMAGE_SIZE}]")
+    if pre.get("mean") is not None and not _finite_list(pre["mean"]):
+        raise bad("preprocess.mean", pre["mean"], "a list of finite numbers, one per channel")
+    if pre.get("std") is not None and not (_finite_list(pre["std"]) and all(x > 0 for x in pre["std"])):
+        raise bad("preprocess.std", pre["std"], "a list of finite numbers > 0, one per channel")
+    crop = pre.get("crop_pct")
+    if crop is not None and not (_finite_list([crop]) and 0 < crop <= 1):
+        raise bad("preprocess.crop_pct", crop, "a number in (0, 1]")
+
+
 def verify_digest(path, arrays: Mapping[str, np.ndarray], *, allow_unverified: bool = False) -> dict | None:
     """The file's metadata after checking its digest; None for files without metadata (upstream, mindcv).
 
@@ -124,6 +175,7 @@ def verify_digest(path, arrays: Mapping[str, np.ndarray], *, allow_unverified: b
     else:
         entries = _entries_digest(arrays)
         if meta[DIGEST_KEY] == _covering(entries, meta):
+            check_meta_values(path, meta)
             return meta
         if meta[DIGEST_KEY] != entries:
             raise ValueError(
@@ -138,4 +190,5 @@ def verify_digest(path, arrays: Mapping[str, np.ndarray], *, allow_unverified: b
             f"python -m bit_zoo.convert --input {path} --output NEW {ALLOW_UNVERIFIED} true"
         )
     _logger.warning("%s %s: used unchecked (%s)", path, problem, ALLOW_UNVERIFIED)
+    check_meta_values(path, meta)
     return meta
