@@ -79,9 +79,9 @@ def _train(cfg, dist, staged, micro: int, argv: list[str] | None) -> dict:
     num_classes = resolve_num_classes(cfg)
     out = Path(cfg.system.output_dir)
     resume_path = resolve_resume(cfg.checkpoint.resume, out, overwrite=cfg.system.overwrite)
-    model, _, _ = build_model(cfg.model, num_classes, weights=cfg.model.checkpoint_path, recompute=cfg.model.recompute)
+    model = build_model(cfg.model, num_classes, weights=cfg.model.checkpoint_path, recompute=cfg.model.recompute)
     freeze(model, cfg.model.freeze)  # before the optimizer: it takes model.trainable_params()
-    prep = train_preprocessing(cfg.data, model.weights)
+    prep = train_preprocessing(cfg.data, model)
     loader_args = dict(micro_batch=micro, shard=(dist.world_size, dist.rank), seed=cfg.system.seed, num_classes=num_classes)
     hyperrule_mixup = cfg.schedule.scheduler == "hyperrule"
     train_data, mixup_alpha = build_train_loader(cfg.data, prep, start_step=0, hyperrule_mixup=hyperrule_mixup, **loader_args)
@@ -92,8 +92,8 @@ def _train(cfg, dist, staged, micro: int, argv: list[str] | None) -> dict:
     lr, total_steps = resolve_schedule(cfg.schedule, lr=cfg.optim.lr, num_images=len(train_data.indices), steps_per_epoch=steps_per_epoch)
     plan = Plan(lr=lr, total_steps=total_steps, steps_per_epoch=steps_per_epoch, global_batch=cfg.data.batch_size)
     eval_data = build_eval_loader(
-        cfg.data, split="val", batch_size=micro, image_size=prep["eval_size"], interpolation=prep["interpolation"],
-        mean=prep["mean"], std=prep["std"], seed=cfg.system.seed, num_classes=num_classes, shard=(dist.world_size, dist.rank),
+        cfg.data, split="val", batch_size=micro, preprocess=prep["eval"], seed=cfg.system.seed, num_classes=num_classes,
+        shard=(dist.world_size, dist.rank),
     )  # fmt: skip
 
     net = ms.amp.auto_mixed_precision(model, cfg.model.amp_level) if cfg.model.amp_level != "O0" else model
@@ -112,7 +112,7 @@ def _train(cfg, dist, staged, micro: int, argv: list[str] | None) -> dict:
         train_data, _ = build_train_loader(cfg.data, prep, start_step=state.micro_step, hyperrule_mixup=hyperrule_mixup, **loader_args)
 
     # ---- first writes
-    meta = model_meta(cfg.model, model, class_names=train_data.class_names, prep=prep, eval_resize_size=cfg.data.eval_resize_size)
+    meta = model_meta(cfg.model, model, class_names=train_data.class_names, prep=prep)
     meta["data_fingerprint"] = train_data.fingerprint  # a resume compares it: see training/resume.py
     manager = CheckpointManager(
         out, keep_max=cfg.checkpoint.keep_max, enabled=dist.is_main, meta=meta, async_save=cfg.checkpoint.async_save

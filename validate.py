@@ -39,24 +39,21 @@ def main(argv: list[str] | None = None) -> dict:
     check_weights_source(m, m.ckpt_path, flag="ckpt_path", required=True)
     check_data(d)
     num_classes = resolve_num_classes(cfg)
-    model, meta, used_ema = build_model(m, num_classes, weights=m.ckpt_path, ema=m.ema, same_classes=True)
-    prep = eval_preprocessing(d, model.weights, meta)
-    info = build_eval_loader(
-        d, split=d.split, batch_size=d.batch_size, image_size=prep["eval_size"], interpolation=prep["interpolation"],
-        mean=prep["mean"], std=prep["std"], seed=cfg.system.seed, num_classes=num_classes,
-    )  # fmt: skip
+    model = build_model(m, num_classes, weights=m.ckpt_path, ema=m.ema, same_classes=True)
+    prep = eval_preprocessing(d, model)
+    info = build_eval_loader(d, split=d.split, batch_size=d.batch_size, preprocess=prep, seed=cfg.system.seed, num_classes=num_classes)
     net = ms.amp.auto_mixed_precision(model, m.amp_level) if m.amp_level != "O0" else model
     result = evaluate(net, info.dataset, progress=cfg.system.progress, desc="validate")
     result.update(
         model=m.model,
         checkpoint=staged.given.get(("model", "ckpt_path"), m.ckpt_path) or f"pretrained:{m.model}",
-        weights="ema" if used_ema else "raw",
+        weights="ema" if model.origin.ema else "raw",
         dataset=d.dataset,
         split=d.split,
-        image_size=prep["eval_size"],
+        image_size=prep.image_size,
     )
     print(
-        f"{result['model']} {result['checkpoint']} ({result['weights']} weights) on {d.dataset} {d.split} at {prep['eval_size']} px: "
+        f"{result['model']} {result['checkpoint']} ({result['weights']} weights) on {d.dataset} {d.split} at {prep.image_size} px: "
         f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  images {result['images']}"
     )
     print(json.dumps({k: (float(v) if isinstance(v, np.floating) else v) for k, v in result.items()}))

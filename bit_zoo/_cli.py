@@ -19,9 +19,8 @@ from .data import dataset_num_classes
 from .data.from_config import DataConfig
 from .data.sources import IMAGE_EXTENSIONS
 from .errors import ConfigError
-from .weights.loading import load_state
+from .models.factory import CUSTOM_ARCHITECTURE
 from .utils.remote import Mirror, fetch, is_remote, stage
-from .training.checkpoint import read_model_state
 
 __all__ = [
     "localize",
@@ -187,26 +186,20 @@ def resolve_num_classes(cfg: Config) -> int:
 
 
 def build_model(m: ModelConfig, num_classes: int, *, weights: str | None, ema: bool | None = False, recompute: bool = False,
-                same_classes: bool = False) -> tuple[Any, dict | None, bool]:  # fmt: skip
-    """(model, the weights file's meta.json or None, EMA weights used).
+                same_classes: bool = False):  # fmt: skip
+    """bit_zoo.create_model from the model options: `weights` (a file) or m.pretrained, else untrained.
 
-    `weights` is read once (digest checked). With same_classes its classifier must have
-    num_classes outputs (validate.py); otherwise another class count gets BiT's zero head.
+    With same_classes (validate.py) the classifier is the file's (or the record's) and must have
+    num_classes outputs; otherwise another class count gets BiT's zero head (fine-tuning).
     """
-    if m.model == "resnetv2":
-        model = bit_zoo.ResNetV2(tuple(m.layers), m.width_factor, num_classes=num_classes, conv_impl=m.conv_impl, recompute=recompute)
-    else:
-        if same_classes and m.pretrained and bit_zoo.get_weights(m.model).num_classes != num_classes:
-            _refuse_head(f"pretrained:{m.model}", bit_zoo.get_weights(m.model).num_classes, num_classes)
-        model = bit_zoo.create_model(m.model, pretrained=m.pretrained, num_classes=num_classes, conv_impl=m.conv_impl, recompute=recompute)
-    if not weights:
-        return model, None, False
-    state, meta, used_ema = read_model_state(weights, model.layers, ema=ema, allow_unverified=m.allow_unverified)
-    head = state.get("head.fc.weight")
-    if same_classes and head is not None and head.shape[0] != num_classes:
-        _refuse_head(weights, head.shape[0], num_classes)
-    load_state(model, state, source=str(weights))
-    return model, meta, used_ema
+    geometry = {"layers": tuple(m.layers), "width_factor": m.width_factor} if m.model == CUSTOM_ARCHITECTURE else {}
+    model = bit_zoo.create_model(
+        m.model, pretrained=m.pretrained, checkpoint_path=weights or None, num_classes=None if same_classes else num_classes,
+        ema=ema, allow_unverified=m.allow_unverified, conv_impl=m.conv_impl, recompute=recompute, **geometry,
+    )  # fmt: skip
+    if same_classes and model.num_classes != num_classes:
+        _refuse_head(model.origin.source, model.num_classes, num_classes)
+    return model
 
 
 def _refuse_head(source: str, file_classes: int, data_classes: int) -> None:
@@ -216,22 +209,15 @@ def _refuse_head(source: str, file_classes: int, data_classes: int) -> None:
     )
 
 
-def model_meta(m: ModelConfig, model, *, class_names: list[str] | None, prep: dict, eval_resize_size: int | None = None) -> dict:
-    """The meta.json entry of the checkpoints a run writes (bit_zoo.weights.meta)."""
+def model_meta(m: ModelConfig, model, *, class_names: list[str] | None, prep: dict) -> dict:
+    """The meta.json entry of the checkpoints a run writes (bit_zoo.weights.meta); prep: train_preprocessing's."""
     return {
         "model": m.model,
         "layers": list(model.layers),
-        "width_factor": int(getattr(model, "width_factor", m.width_factor)),
+        "width_factor": int(model.width_factor),
         "num_classes": int(model.num_classes),
-        "in_channels": int(getattr(model, "in_channels", 3)),
+        "in_channels": int(model.in_channels),
         "class_names": list(class_names) if class_names is not None else None,
-        "preprocess": {
-            "image_size": prep["image_size"],
-            "eval_size": prep["eval_size"],
-            "mean": list(prep["mean"]),
-            "std": list(prep["std"]),
-            "interpolation": prep["interpolation"] or "bilinear",
-            "crop_pct": prep["eval_size"] / eval_resize_size if eval_resize_size else 1.0,
-        },
+        "preprocess": {**prep["eval"].to_meta(), "image_size": prep["image_size"]},
         "bit_zoo_version": __version__,
     }

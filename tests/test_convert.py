@@ -54,9 +54,9 @@ def test_bad_requests_are_clear_and_write_nothing(tmp_path, npz_r50_1000, capsys
     assert main(["--model", "bit_s_r50x1", "--input", str(tmp_path / "missing.npz"), "--output", str(tmp_path / "x.ckpt")]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["--input", str(path), "--output", str(tmp_path / "x.ckpt")]) == 2  # an upstream file says nothing of its model
-    assert "name its architecture with --model" in capsys.readouterr().err
+    assert "name its architecture (the model" in capsys.readouterr().err
     assert main(["--model", "resnetv2", "--input", str(path), "--output", str(tmp_path / "x.ckpt")]) == 2
-    assert "needs --layers" in capsys.readouterr().err
+    assert "resnetv2 needs layers" in capsys.readouterr().err
     assert main(["--model", "bit_s_r50x9", "--input", str(path), "--output", str(tmp_path / "x.ckpt")]) == 2
     assert "unknown model 'bit_s_r50x9'" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []

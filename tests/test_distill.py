@@ -178,7 +178,7 @@ def test_build_teacher_checks_its_weights(tmp_path: Path, make_upstream_npz):
     make_upstream_npz(path, "bit_s_r50x1", 5)
     with pytest.raises(ValueError, match="has 5 classes, the training data 10.*teacher_checkpoint_path"):
         build_teacher("bit_s_r50x1", num_classes=10, checkpoint_path=str(path))
-    with pytest.raises(ValueError, match="carries no meta.json.*pass teacher NAME"):
+    with pytest.raises(ValueError, match="carries no meta.json.*name its architecture"):
         build_teacher(None, num_classes=5, checkpoint_path=str(path))  # an upstream file does not name its architecture
     teacher = build_teacher("bit_s_r50x1", num_classes=5, checkpoint_path=str(path))
     params = list(teacher.net.get_parameters())
@@ -211,7 +211,7 @@ def test_teacher_from_a_train_checkpoint_alone(tmp_path: Path):
         build_teacher(None, num_classes=NUM_CLASSES, checkpoint_path=str(tmp_path / "missing.ckpt"))
     with pytest.raises(ValueError, match="has 10 classes, the training data 4.*fine-tune the teacher"):
         build_teacher(None, num_classes=4, checkpoint_path=str(path))
-    with pytest.raises(ValueError, match=r"teacher bit_s_r50x1 \(layers \[3, 4, 6, 3\].*unset teacher"):
+    with pytest.raises(ValueError, match=r"teacher bit_s_r50x1: bit_s_r50x1 is layers \[3, 4, 6, 3\].*its meta.json: resnetv2"):
         build_teacher("bit_s_r50x1", num_classes=NUM_CLASSES, checkpoint_path=str(path))
 
 

@@ -12,7 +12,7 @@ import pytest
 from bit_zoo.data import create_loader
 from bit_zoo.data.embeddings import compute_embeddings, load_embeddings
 from bit_zoo.tools.embed import main
-from bit_zoo.models.inference import load_model
+from bit_zoo.tools._inference import load_model
 
 CLASSES = [0, 1]
 KW = dict(

@@ -114,7 +114,6 @@ def test_weights_record_is_complete_and_consistent(name):
     else:  # mindcv's names carry the first 8 hex digits of the file's sha256
         assert w.sha256_prefix and w.filename.endswith(f"-{w.sha256_prefix}.ckpt")
     arch = name.split(".")[0].split("_")[-1]
-    assert (tuple(w.layers), w.width_factor) == GEOMETRY[arch]
     assert w.num_params == layout_count(arch, w.num_classes)
     with no_init_parameters():
         model = bit_zoo.create_model(name)

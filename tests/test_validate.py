@@ -126,7 +126,7 @@ def test_bad_input(trained, tmp_path):
             validate.main(TINY + extra)
     raw_only = tmp_path / "raw.ckpt"
     save_weights({k: v for k, v in model_state(bit_zoo.ResNetV2((1, 1, 1, 1), num_classes=10)).items()}, raw_only)
-    with pytest.raises(ConfigError, match="holds no EMA weights"):
+    with pytest.raises(ValueError, match="holds no EMA weights"):
         validate.main(TINY + ["--ckpt_path", str(raw_only), "--ema", "true"])
 
 

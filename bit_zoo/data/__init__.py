@@ -9,11 +9,13 @@
 
 Modules: `sources` (upstream file layouts, undecodable images, dataset fingerprints), `sampling`
 (val hold-out, few-shot, shards, resume), `transforms` (HyperRule, seed recipe, eval; per-sample
-keyed augmentation for exact resume), `mixup` (batch MixUp + label smoothing), `loader`.
+keyed augmentation for exact resume), `mixup` (batch MixUp + label smoothing), `loader`,
+`preprocess` (resolve_data_config: a model's eval preprocessing, for every script and tool).
 """
 
 from .loader import DATASETS, DataInfo, check_num_classes, create_loader, dataset_num_classes
 from .mixup import BatchMixup
+from .preprocess import Preprocess, resolve_data_config
 from .sampling import EpochSampler, few_shot_indices, val_split_indices
 from .sources import BadImageError, BadImages, describe_change, require_same_data
 from .transforms import TrainAugment, build_transforms, default_train_resize
@@ -25,6 +27,7 @@ __all__ = [
     "BatchMixup",
     "DataInfo",
     "EpochSampler",
+    "Preprocess",
     "TrainAugment",
     "build_transforms",
     "check_num_classes",
@@ -33,6 +36,7 @@ __all__ = [
     "default_train_resize",
     "describe_change",
     "require_same_data",
+    "resolve_data_config",
     "few_shot_indices",
     "val_split_indices",
 ]

@@ -15,7 +15,7 @@ itself appears only when complete (temporary name, then rename, with complete=1)
 run with the same fingerprint reuses it instead of recomputing. :func:`cached_embeddings` keeps
 one such file per model, preprocessing, data and split in a cache folder (the few-shot evaluation's).
 
-The model is anything with the fields of bit_zoo.models.inference.LoadedModel (model, preprocess,
+The model is anything with the fields of bit_zoo.tools._inference.LoadedModel (model, preprocess,
 name, source, weights); its network must have no classifier (num_classes=0).
 """
 

@@ -8,21 +8,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..hyperrule import hyperrule, hyperrule_resolution
+from ..hyperrule import hyperrule
 from ..errors import ConfigError
 from ..options import BOTH, at_least, each, finite, length, non_negative, option, positive, unit_interval
-from ..weights.pretrained import BIT_MEAN_STD
 from .loader import DATASETS, DataInfo, create_loader
+from .preprocess import Preprocess, default_image_size, hyperrule_sizes, resolve_data_config
 from .transforms import _INTERPOLATION, TRANSFORMS
 
 __all__ = [
     "DataConfig",
     "val_split_arg",
-    "mean_std",
     "default_image_size",
     "hyperrule_sizes",
     "train_preprocessing",
     "eval_preprocessing",
+    "resolve_data_config",
     "build_train_loader",
     "build_eval_loader",
 ]
@@ -30,11 +30,6 @@ __all__ = [
 INTERPOLATIONS = tuple(_INTERPOLATION)
 EMBEDDERS = ("embed", "fewshot")  # the tools that read a dataset split
 DATA = BOTH + EMBEDDERS  # the scripts that read a dataset
-
-# Source image size (height, width) of the datasets whose size is known without reading them; the
-# others (imagenet, folder) are taken as photos of at least 96x96 px.
-SOURCE_IMAGE_SIZE = {"cifar10": (32, 32), "cifar100": (32, 32), "digits": (8, 8)}
-
 
 def _val_split(v):
     if non_negative(v):
@@ -156,51 +151,32 @@ def val_split_arg(value: float) -> float | int:
     return int(value) if float(value).is_integer() else float(value)
 
 
-def mean_std(data: DataConfig, weights) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Normalisation: the config's, else the weights record's, else BiT's [-1, 1]."""
-    mean = tuple(data.mean or (weights.mean if weights else BIT_MEAN_STD))
-    std = tuple(data.std or (weights.std if weights else BIT_MEAN_STD))
-    return mean, std
-
-
-def hyperrule_sizes(dataset: str) -> tuple[int, int]:
-    """HyperRule's (resize, crop) for the dataset's source images."""
-    return hyperrule_resolution(*SOURCE_IMAGE_SIZE.get(dataset, (96, 96)))
-
-
-def default_image_size(dataset: str) -> int:
-    """HyperRule's crop for the dataset's source images."""
-    return hyperrule_sizes(dataset)[1]
-
-
 def build_eval_loader(
     data: DataConfig,
     *,
     split: str,
     batch_size: int,
-    image_size: int,
-    interpolation: str | None,
-    mean,
-    std,
+    preprocess: Preprocess,
     seed: int,
     num_classes: int,
     shard: tuple[int, int] = (1, 0),
 ) -> DataInfo:
     """The evaluation pipeline: every image of the split in order (no shuffle, last partial batch kept).
 
-    shard = (ranks, rank): this rank's disjoint share, for an evaluation every rank takes part in.
+    preprocess: resolve_data_config's. shard = (ranks, rank): this rank's disjoint share, for an
+    evaluation every rank takes part in.
     """
     return create_loader(
         data.dataset,
         data.data_dir,
         split,
         batch_size=batch_size,
-        image_size=image_size,
-        resize_size=data.eval_resize_size,
+        image_size=preprocess.image_size,
+        resize_size=preprocess.resize_size,
         transform="eval",
-        interpolation=interpolation,
-        mean=mean,
-        std=std,
+        interpolation=preprocess.interpolation,
+        mean=preprocess.mean,
+        std=preprocess.std,
         val_split=val_split_arg(data.val_split),
         num_samples=data.eval_samples,
         shuffle=False,
@@ -215,34 +191,34 @@ def build_eval_loader(
     )
 
 
-def train_preprocessing(data: DataConfig, weights) -> dict:
-    """Training resolution and normalisation: the config's, else HyperRule's crop and the weights record's mean/std."""
+def train_preprocessing(data: DataConfig, model) -> dict:
+    """Training resolution (the config's, else HyperRule's crop) and the run's eval preprocessing ("eval", a Preprocess at
+    eval_size, else the training resolution); training normalises as the evaluation does."""
     image_size = data.image_size or default_image_size(data.dataset)
-    mean, std = mean_std(data, weights)
+    evaluation = eval_preprocessing(data, model, eval_size=data.eval_size or image_size)
     return {
         "image_size": image_size,
-        "eval_size": data.eval_size or image_size,
-        "mean": mean,
-        "std": std,
+        "eval_size": evaluation.image_size,
+        "mean": evaluation.mean,
+        "std": evaluation.std,
         "interpolation": data.interpolation,
+        "eval": evaluation,
     }
 
 
-def eval_preprocessing(data: DataConfig, weights, meta: dict | None) -> dict:
-    """Evaluation preprocessing: the config's, else the checkpoint's (meta.json), else the weights record's, else BiT's."""
-    saved = (meta or {}).get("preprocess") or {}
-    size = (
-        data.eval_size or data.image_size or saved.get("eval_size") or (weights.input_size if weights else default_image_size(data.dataset))
+def eval_preprocessing(data: DataConfig, model, *, eval_size: int | None = None) -> Preprocess:
+    """Evaluation preprocessing of `model` (create_model's) under the config: resolve_data_config with the
+    config's options as the explicit ones (eval_size, else image_size: validate.py's rule)."""
+    return resolve_data_config(
+        model,
+        eval_size=eval_size or data.eval_size,
+        image_size=data.image_size,
+        eval_resize_size=data.eval_resize_size,
+        interpolation=data.interpolation,
+        mean=data.mean,
+        std=data.std,
+        dataset=data.dataset,
     )
-    mean = data.mean or saved.get("mean")
-    std = data.std or saved.get("std")
-    fallback_mean, fallback_std = mean_std(data, weights)
-    return {
-        "eval_size": size,
-        "mean": tuple(mean or fallback_mean),
-        "std": tuple(std or fallback_std),
-        "interpolation": data.interpolation or saved.get("interpolation") or (weights.interpolation if weights else "bilinear"),
-    }
 
 
 def build_train_loader(data: DataConfig, prep: dict, *, micro_batch: int, shard: tuple[int, int], seed: int, start_step: int,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from mindcv.models import registry as _mindcv_registry
 
 from . import zoo  # noqa: F401  (registers bit_zoo's models, which are mirrored below)
+from .factory import create_model
 from .registry import get_weights, list_models, model_entrypoint
 
 default_cfgs: dict[str, dict] = {}
@@ -25,7 +26,7 @@ def _wrap(name: str):
         # mindcv's train.py always passes drop_rate and drop_path_rate (0.0 by default).
         if drop_path_rate:
             raise ValueError(f"{name}: drop_path_rate={drop_path_rate} is not supported (BiT has no stochastic depth); set it to 0")
-        return entry(pretrained=pretrained, num_classes=num_classes, in_channels=in_channels, **kwargs)
+        return create_model(name, pretrained=pretrained, num_classes=num_classes, in_channels=in_channels, **kwargs)
 
     create.__name__ = create.__qualname__ = name
     create.__module__ = __name__

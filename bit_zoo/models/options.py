@@ -45,8 +45,8 @@ class ModelConfig:
         "width factor, for --model resnetv2 only",
         check=at_least(1),
         scripts=LOADERS + ("convert",),
-        script_defaults={"convert": None},
-        script_help={t: "width factor, for --model resnetv2 without meta.json" for t in INFERENCE_TOOLS + ("convert",)},
+        script_defaults=FROM_META,
+        script_help={t: "width factor, for --model resnetv2 without meta.json (default 1)" for t in INFERENCE_TOOLS + ("convert",)},
     )
     num_classes: int | None = option(
         None,

@@ -1,7 +1,9 @@
-"""Model registry: architecture names, their weights tags, and create_model.
+"""Model registry: architecture names and their weights tags.
 
 An architecture name (``bit_m_r101x3``) has a default weights record; other weights of the same
-architecture are tags, written ``name.tag`` as in timm (``bit_m_r50x1.in21k_ft_cifar10``).
+architecture are tags, written ``name.tag`` as in timm (``bit_m_r50x1.in21k_ft_cifar10``). A
+generic architecture (``resnetv2``: any geometry, given as arguments) is registered without
+weights; list_models() lists the architectures that have weights.
 """
 
 from __future__ import annotations
@@ -26,15 +28,16 @@ __all__ = [
 
 _model_entrypoints: dict[str, Callable] = {}
 _model_weights: dict[str, dict[str, Weights]] = {}
-_default_tags: dict[str, str] = {}
+_default_tags: dict[str, str | None] = {}
 
 
-def register_model(fn: Callable, *, weights: dict[str, Weights], default_tag: str) -> Callable:
-    """Register an entry point under its function name with its weights records (first = default)."""
+def register_model(fn: Callable, *, weights: dict[str, Weights], default_tag: str | None) -> Callable:
+    """Register an entry point under its function name with its weights records (default_tag: the default;
+    a generic architecture has none: weights={}, default_tag=None)."""
     name = fn.__name__
     if name in _model_entrypoints:
         raise ValueError(f"model {name!r} is registered twice")
-    if default_tag not in weights:
+    if weights and default_tag not in weights or not weights and default_tag is not None:
         raise ValueError(f"default tag {default_tag!r} of {name!r} has no weights record")
     _model_entrypoints[name] = fn
     _model_weights[name] = dict(weights)
@@ -76,6 +79,8 @@ def list_tags(model_name: str) -> list[str]:
     model_entrypoint(model_name)
     name, _ = split_model_name(model_name)
     default = _default_tags[name]
+    if default is None:
+        return []
     return [default] + [t for t in _model_weights[name] if t != default]
 
 
@@ -83,6 +88,8 @@ def get_weights(model_name: str) -> Weights:
     """The weights record for 'name' (its default) or 'name.tag'."""
     model_entrypoint(model_name)
     name, tag = split_model_name(model_name)
+    if not _model_weights[name]:
+        raise ValueError(f"{name} has no weights record (an architecture of any geometry): use a registered name such as bit_m_r50x1")
     tag = tag or _default_tags[name]
     if tag not in _model_weights[name]:
         raise _unknown(f"weights tag of {name}", f"{name}.{tag}", [f"{name}.{t}" for t in _model_weights[name]])
@@ -91,12 +98,12 @@ def get_weights(model_name: str) -> Weights:
 
 def list_pretrained(filter: str = "*") -> list[str]:
     """Every 'name.tag' with weights, in natural order (default tag first), optionally filtered by a glob pattern."""
-    names = [f"{n}.{t}" for n in sorted(_model_weights, key=_natural_key) for t in list_tags(n)]
+    names = [f"{n}.{t}" for n in sorted(_model_weights, key=_natural_key) for t in list_tags(n)]  # generic names have none
     return [n for n in names if fnmatch.fnmatch(n, filter)]
 
 
 def list_models(filter: str = "*", *, pretrained: bool = False) -> list[str]:
-    """Architecture names; with pretrained=True, every 'name.tag' that has weights (timm's include_tags)."""
+    """Architecture names with weights (not the generic 'resnetv2'); with pretrained=True, every 'name.tag' (timm's include_tags)."""
     if pretrained:
         return list_pretrained(filter)
-    return [n for n in sorted(_model_entrypoints, key=_natural_key) if fnmatch.fnmatch(n, filter)]
+    return [n for n in sorted(_model_entrypoints, key=_natural_key) if _model_weights[n] and fnmatch.fnmatch(n, filter)]

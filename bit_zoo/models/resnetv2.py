@@ -215,6 +215,7 @@ class ResNetV2(nn.Cell):
         self.num_features = prev
         self.drop_rate = drop_rate
         self.weights: Weights | None = None  # set by the builder to the record the model was made for
+        self.origin = None  # set by bit_zoo.create_model: a ModelOrigin (name, source, EMA used, the file's meta.json)
         if features_only:
             take, _ = feature_take_indices(NUM_FEATURES, tuple(out_indices))
             self.out_indices = tuple(take)

@@ -33,10 +33,12 @@ import numpy as np
 from mindspore.nn.utils import no_init_parameters
 
 from ..data.from_config import DataConfig
+from ..data.preprocess import resolve_data_config
 from ..errors import ConfigError
 from ..models.export import export_model
 from ..models.options import ModelConfig
-from ..models.registry import get_weights, is_model, list_models
+from ..models.factory import CUSTOM_ARCHITECTURE, Architecture, resolve_architecture
+from ..models.registry import get_weights
 from ..models.resnetv2 import ResNetV2
 from ..options import option, parse_options
 from ..utils import remote
@@ -46,48 +48,14 @@ from ..weights.formats import to_npz
 from ..weights.loading import fetch_pretrained, lazy_weights, match_state, open_arrays, save_weights
 from ..weights.meta import META_KEY, verify_digest, with_meta
 
-__all__ = ["Architecture", "resolve_architecture", "read_model_weights", "convert", "main"]
+__all__ = ["read_model_weights", "convert", "main"]
 
 _logger = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = (".ckpt", ".safetensors", ".npz", ".onnx", ".mindir")
 EXPORT_FORMATS = (".onnx", ".mindir")
-CUSTOM_MODEL = "resnetv2"
 PROG = "python -m bit_zoo.convert"
 CONVERT = ("convert",)
-
-
-class Architecture:
-    """What the converter needs of a model: its name, geometry and (for registered names) weights record."""
-
-    def __init__(self, name: str, layers: tuple[int, ...], width_factor: int, record=None) -> None:
-        self.name, self.layers, self.width_factor, self.record = name, tuple(layers), width_factor, record
-
-
-def resolve_architecture(
-    model: str | None, *, layers: tuple[int, ...] | None = None, width_factor: int | None = None, meta: dict | None = None
-) -> Architecture:
-    """--model (registered name or 'resnetv2' + geometry), else the input's meta.json; an error otherwise."""
-    if model is None and meta is not None:
-        model = meta.get("model")
-        if model == CUSTOM_MODEL or not is_model(model or ""):
-            return Architecture(CUSTOM_MODEL, tuple(meta["layers"]), int(meta["width_factor"]))
-    if model is None:
-        raise ValueError("the input carries no meta.json (not written by bit_zoo): name its architecture with --model")
-    if model == CUSTOM_MODEL:
-        if not layers or not width_factor:
-            raise ValueError("--model resnetv2 needs --layers (e.g. 3,4,6,3) and --width_factor (e.g. 1)")
-        if len(layers) != 4:
-            raise ValueError(f"--layers needs four units-per-stage counts, got {list(layers)}")
-        return Architecture(CUSTOM_MODEL, layers, width_factor)
-    if not is_model(model):
-        raise ValueError(
-            f"unknown model {model!r}: one of {', '.join(list_models())}, a name.tag, or {CUSTOM_MODEL} with --layers/--width_factor"
-        )
-    record = get_weights(model)
-    if layers and tuple(layers) != tuple(record.layers) or width_factor and width_factor != record.width_factor:
-        raise ValueError(f"{model} is R{record.layers}x{record.width_factor}; --layers/--width_factor contradict it (use --model resnetv2)")
-    return Architecture(model, record.layers, record.width_factor, record)
 
 
 def read_model_weights(
@@ -106,7 +74,7 @@ def read_model_weights(
     fmt, reader = open_arrays(input_path)
     with reader:
         meta = verify_digest(input_path, reader, allow_unverified=allow_unverified) if META_KEY in reader else None
-        arch = resolve_architecture(model, layers=layers, width_factor=width_factor, meta=meta)
+        arch = resolve_architecture(model, layers=layers, width_factor=width_factor, meta=meta, source=str(input_path))
         state = {k: np.asarray(v) for k, v in lazy_weights(reader, fmt, arch.layers, path=input_path, ema=ema).items()}
     return arch, state, meta
 
@@ -135,16 +103,8 @@ def _meta_out(meta: dict | None, arch: Architecture, num_classes: int, in_channe
     if out.get("num_classes") not in (None, num_classes):
         out["class_names"] = None  # the names belonged to the replaced head
     out.update(model=arch.name, layers=list(arch.layers), width_factor=arch.width_factor, num_classes=num_classes, in_channels=in_channels)
-    if "preprocess" not in out and arch.record is not None:
-        r = arch.record
-        out["preprocess"] = {
-            "image_size": r.input_size,
-            "eval_size": r.input_size,
-            "mean": list(r.mean),
-            "std": list(r.std),
-            "interpolation": r.interpolation,
-            "crop_pct": r.crop_pct,
-        }
+    if "preprocess" not in out and arch.weights is not None:
+        out["preprocess"] = resolve_data_config(weights=arch.weights).to_meta()
     out.setdefault("class_names", None)
     return out
 
@@ -177,7 +137,7 @@ def convert(
             "does not keep, e.g. a training checkpoint's optimizer state). Write to a new name"
         )
     if input_path is None:
-        if model is None or model == CUSTOM_MODEL:
+        if model is None or model == CUSTOM_ARCHITECTURE:
             raise ValueError("without --input, --model must be a registered name (its pretrained weights are used)")
         input_path = fetch_pretrained(get_weights(model))
     arch, state, meta = read_model_weights(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..data.embeddings import compute_embeddings
 from ..data.from_config import DataConfig, val_split_arg
-from ..models.inference import model_from_options, preprocess_overrides
+from ._inference import model_from_options
 from ..models.options import ModelConfig
 from ..options import SystemConfig, at_least, option, parse_options
 from ..utils.runner import run_cli
@@ -53,8 +53,10 @@ def _main(argv: list[str] | None) -> int:
     parsed = parse(argv)
     system, m, d, e = parsed["system"], parsed["model"], parsed["data"], parsed["embed"]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    loaded = model_from_options(m, system, num_classes=0, image_size=d.eval_size or d.image_size)  # validate.py's rule
-    loaded.preprocess = preprocess_overrides(loaded.preprocess, resize_size=d.eval_resize_size, interpolation=d.interpolation, mean=d.mean, std=d.std)
+    loaded = model_from_options(
+        m, system, num_classes=0, eval_size=d.eval_size, image_size=d.image_size, eval_resize_size=d.eval_resize_size,
+        interpolation=d.interpolation, mean=d.mean, std=d.std,
+    )  # fmt: skip
     pp = loaded.preprocess
     arrays = compute_embeddings(
         loaded,

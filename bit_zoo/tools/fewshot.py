@@ -24,7 +24,8 @@ import numpy as np
 
 from ..data.embeddings import cached_embeddings
 from ..data.from_config import DataConfig, val_split_arg
-from ..models.inference import Preprocess, model_from_options, preprocess_overrides
+from ..data.preprocess import Preprocess, resolve_data_config
+from ._inference import model_from_options
 from ..models.options import ModelConfig
 from ..options import SystemConfig, at_least, each, option, parse_options, positive
 from ..utils.atomic import write_text_atomic
@@ -135,9 +136,10 @@ def protocol_preprocess(d: DataConfig, crop_pct: float) -> Preprocess:
     """The protocol's preprocessing, not the checkpoint's: resize to size / crop_pct, center crop, normalise.
 
     The size: eval_size, else image_size (validate.py's rule), else big_vision's 224."""
-    size = d.eval_size or d.image_size or PROTOCOL_SIZE
-    resize = d.eval_resize_size or (round(size / crop_pct) if crop_pct < 1 else None)
-    return preprocess_overrides(Preprocess(size, resize), interpolation=d.interpolation, mean=d.mean, std=d.std)
+    return resolve_data_config(
+        eval_size=d.eval_size, image_size=d.image_size or PROTOCOL_SIZE, eval_resize_size=d.eval_resize_size, crop_pct=crop_pct,
+        interpolation=d.interpolation, mean=d.mean, std=d.std,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..data.from_config import DataConfig
 from ..data.sources import IMAGE_EXTENSIONS, decode_image
-from ..models.inference import LoadedModel, model_from_options
+from ._inference import LoadedModel, model_from_options
 from ..models.options import ModelConfig
 from ..options import SystemConfig, at_least, option, parse_options
 from ..utils.atomic import write_text_atomic

@@ -35,11 +35,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from ..models.inference import load_model
-from ..weights.loading import detect_format, read_arrays
-from ..weights.meta import decode_meta
+from ..data.preprocess import resolve_data_config
+from ..models.factory import create_model
 from ..options import non_negative, option, positive
-from ..models.registry import get_weights
 from .metrics import evaluate, topk_correct
 
 __all__ = [
@@ -164,53 +162,27 @@ def build_teacher(
         )
     if pretrained and name is None:
         raise ValueError("teacher_pretrained needs teacher: NAME[.tag] (a registered model whose published weights are the teacher)")
-    if name is not None and name != "resnetv2" and checkpoint_path:
-        _check_named_architecture(name, checkpoint_path)
     try:
-        loaded = load_model(
-            None if name == "resnetv2" else name,
-            checkpoint_path=checkpoint_path,
-            pretrained=pretrained,
-            conv_impl=conv_impl,
-            num_classes=num_classes if pretrained else None,
-            allow_unverified=allow_unverified,
+        teacher = create_model(
+            name, checkpoint_path=checkpoint_path, pretrained=pretrained, conv_impl=conv_impl, allow_unverified=allow_unverified
         )
     except ValueError as e:
-        raise ValueError(f"{where}: {e}".replace("--model", "teacher").replace("--layers", "a checkpoint train.py wrote")) from e
-    teacher = loaded.model
-    head = teacher.get_classifier()
-    classes = int(head.weight.shape[0]) if head is not None else 0
-    source = checkpoint_path or f"{name}'s published weights ({teacher.weights.num_classes} classes)"
-    if classes != num_classes or (pretrained and not np.any(head.weight.asnumpy())):
-        have = classes if checkpoint_path else teacher.weights.num_classes
+        raise ValueError(f"{where}: {e}") from e
+    origin = teacher.origin
+    classes = teacher.num_classes
+    source = checkpoint_path or f"{name}'s published weights"
+    if classes != num_classes:
         raise ValueError(
-            f"teacher {loaded.name}: the classifier in {source} has {have} classes, the training data {num_classes}, "
+            f"teacher {origin.name}: the classifier in {source} has {classes} classes, the training data {num_classes}, "
             f"so it does not have {num_classes} classes to teach. Distil on the classes the teacher was trained on (classes), "
             "or fine-tune the teacher on this dataset with train.py first and pass its best.ckpt as teacher_checkpoint_path"
         )
+    pp = resolve_data_config(teacher)  # the normalisation the teacher was trained with
     if amp_level != "O0":
         teacher = ms.amp.auto_mixed_precision(teacher, amp_level)
-    _logger.info("teacher %s from %s (%s weights), %d classes, amp %s", loaded.name, loaded.source, loaded.weights, classes, amp_level)
-    pp = loaded.preprocess
-    return Teacher(freeze_teacher(teacher), loaded.name, loaded.source, tuple(pp.mean), tuple(pp.std), loaded.class_names, classes)
-
-
-def _check_named_architecture(name: str, checkpoint_path: str) -> None:
-    """A registered teacher name and a checkpoint whose meta.json names another architecture contradict each other."""
-    if detect_format(checkpoint_path) == "npz":
-        return  # upstream files carry no meta.json: not worth reading a large teacher twice
-    _, arrays = read_arrays(checkpoint_path)
-    meta = decode_meta(arrays)
-    if not meta or "layers" not in meta:
-        return
-    record = get_weights(name)  # the weights record names its geometry: no model skeleton needed
-    wanted = (tuple(record.layers), int(record.width_factor))
-    found = (tuple(meta["layers"]), int(meta.get("width_factor", 1)))
-    if wanted != found:
-        raise ValueError(
-            f"teacher {name} (layers {list(wanted[0])}, width {wanted[1]}) but {checkpoint_path} holds a {meta['model']} with layers "
-            f"{list(found[0])}, width {found[1]}: unset teacher (the checkpoint names its architecture) or name the one it holds"
-        )
+    used = "ema" if origin.ema else "raw"
+    _logger.info("teacher %s from %s (%s weights), %d classes, amp %s", origin.name, origin.source, used, classes, amp_level)
+    return Teacher(freeze_teacher(teacher), origin.name, origin.source, tuple(pp.mean), tuple(pp.std), origin.class_names, classes)
 
 
 def check_teacher_input(teacher: Teacher, *, mean, std, class_names: list[str] | None = None) -> None:

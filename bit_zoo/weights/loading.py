@@ -48,6 +48,7 @@ __all__ = [
     "match_state",
     "save_weights",
     "load_checkpoint",
+    "load_lazy_state",
     "load_pretrained",
     "fetch_pretrained",
     "model_state",
@@ -303,13 +304,17 @@ def load_checkpoint(model: ms.nn.Cell, path: str | os.PathLike, *, ema: bool = F
     with reader:
         if META_KEY in reader:
             verify_digest(path, reader, allow_unverified=allow_unverified)
-        state: dict = lazy_weights(reader, fmt, layers, path=path, ema=ema)
-        if "stem.conv.weight" in state:  # small, and adapt_input_conv needs the values
-            state["stem.conv.weight"] = np.asarray(state["stem.conv.weight"])
-        try:
-            load_state(model, state, source=str(path))
-        except (OSError, KeyError, zipfile.BadZipFile, RuntimeError) as e:
-            raise ValueError(f"cannot read {path} as {fmt}: {e}. The file is corrupt or truncated; download or convert it again.") from e
+        load_lazy_state(model, lazy_weights(reader, fmt, layers, path=path, ema=ema), path=path, fmt=fmt)
+
+
+def load_lazy_state(model: ms.nn.Cell, state: dict, *, path, fmt: str) -> None:
+    """load_state over the lazy arrays of an open reader (lazy_weights); a read failure names the file."""
+    if "stem.conv.weight" in state:  # small, and adapt_input_conv needs the values
+        state["stem.conv.weight"] = np.asarray(state["stem.conv.weight"])
+    try:
+        load_state(model, state, source=str(path))
+    except (OSError, KeyError, zipfile.BadZipFile, RuntimeError) as e:
+        raise ValueError(f"cannot read {path} as {fmt}: {e}. The file is corrupt or truncated; download or convert it again.") from e
 
 
 def verify_structure(path: Path, weights: Weights) -> None:
