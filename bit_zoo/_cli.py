@@ -9,7 +9,6 @@ import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import bit_zoo
 
@@ -154,7 +153,7 @@ def check_data(data: DataConfig) -> None:
 
 
 def check_weights_source(m: ModelConfig, path: str | None, *, flag: str, required: bool = False) -> None:
-    """pretrained vs a local file (passed as --flag): not both, an existing file, resnetv2 has no record."""
+    """pretrained vs a local file (passed as --flag): not both, an existing file (the model itself: bit_zoo.create_model)."""
     if required and not path and not m.pretrained:
         raise ConfigError(f"nothing to evaluate: pass --{flag} FILE (training checkpoint, .npz or mindcv .ckpt) or --pretrained true")
     if m.pretrained and path:
@@ -164,11 +163,7 @@ def check_weights_source(m: ModelConfig, path: str | None, *, flag: str, require
             f"{flag} {path}: no such file. Point it at a weights file (.npz, mindcv .ckpt, bit_zoo .ckpt or .safetensors), "
             "or run the training that writes it first (the config's header names it)"
         )
-    if m.model == "resnetv2" and m.pretrained:
-        raise ConfigError(
-            "--model resnetv2 (a custom --layers network) has no pretrained weights: use a registered name or pretrained false"
-        )
-    if m.model != "resnetv2" and (list(m.layers) != [1, 1, 1, 1] or m.width_factor != 1):
+    if m.model != CUSTOM_ARCHITECTURE and (list(m.layers) != [1, 1, 1, 1] or m.width_factor != 1):
         _logger.warning("layers/width_factor apply to --model resnetv2 only: %s has its own geometry", m.model)
 
 

@@ -21,7 +21,6 @@ import bit_zoo
 from bit_zoo.data import Preprocess, resolve_data_config
 from bit_zoo.weights.formats import to_npz, to_timm
 from bit_zoo.weights.loading import load_state, model_state, save_weights
-from bit_zoo.weights.meta import META_KEY, encode_meta
 
 # BIT_FACTS.md section 1: units per stage and width factor of each architecture, and its exact
 # parameter count (head included) for 1000 and 21843 classes.
@@ -294,7 +293,9 @@ def _npz_bytes(tmp_path, params) -> bytes:
 
 def test_meta_key_alone_is_not_a_model(tmp_path):
     """A file whose meta.json names no geometry and a name that is not registered: one clear error each."""
-    path = save_weights({META_KEY: encode_meta({"model": "resnetv2"})}, tmp_path / "empty.ckpt")
+    from bit_zoo.weights.meta import with_meta
+
+    path = save_weights(with_meta({}, {"model": "resnetv2"}), tmp_path / "empty.ckpt")
     with pytest.raises(ValueError, match="resnetv2 needs layers"):
         bit_zoo.create_model(checkpoint_path=path)
     with pytest.raises(ValueError, match="unknown model 'bit_m_r51x1'"):

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import Config, config_dict, parse_config
-from ..models.registry import get_weights
+from ..models.factory import CUSTOM_ARCHITECTURE, resolve_architecture
 from ..options import at_least, non_negative, option, parse_options, positive
 from ..utils.runner import run_cli
 
@@ -70,11 +70,10 @@ class Geometry:
 
 
 def geometry(model: str, *, num_classes: int, layers=None, width_factor: int = 1, in_channels: int = 3) -> Geometry:
-    """The architecture of a registered name (bit_m_r101x3, name.tag) or of 'resnetv2' with layers."""
-    if model == "resnetv2":
-        return Geometry(tuple(layers or DEFAULTS["layers"]), int(width_factor), num_classes, in_channels)
-    weights = get_weights(model)  # the record states the geometry; an unknown name lists close matches
-    return Geometry(tuple(weights.layers), weights.width_factor, num_classes, in_channels)
+    """The architecture of a registered name (bit_m_r101x3, name.tag) or of 'resnetv2' with layers (create_model's resolver)."""
+    custom = model == CUSTOM_ARCHITECTURE  # the config's layers / width_factor are for resnetv2 only, as in train.py
+    arch = resolve_architecture(model, layers=layers if custom else None, width_factor=width_factor if custom else None)
+    return Geometry(arch.layers, arch.width_factor, num_classes, in_channels)
 
 
 def _units(g: Geometry, image_size: int):

@@ -26,9 +26,8 @@ import mindspore as ms
 import numpy as np
 
 from ..utils.atomic import atomic_path, save_checkpoint_atomic
-from ..errors import ConfigError
-from ..weights.loading import EMA_PREFIX, TRAIN_STATE_PREFIXES, detect_format, read_arrays, read_weights_file, save_weights
-from ..weights.meta import META_KEY, decode_meta, verify_digest, with_meta
+from ..weights.loading import EMA_PREFIX, save_weights
+from ..weights.meta import decode_meta, verify_digest, with_meta
 from ..options import at_least, option
 
 __all__ = [
@@ -37,7 +36,6 @@ __all__ = [
     "save_training_checkpoint",
     "load_training_checkpoint",
     "CheckpointManager",
-    "read_model_state",
     "export_weights",
 ]
 
@@ -122,31 +120,6 @@ def export_weights(model, path: str | Path, *, meta: dict) -> Path:
     """The model's weights alone (float32, .ckpt or .safetensors by suffix), with meta.json and its digest."""
     arrays = {p.name: p.asnumpy().astype(np.float32) for p in model.get_parameters()}
     return save_weights(with_meta(arrays, meta), path)
-
-
-def read_model_state(
-    path: str | Path, layers: tuple[int, ...], *, ema: bool | None = None, allow_unverified: bool = False
-) -> tuple[dict, dict | None, bool]:
-    """(bit_zoo parameter arrays, meta.json or None, EMA used) of any weights file.
-
-    A bit_zoo file is read once and its digest checked (one without a digest only with allow_unverified);
-    ``ema=None`` takes the EMA weights when the file has them. Upstream .npz and mindcv files are converted by bit_zoo.weights.loading.
-    """
-    if detect_format(path) == "npz":
-        if ema:
-            raise ConfigError(f"--ema true but {path} is an upstream .npz (no EMA weights): pass --ema false")
-        return read_weights_file(path, layers), None, False
-    _, arrays = read_arrays(path)
-    meta = verify_digest(path, arrays, allow_unverified=allow_unverified)
-    has_ema = any(k.startswith(EMA_PREFIX) for k in arrays)
-    if ema and not has_ema:
-        raise ConfigError(f"--ema true but {path} holds no EMA weights: pass --ema false")
-    if meta is None and not has_ema and not any(k.startswith(TRAIN_STATE_PREFIXES) for k in arrays):
-        return read_weights_file(path, layers), None, False  # mindcv or plain weights: loading.py converts
-    use_ema = has_ema if ema is None else ema
-    if use_ema:
-        return {k[len(EMA_PREFIX) :]: v for k, v in arrays.items() if k.startswith(EMA_PREFIX)}, meta, True
-    return {k: v for k, v in arrays.items() if not k.startswith((EMA_PREFIX, META_KEY) + TRAIN_STATE_PREFIXES)}, meta, False
 
 
 def load_training_checkpoint(
