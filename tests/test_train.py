@@ -236,8 +236,8 @@ def test_recompute_flag_trains(tmp_path, monkeypatch):
     built = []
 
     def build_model(*args, **kwargs):
-        built.append(train_build_model(*args, **kwargs)[0])
-        return built[-1], None, False
+        built.append(train_build_model(*args, **kwargs))
+        return built[-1]
 
     train_build_model = train.build_model
     monkeypatch.setattr(train, "build_model", build_model)
