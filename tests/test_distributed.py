@@ -132,20 +132,32 @@ def _without_time(result: dict) -> dict:
     return {k: v for k, v in result.items() if k not in ("seconds", "ranks")}
 
 
+def assert_same_evaluation(got: dict, expected: dict) -> None:
+    """Counts (images, top-1, top-5) exactly; the mean loss within 1e-6 relative.
+
+    A shard runs the network on other batch shapes than one process does, and oneDNN blocks a GEMM or
+    convolution per shape and per instruction set, so an image's float32 logits, hence its loss, may
+    differ in the last bits (test_distill measured 2.8e-8 relative on an AVX2-only CPU). 1e-6 is ~8
+    float32 ulps; an image lost or counted twice moves the mean loss by percents."""
+    got, expected = _without_time(got), _without_time(expected)
+    assert {k: v for k, v in got.items() if k != "loss"} == {k: v for k, v in expected.items() if k != "loss"}
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+
+
 def test_sharded_evaluation_arithmetic_equals_one_process():
     """Every rank's part (ranks run one after the other here), combined, equals the single-process
-    result bit for bit: loader shards (sharded=True) and batch round-robin (sharded=False)."""
+    result: loader shards (sharded=True) and batch round-robin (sharded=False); see assert_same_evaluation."""
     net = _TinyNet()
     whole = _digits_eval()
     single = evaluate(net, whole.dataset, num_images=len(whole.indices))
     assert single["images"] == len(whole.indices) and 0 < single["top1"] < 100
     for world in (2, 3):
         parts = [evaluate_part(net, _digits_eval(world, r).dataset, rank=r, world_size=world, sharded=True) for r in range(world)]
-        assert _without_time(combine_parts(parts, sharded=True, num_images=len(whole.indices))) == _without_time(single)
+        assert_same_evaluation(combine_parts(parts, sharded=True, num_images=len(whole.indices)), single)
         parts = [evaluate_part(net, whole.dataset, rank=r, world_size=world, sharded=False) for r in range(world)]
         assert sum(p.images for p in parts) == single["images"]
         assert all(p.images for p in parts)
-        assert _without_time(combine_parts(parts, num_images=len(whole.indices))) == _without_time(single)
+        assert_same_evaluation(combine_parts(parts, num_images=len(whole.indices)), single)
 
 
 def _part(rank: int, n: int) -> EvalPart:
@@ -211,7 +223,7 @@ with open(sys.argv[1] + f".rank{dist.rank}.json", "w") as f:
 def test_two_process_evaluation_equals_one_process(tmp_path, two_processes):
     """2 CPU ranks (msrun, and mpirun where installed), graph mode, a small ResNetV2 on the digits test split: raw
     and EMA weights (swapped on both ranks), loader shards and batch round-robin; every number equals the
-    single-process run's exactly, on both ranks."""
+    single-process run's on both ranks (counts exactly, the loss within 1e-6: assert_same_evaluation)."""
     script = tmp_path / "eval_worker.py"
     script.write_text(_EVAL_WORKER)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -229,5 +241,5 @@ def test_two_process_evaluation_equals_one_process(tmp_path, two_processes):
         dp = json.loads((dp_dir / f"out.rank{rank}.json").read_text())
         for key in single:
             assert dp[key]["ranks"] == 2
-            assert _without_time(dp[key]) == _without_time(single[key]), (rank, key)
+            assert_same_evaluation(dp[key], single[key])
     assert "rank 0 of 2: CPU" in logs and "rank 1 of 2: CPU" in logs
