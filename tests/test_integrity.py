@@ -154,3 +154,14 @@ def test_converting_in_place_is_refused(run_dir, tmp_path, capsys):
         err = _error_lines(capsys.readouterr().err)
         assert len(err) == 1 and "is the --input file" in err[0], err
     assert copy.read_bytes() == before
+
+
+def test_resume_refuses_a_checkpoint_with_edited_meta(run_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("last.ckpt", "metrics.jsonl"):
+        (out / name).write_bytes((run_dir / name).read_bytes())
+    _rewrite(out / "last.ckpt", out / "last.ckpt", lambda m: m.update(class_names=m["class_names"][::-1]))
+    assert train.cli(TINY + ["--steps", "4", "--output_dir", str(out), "--resume", "auto"]) == 2
+    err = _error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "does not match the digest" in err[0] and "last.ckpt" in err[0], err
