@@ -165,3 +165,19 @@ def test_resume_refuses_a_checkpoint_with_edited_meta(run_dir, tmp_path, capsys)
     assert train.cli(TINY + ["--steps", "4", "--output_dir", str(out), "--resume", "auto"]) == 2
     err = _error_lines(capsys.readouterr().err)
     assert len(err) == 1 and "does not match the digest" in err[0] and "last.ckpt" in err[0], err
+
+
+def test_an_older_digest_that_does_not_cover_meta_json_needs_the_option():
+    """Files of earlier versions carry a digest of the other entries only: their meta.json is unchecked."""
+    import hashlib
+
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    h = hashlib.sha256()  # the earlier digest, written out here as those versions computed it
+    h.update(f"w\0{arrays['w'].dtype.str}\0{arrays['w'].shape}\0".encode())
+    h.update(arrays["w"].tobytes())
+    old = {META_KEY: encode_meta({"class_names": ["a", "b"], "digest": h.hexdigest()}), **arrays}
+    with pytest.raises(UnverifiedError, match="older bit_zoo's digest.*--allow_unverified"):
+        verify_digest("old.ckpt", old)
+    assert verify_digest("old.ckpt", old, allow_unverified=True)["class_names"] == ["a", "b"]
+    with pytest.raises(ValueError, match="does not match"):  # a changed entry is refused, option or not
+        verify_digest("old.ckpt", {**old, "w": arrays["w"] + 1}, allow_unverified=True)
