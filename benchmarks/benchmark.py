@@ -653,6 +653,12 @@ def format_table(results: list[dict], args: argparse.Namespace, machine: dict | 
             f"before, {machine['load_after']:.1f} after; {args.threads} threads for PyTorch and onnxruntime"
         )
         head.append(f"versions: {machine['versions']}")
+        if max(machine["load_before"], machine["load_after"]) > machine["cores"]:
+            head.append(
+                f"WARNING: load average above the {machine['cores']} cores: other processes shared the CPU, and PyTorch's and "
+                "onnxruntime's thread pools lose far more to that than MindSpore's; the ratios between runtimes (and the targets "
+                "below) are not those of an idle machine"
+            )
     peaks = {r.get("round", 1): r for r in results if r.get("role") == "peak" and "error" not in r}
     for rnd, p in sorted(peaks.items()):
         head.append(

@@ -116,6 +116,8 @@ def test_targets_and_gflops_against_the_peak():
     assert "target: bit_zoo's ONNX >= x1.00 of timm's ONNX in onnxruntime: x1.10 (met)" in table
     assert "target: first training step < 5 s: 4.0 s (met)" in table
     assert "target: first inference call < 2 s (after the training graph, same process): 2.5 s (NOT met)" in table
+    assert "WARNING" not in table
+    assert "WARNING: load average above the 2 cores" in benchmark.format_table(rows, args, dict(machine, load_after=2.5))
 
 
 def test_csv_appends_rows_with_the_run_and_refuses_other_columns(tmp_path):
