@@ -20,12 +20,12 @@ setup(
     package_data={"bit_zoo.weights": ["_data/*.txt", "_data/*.md"], "bit_zoo.models": ["_kernels/*.cc"]},
     python_requires=">=3.10,<3.13",
     install_requires=[
-        "mindspore>=2.2,<3",
+        "mindspore>=2.7.0,<2.11",
         # mindspore 2.10's first eager op raises SystemError under numpy 2
         "numpy>=1.21,<2",
         "pyyaml>=5.4",
         "tqdm>=4.60",
-        "mindcv>=0.3",
+        "mindcv>=0.3,<0.4",
         "safetensors>=0.4",
         "pillow>=9",
         "matplotlib>=3.5",
