@@ -12,24 +12,28 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 import pytest
+from mindspore.nn.utils import no_init_parameters
 
 import bit_zoo
 from bit_zoo import _ms_compat as compat
 
 ROOT = Path(__file__).resolve().parents[1]
-# the three largest run forward in the heavy set (compat matrix): about 1 GB to 3.7 GB of float32 parameters each
-BIG = {"r101x3", "r152x2", "r152x4"}
+# one registered name per architecture of at most 217M parameters runs forward (their random init is the cost)
+FORWARD = ["bit_m_r50x1", "bit_m_r50x3", "bit_m_r101x1"]
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=[pytest.mark.heavy] if n.split("_")[-1] in BIG else []) for n in bit_zoo.list_models()]
-)
-def test_every_architecture_builds_and_runs_at_a_tiny_size(name):
+@pytest.mark.parametrize("name", bit_zoo.list_models())
+def test_every_architecture_builds_and_the_small_ones_run_at_a_tiny_size(name):
+    if name not in FORWARD:
+        with no_init_parameters():
+            model = bit_zoo.create_model(name, num_classes=10)
+        assert model.num_classes == 10 and model.get_classifier().weight.shape[0] == 10
+        return
     model = bit_zoo.create_model(name, num_classes=10)
     model.set_train(False)
-    x = ms.Tensor(np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32))
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32))
     logits = model(x).asnumpy()
-    assert logits.shape == (1, 10) and np.isfinite(logits).all()
+    assert logits.shape == (2, 10) and np.isfinite(logits).all()
 
 
 # ---------------------------------------------------------------------------------------------- the range
