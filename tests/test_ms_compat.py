@@ -106,7 +106,7 @@ def test_workaround_cell_del_guard():
         assert not getattr(Cell.__del__, "_bit_zoo_guard", False)
         return
     assert Cell.__del__._bit_zoo_guard
-    script = "import bit_zoo\nmodel = bit_zoo.create_model('resnetv2', layers=(1, 1, 1, 1), width_factor=1, num_classes=3)\n"
+    script = "import bit_zoo\nmodel = bit_zoo.ResNetV2((1, 1, 1, 1), 1, num_classes=3)\n"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
