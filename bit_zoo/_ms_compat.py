@@ -81,7 +81,7 @@ _size_check_original = None
 
 
 def _point_size_check_at_mem_available() -> bool:
-    """load_checkpoint's size check (MindSpore 2.9 on) reads os.sysconf SC_AVPHYS_PAGES = MemFree: after a few
+    """load_checkpoint's size check (new in MindSpore 2.10) reads os.sysconf SC_AVPHYS_PAGES = MemFree: after a few
     large file reads, a 200 MB checkpoint fails to load on a 24 GiB machine with 23 GiB available. Applied where
     the check exists; it then reads MemAvailable (free + reclaimable), falling back to MindSpore's own."""
     global _size_check_original
