@@ -109,7 +109,8 @@ def _run(cmd: list[str], *, cwd: Path, env: dict, timeout: int, log) -> tuple[in
         proc = subprocess.run(cmd, cwd=cwd, env=env, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         code, out = proc.returncode, proc.stdout
     except subprocess.TimeoutExpired as e:
-        code, out = -1, (e.stdout or "") if isinstance(e.stdout, str) else "" + f"\ntimed out after {timeout} s"
+        partial = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
+        code, out = -1, f"{partial}\ntimed out after {timeout} s"
     log.write(f"$ {' '.join(cmd)}\n{out}\n")
     log.flush()
     return code, time.monotonic() - start, out
