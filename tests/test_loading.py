@@ -121,6 +121,8 @@ def test_checkpoint_size_check_counts_reclaimable_cache(monkeypatch):
 
     import bit_zoo._ms_compat as compat
 
+    if "checkpoint_size_check" not in compat.APPLIED:
+        pytest.skip("this MindSpore has no checkpoint size check (new in 2.10)")
     meminfo = "MemTotal:       24000000 kB\nMemFree:          100000 kB\nMemAvailable:   20000000 kB\n"
 
     def fake_open(path, *args, **kwargs):
