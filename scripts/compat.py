@@ -118,7 +118,7 @@ def _run(cmd: list[str], *, cwd: Path, env: dict, timeout: int, log) -> tuple[in
 
 def make_venv(venv: Path, version: str, *, reuse: bool, env: dict, log) -> Cell:
     if reuse and (venv / "bin" / "python").exists():
-        return Cell("ok", 0.0, "reused")
+        return Cell("reused", 0.0, "a venv made earlier")
     shutil.rmtree(venv, ignore_errors=True)
     start = time.monotonic()
     steps = [
@@ -139,7 +139,7 @@ def run_release(version: str, venv: Path, *, checks: list[Check], reuse: bool, l
     env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PYTHONPATH=str(ROOT))  # train.py and validate.py live at the root
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"  # msrun of this venv
     row.cells["install"] = make_venv(venv, version, reuse=reuse, env=env, log=log)
-    if row.cells["install"].status != "ok":
+    if row.cells["install"].status not in ("ok", "reused"):
         return row
     python = str(venv / "bin" / "python")
     with tempfile.TemporaryDirectory(prefix=f"bit_zoo_compat_{version}_") as work:
@@ -165,8 +165,8 @@ def run_release(version: str, venv: Path, *, checks: list[Check], reuse: bool, l
 def _fmt(cell: Cell | None) -> str:
     if cell is None:
         return "-"
-    if cell.status == "refused":
-        return "refused"
+    if cell.status in ("refused", "reused"):
+        return cell.status
     return f"{cell.status} {cell.seconds:.0f} s"
 
 
@@ -177,6 +177,19 @@ def table(rows: list[Row], checks: list[Check]) -> str:
         total = sum(row.cells[c.name].seconds for c in checks if c.name in row.cells)
         lines.append(f"| {row.version} | " + " | ".join(_fmt(row.cells.get(n)) for n in names) + f" | {total / 60:.1f} min |")
     return "\n".join(lines)
+
+
+def table_from_csv(path: Path) -> str:
+    """The table of a results file, the latest row of each release and check, releases oldest first."""
+    rows: dict[str, Row] = {}
+    dates: set[str] = set()
+    with open(path, newline="", encoding="utf-8") as f:
+        for rec in csv.DictReader(f):
+            row = rows.setdefault(rec["mindspore"], Row(rec["mindspore"]))
+            row.cells[rec["check"]] = Cell(rec["status"], float(rec["seconds"]))
+            dates.add(rec["date"])
+    ordered = [rows[v] for v in sorted(rows, key=_key)]
+    return f"{table(ordered, CHECKS)}\n\n{', '.join(sorted(dates))}; '-': not run"
 
 
 def machine() -> str:
@@ -195,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the venvs")
     parser.add_argument("--log", type=Path, help="every command and its output (default: compat.log in --venv_root)")
     parser.add_argument("--csv", type=Path, help="also write the cells as CSV rows (date, machine, release, check, status, seconds)")
+    parser.add_argument("--table_from", type=Path, help="print the table of a CSV written by --csv (the latest row per cell); run nothing")
     args = parser.parse_args(argv)
+    if args.table_from:
+        print(table_from_csv(args.table_from))
+        return 0
 
     low, below = supported_range()
     versions = args.versions or index_versions(sys.executable)
@@ -219,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, checks))
     for row in rows:
         for name, cell in row.cells.items():
-            if cell.status not in ("ok",):
+            if cell.status not in ("ok", "reused"):
                 print(f"{row.version} {name}: {cell.status}: {cell.detail}")
     if args.csv:
         new = not args.csv.exists()
