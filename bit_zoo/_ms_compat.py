@@ -63,6 +63,19 @@ def graph_namespace_module():
     raise ImportError(f"MindSpore {mindspore.__version__} has no graph namespace module where bit_zoo looks for it")
 
 
+def graph_api_module():
+    """MindSpore's jit/graph-executor module (its `entry_script_path` names the compile cache's dependency
+    file): mindspore.graph.api from 2.9, mindspore.common.api before."""
+    for name in ("mindspore.graph.api", "mindspore.common.api"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue
+        if hasattr(module, "entry_script_path"):
+            return module
+    raise ImportError(f"MindSpore {mindspore.__version__} has no graph api module where bit_zoo looks for it")
+
+
 # ---------------------------------------------------------------------------------------------- checkpoint size
 
 

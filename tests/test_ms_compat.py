@@ -78,6 +78,13 @@ def test_docs_state_the_same_range():
 # ---------------------------------------------------------------------------------------------- the workarounds
 
 
+def test_the_graph_api_module_is_found():
+    """The compile cache points MindSpore's entry_script_path at its dependency file (mindspore.common.api before 2.9)."""
+    api = compat.graph_api_module()
+    assert isinstance(api.entry_script_path, str | None)
+    assert api.__name__ == ("mindspore.graph.api" if compat._version_key(ms.__version__) >= (2, 9, 0) else "mindspore.common.api")
+
+
 def test_the_graph_namespace_module_is_found():
     namespace = compat.graph_namespace_module()
     assert hasattr(namespace, "ClassMemberNamespace")

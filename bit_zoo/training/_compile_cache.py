@@ -46,6 +46,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from .._ms_compat import graph_api_module
 from ..models import cpu_kernels
 from ..utils.paths import home_dir
 
@@ -188,8 +189,7 @@ def graph_key(cell: nn.Cell, args: tuple, extra: dict | None = None) -> dict:
 @contextmanager
 def _mindspore_cache(path: Path, dep_file: Path):
     """MindSpore's compile cache on, at `path`, with `dep_file` as its entry script, for one compile."""
-    import mindspore.graph.api as api
-
+    api = graph_api_module()
     old_entry, old_path = api.entry_script_path, ms.get_context("compile_cache_path")
     api.entry_script_path = str(dep_file)
     ms.set_context(enable_compile_cache=True, compile_cache_path=str(path))
