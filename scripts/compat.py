@@ -52,7 +52,7 @@ CHECKS = [
     Check("kernels", "the CPU kernels build, pass their self-check and are used",
           ["tests/test_cpu_kernels.py"]),
     Check("resume", "quickstart step 1, 54 steps: SIGKILL, --resume auto, bit-identical",
-          ["tests/test_resume_exact.py", *HEAVY]),
+          ["tests/test_resume_exact.py::test_sigkill_mid_epoch_then_resume_is_bit_identical", *HEAVY]),
     Check("validate", "validate.py: checkpoints, upstream .npz and mindcv .ckpt, accuracy",
           ["tests/test_validate.py"]),
     Check("msrun", "2-process msrun --join True training equals one process",
