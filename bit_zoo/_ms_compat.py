@@ -7,7 +7,8 @@ holds the two together).
 
 Each workaround of a MindSpore internal is applied only where the running MindSpore has the behaviour it
 works around, found by looking at that behaviour rather than at the version number; `APPLIED` lists the
-ones in force, and tests/test_ms_compat.py checks each one where it is applied.
+ones in force, and tests/test_ms_compat.py checks each one where it is applied. A MindSpore module that
+moved between releases is reached through here only (`graph_namespace_module`, `graph_api_module`).
 
 - checkpoint size check: `load_checkpoint` refuses a .ckpt larger than the *free* memory (MemFree),
   which excludes the reclaimable page cache; pointed at MemAvailable. See `_point_size_check_at_mem_available`.
