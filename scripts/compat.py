@@ -45,8 +45,9 @@ class Check:
 
 
 CHECKS = [
-    Check("import", "import bit_zoo, the range, the workarounds; create_model of every name, forward at 32 px up to R101x1",
-          ["tests/test_ms_compat.py"]),
+    Check("import", "import bit_zoo, the range, the workarounds; every name built, forward at 32 px up to R101x1",
+          ["tests/test_ms_compat.py", "tests/test_models.py::test_structure_and_parameter_count",
+           "tests/test_models.py::test_forward_at_a_tiny_size", *HEAVY, "-k", "not forward or (bit_m and (r50 or r101x1))"]),
     Check("parity", "R50x1 logits against timm (native and unfold convolutions)",
           ["tests/test_parity.py::test_logits_match_timm", "-m", "parity", "-k", "r50x1"]),
     Check("kernels", "the CPU kernels build, pass their self-check and are used",
