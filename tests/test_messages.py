@@ -64,3 +64,29 @@ def test_predict_keeps_a_file_name_that_is_not_utf8(tmp_path, monkeypatch, capsy
         rows = list(csv.reader(f))
     assert [r[0] for r in rows[1:]] == [odd, str(images / "ok.png")]
     assert all(os.path.exists(r[0]) for r in rows[1:])
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "extra", "named"),
+    [
+        ("model: [unclosed\n", [], "is not valid YAML"),
+        ("model: !!python/object/apply:os.system ['echo unsafe']\n", [], "could not determine a constructor"),
+        (None, ["--devices", "0"], "devices=0: must be a whole number >= 1"),
+        (None, ["--devices", "-2"], "devices=-2: must be a whole number >= 1"),
+    ],
+)
+def test_memory_reports_bad_yaml_and_devices_in_one_line(tmp_path, capsys, yaml_text, extra, named):
+    """python -m bit_zoo.memory printed tracebacks for bad YAML and an object tag, divided by zero for
+    --devices 0 and accepted --devices -2."""
+    from pathlib import Path
+
+    from bit_zoo.tools import memory
+
+    config = tmp_path / "c.yaml"
+    if yaml_text is None:
+        config = Path(__file__).resolve().parents[1] / "configs" / "quickstart_digits.yaml"
+    else:
+        config.write_text(yaml_text)
+    assert memory.main(["-c", str(config), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0] and named in err[0], err
