@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import shutil
 
 import mindspore as ms
@@ -20,10 +22,25 @@ def _reset():
         f.cache_clear()
 
 
+@pytest.fixture(autouse=True)
+def _kernels_not_switched_off(monkeypatch):
+    """The suite also runs with BIT_ZOO_CPU_KERNELS=0 (every other test then takes MindSpore's forms); the
+    kernels' own tests still test the kernels. Only such a run pays for forgetting the cached choice."""
+    if cpu_kernels.ENV not in os.environ:
+        yield
+        return
+    monkeypatch.delenv(cpu_kernels.ENV)
+    _reset()
+    yield
+    _reset()
+
+
 @pytest.fixture
 def fresh_kernels(tmp_path, monkeypatch):
-    """A private kernel cache; the process-wide choice is forgotten before and after."""
+    """A private kernel cache; the process-wide choice is forgotten before and after. A user's
+    BIT_ZOO_CPU_KERNELS=0 (the suite run with the kernels off) does not apply to the kernels' own tests."""
     monkeypatch.setenv("BIT_ZOO_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
     _reset()
     yield tmp_path / "home" / "kernels"
     _reset()

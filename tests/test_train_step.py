@@ -128,6 +128,8 @@ def test_reported_norm_is_the_global_gradient_norm(graph_mode, kernel):
     trainer = _trainer(StepConfig())
     update = trainer.train_step.update
     if kernel:
+        if cpu_kernels.status().startswith("off"):  # the suite run with BIT_ZOO_CPU_KERNELS=0: that form is not built
+            pytest.skip(f"CPU kernels {cpu_kernels.status()}")
         assert update.sum_squares is not None, cpu_kernels.status()
     else:
         update.sum_squares = None
