@@ -81,6 +81,7 @@ def test_kernels_are_used_on_cpu(fresh_kernels):
     gn = GroupNormAct(64)
     assert gn._kernel is not None, cpu_kernels.status()
     assert cpu_kernels.status().startswith("in use")
+    assert cpu_kernels.build_kind() == ("native" if cpu_kernels._cpu_identity() else "portable")
     assert len(list(fresh_kernels.glob("bit_cpu-*.so"))) == 1
     assert GroupNormAct(64, conv_impl="native")._kernel is not None  # on CPU, whichever convolution path
 
@@ -187,7 +188,7 @@ def test_a_failing_compile_is_reported_and_falls_back(fresh_kernels, monkeypatch
 def test_switched_off_by_the_environment(fresh_kernels, monkeypatch):
     monkeypatch.setenv(cpu_kernels.ENV, "0")
     assert cpu_kernels.group_norm_act() is None and cpu_kernels.std_weight() is None
-    assert cpu_kernels.status().startswith("off")
+    assert cpu_kernels.status().startswith("off") and cpu_kernels.build_kind() == "off"
 
 
 @needs_compiler
@@ -259,5 +260,6 @@ def test_built_for_this_cpu_and_portable_when_the_compiler_refuses(fresh_kernels
     monkeypatch.setenv("CXX", str(picky))
     path = cpu_kernels.library()
     assert path is not None, cpu_kernels.status()
+    assert cpu_kernels.build_kind() == "portable"
     assert len(list(fresh_kernels.glob("bit_cpu-*.so"))) == 1
     assert path.read_bytes()[:4] == b"\x7fELF"

@@ -468,7 +468,7 @@ def test_quickstart_gives_the_recorded_figures(tmp_path):
 
     pre, fine, _ = _run_quickstart(tmp_path, [], [])
     assert pre["final"]["images"] == 216 and fine["final"]["images"] == 143
-    kernels = "off" if cpu_kernels.library() is None else "native"
+    kernels = cpu_kernels.build_kind()
     cpu, isa = _this_cpu()
     rows = results_rows("quickstart")
     for run, result in (("step1", pre), ("step2", fine)):

@@ -39,7 +39,7 @@ from ..utils.atomic import atomic_path, write_text_atomic
 from ..utils.paths import home_dir
 from ..weights.pretrained import sha256_file
 
-__all__ = ["ENV", "SOURCE", "group_norm_act", "library", "std_weight", "status", "sum_squares"]
+__all__ = ["ENV", "SOURCE", "build_kind", "group_norm_act", "library", "std_weight", "status", "sum_squares"]
 
 _logger = logging.getLogger(__name__)
 
@@ -47,6 +47,22 @@ ENV = "BIT_ZOO_CPU_KERNELS"
 SOURCE = Path(__file__).parent / "_kernels" / "bit_cpu.cc"
 _FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++14")
 _status = "not tried"
+
+
+_build_kind: str | None = None
+
+
+def _set_build(target: str) -> None:
+    global _build_kind
+    _build_kind = "portable" if target == "portable" else "native"
+
+
+def build_kind() -> str:
+    """'native' (-march=native for this CPU), 'portable', or 'off' when the kernels are not in use.
+
+    Results of training runs depend on it (the float summation order differs): benchmarks/results
+    records it beside each figure."""
+    return _build_kind if library() is not None and _build_kind else "off"
 
 
 def status() -> str:
@@ -109,6 +125,7 @@ def _build(compiler: list[str]) -> Path:
         digest = path.with_name(path.name + ".sha256")
         if path.is_file() and digest.is_file():
             if digest.read_text().strip() == sha256_file(path):
+                _set_build(target)
                 return path
             _logger.warning("bit_zoo CPU kernels: %s does not match its digest; rebuilding it", path)
         try:
@@ -121,6 +138,7 @@ def _build(compiler: list[str]) -> Path:
             continue
         write_text_atomic(digest, sha256_file(path) + "\n")
         _logger.info("bit_zoo CPU kernels compiled to %s (%s)", path, " ".join(flags))
+        _set_build(target)
         return path
     raise RuntimeError("; ".join(errors))
 
