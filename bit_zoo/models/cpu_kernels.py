@@ -39,7 +39,7 @@ from ..utils.atomic import atomic_path, write_text_atomic
 from ..utils.paths import home_dir
 from ..weights.pretrained import sha256_file
 
-__all__ = ["ENV", "SOURCE", "build_kind", "group_norm_act", "library", "std_weight", "status", "sum_squares"]
+__all__ = ["ENV", "SOURCE", "build_kind", "conv2d", "conv2d_cfg", "dnnl_library", "dnnl_status", "group_norm_act", "library", "std_weight", "status", "sum_squares"]
 
 _logger = logging.getLogger(__name__)
 
@@ -112,25 +112,29 @@ def _flag_sets() -> list[tuple[tuple[str, ...], str]]:
     return [((*_FLAGS, "-march=native"), identity), portable] if identity else [portable]
 
 
-def _build(compiler: list[str]) -> Path:
-    """The compiled library for this source, compiler, flags (and CPU); built if not in the cache yet."""
+def _build(compiler: list[str], source_path: Path = SOURCE, link: tuple[str, ...] = (), identity: bytes = b"") -> Path:
+    """The compiled library for this source, compiler, flags (and CPU); built if not in the cache yet.
+
+    ``link``: extra compiler arguments after the source (include and library paths); ``identity``:
+    anything else the build depends on (the oneDNN library it links), part of the cache key."""
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    source = SOURCE.read_bytes()
+    source = source_path.read_bytes() + identity
     errors = []
     for flags, target in _flag_sets():
-        key = hashlib.sha256(source + "\0".join((*compiler, version, platform.machine(), *flags, target)).encode()).hexdigest()
-        path = home_dir() / "kernels" / f"bit_cpu-{key[:16]}.so"
+        key = hashlib.sha256(source + "\0".join((*compiler, version, platform.machine(), *flags, *link, target)).encode()).hexdigest()
+        path = home_dir() / "kernels" / f"{source_path.stem}-{key[:16]}.so"
         # The digest written after a build vouches for the file: a damaged or truncated one is rebuilt
         # (a loader check would not do: dlopen answers from memory for a path already loaded).
         digest = path.with_name(path.name + ".sha256")
         if path.is_file() and digest.is_file():
             if digest.read_text().strip() == sha256_file(path):
-                _set_build(target)
+                if source_path == SOURCE:
+                    _set_build(target)
                 return path
             _logger.warning("bit_zoo CPU kernels: %s does not match its digest; rebuilding it", path)
         try:
             with atomic_path(path) as tmp:
-                done = subprocess.run([*compiler, *flags, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, timeout=300)
+                done = subprocess.run([*compiler, *flags, "-o", str(tmp), str(source_path), *link], capture_output=True, text=True, timeout=300)
                 if done.returncode != 0:
                     raise _CompileError(f"{' '.join([*compiler, *flags])} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
         except _CompileError as e:
@@ -138,7 +142,8 @@ def _build(compiler: list[str]) -> Path:
             continue
         write_text_atomic(digest, sha256_file(path) + "\n")
         _logger.info("bit_zoo CPU kernels compiled to %s (%s)", path, " ".join(flags))
-        _set_build(target)
+        if source_path == SOURCE:
+            _set_build(target)
         return path
     raise RuntimeError("; ".join(errors))
 
@@ -153,6 +158,10 @@ def _grad_shapes(x, gamma, *_):
 
 def _norm_shape(x, *_):
     return x, [2, x[0], x[1]]  # y, stats: per (sample, channel) its group's mean and 1 / std
+
+
+def _norm_shape_nhwc(x, *_):
+    return x, [2, x[0], x[-1]]  # channels-last x: (N, H, W, C)
 
 
 def _scalar(*_):
@@ -171,6 +180,8 @@ def _norm_dtype(x, *_):
 _SIGNATURES = {
     "GroupNormAct": (_norm_shape, _norm_dtype),
     "GroupNormActGrad": (_grad_shapes, _grad_shapes),
+    "GroupNormActNHWC": (_norm_shape_nhwc, _norm_dtype),
+    "GroupNormActNHWCGrad": (_grad_shapes, _grad_shapes),
     "StdWeight": (_same_as_first, _same_as_first),
     "StdWeightGrad": (_same_as_first, _same_as_first),
     "SumSquares": (_scalar, _float32),
@@ -200,7 +211,14 @@ def _self_check(path: Path) -> None:
     parts = (w, x)
     total = _custom(path, "SumSquares")(*[ms.Tensor(p) for p in parts])
     sref = sum(float((p.astype(np.float64) ** 2).sum()) for p in parts)
-    for what, out, expected in (("GroupNormAct", y, ref), ("StdWeight", v, wref), ("SumSquares", total / sref, np.ones(1))):
+    cfg = ms.Tensor(np.array([4, 1e-5, 1], np.float32))
+    y_last = _custom(path, "GroupNormActNHWC")(ms.Tensor(x.transpose(0, 2, 3, 1).copy()), ms.Tensor(g), ms.Tensor(b), cfg)[0]
+    for what, out, expected in (
+        ("GroupNormAct", y, ref),
+        ("GroupNormActNHWC", y_last, ref.transpose(0, 2, 3, 1)),
+        ("StdWeight", v, wref),
+        ("SumSquares", total / sref, np.ones(1)),
+    ):
         err = float(np.abs(out.asnumpy() - expected).max())
         if not err <= 1e-5:
             raise RuntimeError(f"self-check of {what} failed: max error {err:.3g}")
@@ -244,6 +262,7 @@ def library() -> Path | None:
 # are module-level, not closures: MindSpore caches a parsed bprop by its function object, and a
 # closure re-created after a reset (tests do that) could reuse a freed one's identity.
 _group_norm_act_grad = None
+_group_norm_act_nhwc_grad = None
 _std_weight_grad = None
 
 
@@ -252,17 +271,27 @@ def _group_norm_act_bprop(x, gamma, beta, cfg, out, dout):
     return dx, dgamma, dbeta, ops.zeros_like(cfg)
 
 
+def _group_norm_act_nhwc_bprop(x, gamma, beta, cfg, out, dout):
+    dx, dgamma, dbeta = _group_norm_act_nhwc_grad(x, gamma, out[0], dout[0], out[1], cfg)
+    return dx, dgamma, dbeta, ops.zeros_like(cfg)
+
+
 def _std_weight_bprop(w, cfg, out, dout):
     return _std_weight_grad(w, dout, cfg), ops.zeros_like(cfg)
 
 
 @functools.cache
-def group_norm_act() -> ops.Custom | None:
-    """(x, gamma, beta, cfg=[groups, eps, relu]) -> (relu?(GroupNorm(x) * gamma + beta), stats), or None; differentiable."""
-    global _group_norm_act_grad
+def group_norm_act(channels_last: bool = False) -> ops.Custom | None:
+    """(x, gamma, beta, cfg=[groups, eps, relu]) -> (relu?(GroupNorm(x) * gamma + beta), stats), or None; differentiable.
+
+    x is (N, C, ...), or with channels_last (N, ..., C)."""
+    global _group_norm_act_grad, _group_norm_act_nhwc_grad
     path = library()
     if path is None:
         return None
+    if channels_last:
+        _group_norm_act_nhwc_grad = _custom(path, "GroupNormActNHWCGrad")
+        return _custom(path, "GroupNormActNHWC", _group_norm_act_nhwc_bprop)
     _group_norm_act_grad = _custom(path, "GroupNormActGrad")
     return _custom(path, "GroupNormAct", _group_norm_act_bprop)
 
@@ -283,3 +312,142 @@ def sum_squares() -> ops.Custom | None:
     """(t1, t2, ...) float32 tensors -> (1,) float32 sum of all their squared elements, or None; not differentiable."""
     path = library()
     return None if path is None else _custom(path, "SumSquares")
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolutions on oneDNN (_kernels/bit_dnnl.cc), the CPU's conv_impl "onednn".
+#
+# A second library: it links MindSpore's own oneDNN (mindspore/lib/libdnnl.so.3, shipped from
+# MindSpore 2.9; 2.7 and 2.8 ship oneDNN 2, whose API differs), so a failure here leaves the
+# kernels above in use and the convolutions on the unfold rewrite.
+
+DNNL_SOURCE = Path(__file__).parent / "_kernels" / "bit_dnnl.cc"
+_DNNL_HEADERS = Path(__file__).parent / "_kernels" / "onednn"
+_dnnl_status = "not tried"
+
+
+def dnnl_status() -> str:
+    """Why the oneDNN convolutions are or are not in use (for logs and tests)."""
+    return _dnnl_status
+
+
+def _mindspore_onednn() -> Path:
+    """MindSpore's oneDNN 3 library; raises when this MindSpore ships none."""
+    path = Path(ms.__file__).parent / "lib" / "libdnnl.so.3"
+    if not path.is_file():
+        raise RuntimeError(f"MindSpore {ms.__version__} ships no oneDNN 3 library (mindspore/lib/libdnnl.so.3; MindSpore 2.9 and later do)")
+    return path
+
+
+def _conv_reference(x: np.ndarray, w: np.ndarray, stride: int, pad: int, dil: int) -> np.ndarray:
+    """A float64 convolution in numpy (sum over the kernel taps), for the self-check."""
+    n, c, h, wd = x.shape
+    o, _, k, _ = w.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    ho, wo = (h + 2 * pad - dil * (k - 1) - 1) // stride + 1, (wd + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    y = np.zeros((n, o, ho, wo))
+    for a in range(k):
+        for b in range(k):
+            patch = xp[:, :, a * dil : a * dil + stride * (ho - 1) + 1 : stride, b * dil : b * dil + stride * (wo - 1) + 1 : stride]
+            y += np.einsum("nchw,oc->nohw", patch, w[:, :, a, b].astype(np.float64))
+    return y
+
+
+def _dnnl_self_check(path: Path) -> None:
+    """Forward against numpy in float64; both backward kernels by the adjoint identity
+    <dy, conv(x, w)> = <dx, x> = <dw, w> (the convolution is linear in x and in w); and no
+    reference implementation of oneDNN (which would be slower than the unfold rewrite)."""
+    import ctypes
+
+    rng = np.random.default_rng(0)
+    for stride, pad, dil, k, last in ((2, 1, 1, 3, False), (1, 2, 2, 3, True), (2, 0, 1, 1, True), (2, 3, 1, 7, False)):
+        x = rng.standard_normal((2, 16, 9, 9)).astype(np.float32)
+        w = rng.standard_normal((32, 16, k, k)).astype(np.float32)
+        cfg = conv2d_cfg(stride, pad, dil, last)
+        ref = _conv_reference(x, w, stride, pad, dil)
+        if last:  # the same check in channels-last memory
+            x, ref = x.transpose(0, 2, 3, 1).copy(), ref.transpose(0, 2, 3, 1).copy()
+        y = conv2d()(ms.Tensor(x), ms.Tensor(w), cfg).asnumpy()
+        dy = rng.standard_normal(ref.shape).astype(np.float32)
+        dx = _dnnl_bwd_data(ms.Tensor(x), ms.Tensor(w), ms.Tensor(dy), cfg).asnumpy()
+        dw = _dnnl_bwd_weights(ms.Tensor(w), ms.Tensor(x), ms.Tensor(dy), cfg).asnumpy()
+        scale = float(np.abs(ref).max())
+        inner = float((dy.astype(np.float64) * ref).sum())
+        checks = (
+            ("DnnlConv", float(np.abs(y - ref).max()) / scale),
+            ("DnnlConvBwdData", abs(float((dx.astype(np.float64) * x).sum()) - inner) / (abs(inner) + scale)),
+            ("DnnlConvBwdWeights", abs(float((dw.astype(np.float64) * w).sum()) - inner) / (abs(inner) + scale)),
+        )
+        for what, err in checks:
+            if not err <= 1e-5:
+                raise RuntimeError(f"self-check of {what} failed: relative error {err:.3g}")
+    lib = ctypes.CDLL(str(path))
+    lib.BitDnnlImpl.restype = ctypes.c_char_p
+    shape = ctypes.c_int64 * 4
+    for kind in range(3):
+        for last in (0, 1):
+            impl = lib.BitDnnlImpl(kind, shape(16, 64, 32, 32), shape(64, 64, 3, 3), 1, 1, 1, last).decode()
+            if not impl or "ref" in impl.split(":")[0]:
+                raise RuntimeError(f"oneDNN offers only {impl or 'no'} implementation for a 3x3 convolution on this CPU")
+
+
+@functools.cache
+def dnnl_library() -> Path | None:
+    """The checked oneDNN convolution library, or None (the reason is in dnnl_status() and logged once)."""
+    global _dnnl_status
+    if library() is None:  # same switches and compiler as the other kernels
+        _dnnl_status = f"not used: {status()}"
+        return None
+    try:
+        onednn = _mindspore_onednn()
+        stat = onednn.stat()
+        link = (f"-I{_DNNL_HEADERS}", f"-L{onednn.parent}", "-l:libdnnl.so.3", f"-Wl,-rpath,{onednn.parent}")
+        path = _build(_compiler(), DNNL_SOURCE, link, f"{ms.__version__}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+        _dnnl_path[0] = path
+        _dnnl_self_check(path)
+    except Exception as e:  # the unfold rewrite stays, correct and slower
+        _dnnl_status = f"unavailable: {type(e).__name__}: {e}"
+        _dnnl_path[0] = None
+        conv2d.cache_clear()  # the operators the self-check made must not outlive it
+        _logger.warning("bit_zoo oneDNN convolutions %s; convolutions use the unfold rewrite (slower on CPU)", _dnnl_status)
+        return None
+    _dnnl_status = f"in use: {path}"
+    return path
+
+
+_dnnl_path: list[Path | None] = [None]  # set while dnnl_library() builds and checks, so conv2d() can run the self-check
+_dnnl_bwd_data = None
+_dnnl_bwd_weights = None
+
+
+def _dnnl_conv_bprop(x, w, cfg, out, dout):
+    return _dnnl_bwd_data(x, w, dout, cfg), _dnnl_bwd_weights(w, x, dout, cfg), ops.zeros_like(cfg)
+
+
+def conv2d_cfg(stride: int, padding: int, dilation: int, channels_last: bool = False) -> ms.Tensor:
+    """The geometry argument of conv2d(): a tensor of shape (stride, padding + 1, dilation, layout),
+    layout 1 for NCHW activations, 2 for channels-last (N, H, W, C) ones.
+
+    The geometry is its shape, not its values: MindSpore infers a custom operator's output shape
+    from the input shapes alone, and keeps one shape function per operator name (a second
+    operator of the same name with another stride was given the first one's output shape)."""
+    return ms.Tensor(np.zeros((stride, padding + 1, dilation, 2 if channels_last else 1), np.float32))
+
+
+def _conv_out_shape(x, w, cfg):
+    stride, padding, dilation, last = cfg[0], cfg[1] - 1, cfg[2], cfg[3] == 2
+    h, wd = (x[1], x[2]) if last else (x[2], x[3])
+    ho, wo = ((n + 2 * padding - dilation * (k - 1) - 1) // stride + 1 for n, k in ((h, w[2]), (wd, w[3])))
+    return [x[0], ho, wo, w[0]] if last else [x[0], w[0], ho, wo]
+
+
+@functools.cache
+def conv2d() -> ops.Custom | None:
+    """(x NCHW, w OIHW, conv2d_cfg(stride, padding, dilation)) -> the convolution on oneDNN, or None; differentiable."""
+    global _dnnl_bwd_data, _dnnl_bwd_weights
+    path = _dnnl_path[0] if _dnnl_path[0] is not None else dnnl_library()
+    if path is None:
+        return None
+    _dnnl_bwd_data = ops.Custom(f"{path}:DnnlConvBwdData", out_shape=_same_as_first, out_dtype=_same_as_first, func_type="aot")
+    _dnnl_bwd_weights = ops.Custom(f"{path}:DnnlConvBwdWeights", out_shape=_same_as_first, out_dtype=_same_as_first, func_type="aot")
+    return ops.Custom(f"{path}:DnnlConv", out_shape=_conv_out_shape, out_dtype=_same_as_first, func_type="aot", bprop=_dnnl_conv_bprop)

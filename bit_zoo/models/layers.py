@@ -39,23 +39,27 @@ from . import cpu_kernels
 
 __all__ = ["CONV_IMPLS", "resolve_conv_impl", "StdConv2d", "GroupNormAct", "zero_pad2d"]
 
-CONV_IMPLS = ("native", "unfold")
+CONV_IMPLS = ("native", "unfold", "onednn")
 CONV_IMPL_ENV = "BIT_ZOO_CONV_IMPL"
 
 
 def resolve_conv_impl(conv_impl: str | None = "auto") -> str:
     """Pick the convolution implementation: an explicit choice, else $BIT_ZOO_CONV_IMPL, else by device.
 
-    ``auto`` means ``unfold`` on CPU (where the native kernel is oneDNN's reference code) and
-    ``native`` on Ascend and GPU.
+    ``auto`` means, on CPU, ``onednn`` (bit_zoo's oneDNN operators, cpu_kernels.conv2d) when they
+    build and pass their self-check, else ``unfold``; ``native`` on Ascend and GPU.
     """
     choice = conv_impl or "auto"
     if choice == "auto":
         choice = os.environ.get(CONV_IMPL_ENV, "auto") or "auto"
+    on_cpu = ms.get_context("device_target") == "CPU"
     if choice == "auto":
-        choice = "unfold" if ms.get_context("device_target") == "CPU" else "native"
+        choice = ("onednn" if cpu_kernels.dnnl_library() is not None else "unfold") if on_cpu else "native"
     if choice not in CONV_IMPLS:
         raise ValueError(f"unknown conv_impl {choice!r} (from argument or ${CONV_IMPL_ENV}); choose one of {('auto',) + CONV_IMPLS}")
+    if choice == "onednn" and (not on_cpu or cpu_kernels.dnnl_library() is None):
+        why = "the device is not CPU" if not on_cpu else cpu_kernels.dnnl_status()
+        raise ValueError(f"conv_impl 'onednn' is not available here ({why}); use conv_impl 'auto' or 'unfold'")
     return choice
 
 
@@ -94,9 +98,19 @@ class _Conv(nn.Cell):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int, padding: int, conv_impl: str, dilation: int = 1
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int,
+        padding: int,
+        conv_impl: str,
+        dilation: int = 1,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
+        self.channels_last = channels_last
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
@@ -104,14 +118,28 @@ class _Conv(nn.Cell):
         self.padding = padding
         self.dilation = dilation  # > 1 for the dilated 3x3 of output_stride 16 / 8
         # Which rewrite the unfold path needs; decided once here so construct has no host logic.
-        self._unfold = conv_impl == "unfold" and kernel_size > 1
-        self._subsample = conv_impl == "unfold" and kernel_size == 1 and stride > 1
+        # The onednn path keeps it for inputs its operators do not take (float16 under AMP).
+        rewrite = conv_impl in ("unfold", "onednn")
+        self._unfold = rewrite and kernel_size > 1
+        self._subsample = rewrite and kernel_size == 1 and stride > 1
         if self._subsample:
             self.pool = nn.AvgPool2d(kernel_size=1, stride=stride)
+        self._dnnl = cpu_kernels.conv2d() if conv_impl == "onednn" else None
+        if self._dnnl is not None:
+            self._dnnl_cfg = cpu_kernels.conv2d_cfg(stride, padding, dilation, channels_last)
+        elif channels_last:
+            raise ValueError("channels_last activations need conv_impl 'onednn'")
 
     def construct(self, x: ms.Tensor, w: ms.Tensor) -> ms.Tensor:
         # Equal dtypes for the conv (graph-mode fp16 compiles only so): the activation's.
         w = w.astype(x.dtype)
+        if self._dnnl is not None and x.dtype == ms.float32:
+            return self._dnnl(x, w, self._dnnl_cfg)
+        if self.channels_last:  # another dtype (float16 under AMP): the NCHW rewrite, between transposes
+            return self._nchw(x.transpose(0, 3, 1, 2), w).transpose(0, 2, 3, 1)
+        return self._nchw(x, w)
+
+    def _nchw(self, x: ms.Tensor, w: ms.Tensor) -> ms.Tensor:
         if self._unfold:
             n, c, h, wd = x.shape
             k, s, p, d = self.kernel_size, self.stride, self.padding, self.dilation
@@ -133,6 +161,7 @@ class StdConv2d(_Float32Statistics):
     on stride-2 convs pads 0 before / 1 after and shifts the sampling grid.
     The mean and variance are float32 under every AMP level (see _Float32Statistics); the
     standardized weight is then cast to the convolution's dtype.
+    channels_last (conv_impl "onednn" only): the input and output are (N, H, W, C).
     """
 
     def __init__(
@@ -146,6 +175,7 @@ class StdConv2d(_Float32Statistics):
         dilation: int = 1,
         eps: float = 1e-10,
         conv_impl: str = "auto",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         # The geometry (channels, kernel, stride, padding, dilation) lives in the child that convolves.
@@ -157,14 +187,21 @@ class StdConv2d(_Float32Statistics):
         )
         # The fused-kernel rewrites are for MindSpore's CPU kernels; elsewhere the plain form runs
         # (cuDNN's batch norm refuses eps below 1e-5, and Ascend's has its own layouts).
-        self._fused = self.conv_impl == "unfold"
+        self._fused = self.conv_impl != "native"
         self._standardize = _stats_norm_op(eps)
         # On CPU, bit_zoo's multi-threaded kernel (cpu_kernels; None elsewhere or when unavailable).
         self._kernel = cpu_kernels.std_weight()
         if self._kernel is not None:
             self._kernel_cfg = ms.Tensor(np.array([eps], np.float32))
         self.conv = _Conv(
-            in_channels, out_channels, kernel_size, stride=stride, padding=padding, conv_impl=self.conv_impl, dilation=dilation
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            conv_impl=self.conv_impl,
+            dilation=dilation,
+            channels_last=channels_last,
         )
 
     def standardized_weight(self, dtype: ms.Type) -> ms.Tensor:
@@ -199,12 +236,16 @@ class GroupNormAct(_Float32Statistics):
 
     Statistics and affine in float32 under every AMP level (see _Float32Statistics); the output is
     cast to the AMP compute dtype (fp16 under O2/O3), or without AMP to the input's dtype, then ReLU.
+    channels_last (with bit_zoo's CPU kernels only): the input and output are (N, H, W, C).
     """
 
-    def __init__(self, num_channels: int, *, num_groups: int = 32, eps: float = 1e-5, act: bool = True, conv_impl: str = "auto") -> None:
+    def __init__(
+        self, num_channels: int, *, num_groups: int = 32, eps: float = 1e-5, act: bool = True, conv_impl: str = "auto", channels_last: bool = False
+    ) -> None:
         super().__init__()
+        self.channels_last = channels_last
         # Same switch as StdConv2d: the fused-kernel rewrite on the CPU path, the plain form elsewhere.
-        self._fused = resolve_conv_impl(conv_impl) == "unfold"
+        self._fused = resolve_conv_impl(conv_impl) != "native"
         self.num_groups = num_groups
         self.eps = eps
         self.gamma = Parameter(initializer("ones", (num_channels,)), name="gamma")
@@ -212,7 +253,9 @@ class GroupNormAct(_Float32Statistics):
         self.act = act
         self._norm = _stats_norm_op(eps)
         # Statistics, affine and ReLU in one multi-threaded pass on CPU (cpu_kernels; None elsewhere or when unavailable).
-        self._kernel = cpu_kernels.group_norm_act()
+        self._kernel = cpu_kernels.group_norm_act(channels_last)
+        if channels_last and self._kernel is None:
+            raise ValueError(f"channels_last GroupNorm needs bit_zoo's CPU kernels ({cpu_kernels.status()})")
         if self._kernel is not None:
             self._kernel_cfg = ms.Tensor(np.array([num_groups, eps, float(act)], np.float32))
 

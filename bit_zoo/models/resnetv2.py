@@ -43,23 +43,34 @@ class PreActBottleneck(nn.Cell):
     # the arguments alone, and two models in one graph (distillation) may differ in AMP flags or
     # recompute that are set after construction.
     @ms.lazy_inline(policy="front")
-    def __init__(self, in_channels: int, out_channels: int, *, stride: int, conv_impl: str, dilation: int = 1, graph_key: str = "") -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        stride: int,
+        conv_impl: str,
+        dilation: int = 1,
+        graph_key: str = "",
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
         mid = out_channels // 4
-        self.norm1 = GroupNormAct(in_channels, conv_impl=conv_impl)
+        kw = {"conv_impl": conv_impl, "channels_last": channels_last}
+        self.norm1 = GroupNormAct(in_channels, **kw)
         self.has_proj = stride != 1 or in_channels != out_channels
         if self.has_proj:
-            self.downsample = StdConv2d(in_channels, out_channels, 1, stride=stride, conv_impl=conv_impl)
-        self.conv1 = StdConv2d(in_channels, mid, 1, conv_impl=conv_impl)
-        self.norm2 = GroupNormAct(mid, conv_impl=conv_impl)
+            self.downsample = StdConv2d(in_channels, out_channels, 1, stride=stride, **kw)
+        self.conv1 = StdConv2d(in_channels, mid, 1, **kw)
+        self.norm2 = GroupNormAct(mid, **kw)
         if dilation > 1:
             # timm's padding for a dilated 3x3 (dilation on every side): the map keeps its size
-            self.conv2 = StdConv2d(mid, mid, 3, padding=dilation, dilation=dilation, conv_impl=conv_impl)
+            self.conv2 = StdConv2d(mid, mid, 3, padding=dilation, dilation=dilation, **kw)
         else:
             # Padding 1 on every side with the stride on the 3x3 (not TF SAME, not on the 1x1).
-            self.conv2 = StdConv2d(mid, mid, 3, stride=stride, padding=1, conv_impl=conv_impl)
-        self.norm3 = GroupNormAct(mid, conv_impl=conv_impl)
-        self.conv3 = StdConv2d(mid, out_channels, 1, conv_impl=conv_impl)
+            self.conv2 = StdConv2d(mid, mid, 3, stride=stride, padding=1, **kw)
+        self.norm3 = GroupNormAct(mid, **kw)
+        self.conv3 = StdConv2d(mid, out_channels, 1, **kw)
 
     def construct(self, x: ms.Tensor) -> ms.Tensor:
         p = self.norm1(x)
@@ -84,6 +95,7 @@ class ResNetStage(nn.Cell):
         first_dilation: int = 1,
         dilation: int = 1,
         graph_key: str = "",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         blocks = [
@@ -94,6 +106,7 @@ class ResNetStage(nn.Cell):
                 conv_impl=conv_impl,
                 dilation=first_dilation if i == 0 else dilation,
                 graph_key=graph_key,
+                channels_last=channels_last,
             )
             for i in range(depth)
         ]
@@ -160,7 +173,10 @@ class ResNetV2(nn.Cell):
         width_factor: the W of RxxxW; stage widths are 256W, 512W, 1024W, 2048W.
         num_classes: classifier outputs; 0 drops the classifier (forward returns pooled features).
         in_channels: input channels.
-        conv_impl: "auto" (unfold on CPU, native elsewhere), "native" or "unfold"; see layers.py.
+        conv_impl: "auto" (on CPU "onednn" where bit_zoo's oneDNN operators build, else "unfold";
+            "native" elsewhere), "native", "unfold" or "onednn"; see layers.py. On "onednn" the
+            stages run channels-last (N, H, W, C): oneDNN's convolutions need no reorders then;
+            every map the model returns is NCHW.
         recompute: recompute each unit's activations in the backward pass to save memory.
         drop_rate: dropout before the classifier (BiT uses none; offered as timm and mindcv do).
         output_stride: 32 (BiT), or 16 / 8: the last stages dilate their 3x3 convs instead of
@@ -199,6 +215,8 @@ class ResNetV2(nn.Cell):
         self.conv_impl = conv_impl
         self.output_stride = output_stride
         self.features_only = features_only
+        # Channels-last stages on the oneDNN path (the stem takes the user's NCHW image).
+        self.channels_last = conv_impl == "onednn"
         self.stem = Stem(in_channels, 64 * wf, conv_impl=conv_impl)
         widths = [256 * wf, 512 * wf, 1024 * wf, 2048 * wf]
         info = [{"num_chs": 64 * wf, "reduction": 2, "module": "stem.conv", "index": 0}]
@@ -207,7 +225,17 @@ class ResNetV2(nn.Cell):
         key = f"model{next(_MODEL_KEYS)}"
         for i, (depth, width, (stride, first_dil, dil)) in enumerate(zip(layers, widths, stage_strides_and_dilations(output_stride))):
             stages.append(
-                ResNetStage(prev, width, depth, stride=stride, conv_impl=conv_impl, first_dilation=first_dil, dilation=dil, graph_key=key)
+                ResNetStage(
+                    prev,
+                    width,
+                    depth,
+                    stride=stride,
+                    conv_impl=conv_impl,
+                    first_dilation=first_dil,
+                    dilation=dil,
+                    graph_key=key,
+                    channels_last=self.channels_last,
+                )
             )
             prev, reduction = width, reduction * stride
             info.append({"num_chs": width, "reduction": reduction, "module": f"stages.{i}", "index": i + 1})
@@ -228,7 +256,7 @@ class ResNetV2(nn.Cell):
             self.num_classes = 0
         else:
             self.feature_info = FeatureInfo(info)
-            self.norm = GroupNormAct(prev, conv_impl=conv_impl)  # pre-head GroupNorm + ReLU
+            self.norm = GroupNormAct(prev, conv_impl=conv_impl, channels_last=self.channels_last)  # pre-head GroupNorm + ReLU
             self.num_classes = num_classes
             self.head = ClassifierHead(prev, num_classes, drop_rate=drop_rate)
         self.eager_jit = eager_jit
@@ -257,10 +285,18 @@ class ResNetV2(nn.Cell):
             "classifier": w.classifier,
         }
 
+    def _to_stages(self, x: ms.Tensor) -> ms.Tensor:
+        """The stem's NCHW output in the stages' layout."""
+        return x.transpose(0, 2, 3, 1) if self.channels_last else x
+
+    def _to_nchw(self, x: ms.Tensor) -> ms.Tensor:
+        """A map of the stages in NCHW, the layout every output has."""
+        return x.transpose(0, 3, 1, 2) if self.channels_last else x
+
     def forward_features(self, x: ms.Tensor) -> ms.Tensor:
-        x = self.stem(x)
+        x = self._to_stages(self.stem(x))
         x = self.stages(x)
-        return self.norm(x)
+        return self._to_nchw(self.norm(x))
 
     def forward_head(self, x: ms.Tensor, pre_logits: bool = False) -> ms.Tensor:
         return self.head(x, pre_logits)
@@ -271,11 +307,11 @@ class ResNetV2(nn.Cell):
         x = self.stem.conv(x)
         if self._take[0]:
             outs.append(x)
-        x = self.stem.pool_conv_output(x)
+        x = self._to_stages(self.stem.pool_conv_output(x))
         for i in range(self._num_run):
             x = self.stages[i](x)
             if self._take[i + 1]:
-                outs.append(x)
+                outs.append(self._to_nchw(x))
         return outs
 
     def construct(self, x: ms.Tensor):
@@ -308,18 +344,18 @@ class ResNetV2(nn.Cell):
         x = self.stem.conv(x)
         if 0 in take:
             intermediates.append(x)
-        x = self.stem.pool_conv_output(x)
+        x = self._to_stages(self.stem.pool_conv_output(x))
         last = len(self.stages)
         feat_idx = 0
         for feat_idx in range(1, (max_index if stop_early else last) + 1):
             x = self.stages[feat_idx - 1](x)
             if feat_idx in take:
-                intermediates.append(self.norm(x) if norm and feat_idx == last else x)
+                intermediates.append(self._to_nchw(self.norm(x) if norm and feat_idx == last else x))
         if intermediates_only:
             return intermediates
         if feat_idx == last and self.norm is not None:
             x = self.norm(x)
-        return x, intermediates
+        return self._to_nchw(x), intermediates
 
     def get_classifier(self) -> nn.Cell | None:
         return None if self.head is None else self.head.fc

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -39,6 +40,19 @@ static inline void moments(const float *v, int64_t n, double eps, double *mean, 
   });
   *mean = m;
   *rstd = 1.0 / std::sqrt(sq / static_cast<double>(n) - dm * dm + eps);
+}
+
+// dy where the forward's ReLU let the value through (y > 0), else exactly +0 (also for an inf or
+// NaN dy, as a branch would give). A bit mask, not `y > 0 ? dy : 0`: GCC compiles that select
+// in these loops to something ~15x slower (1.7 ms against 0.1 ms for a 32x32x256 sample).
+// pass_all is ~0u without ReLU.
+static inline float relu_grad(float dy, float y, uint32_t pass_all) {
+  uint32_t bits;
+  std::memcpy(&bits, &dy, sizeof bits);
+  bits &= (0u - static_cast<uint32_t>(y > 0.0f)) | pass_all;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
 }
 
 // The layout GroupNorm works on: x is (n, c, hw...) and each (sample, group) unit holds k =
@@ -141,6 +155,7 @@ extern "C" int GroupNormActGrad(int nparam, void **params, int *ndims, int64_t *
   if (!L.ok) return 2;
   const int64_t n = L.n, c = L.c, hw = L.hw, groups = L.groups, per_group = L.per_group, k = L.k;
   const bool relu = L.relu;
+  const uint32_t pass_all = relu ? 0u : ~0u;
   std::vector<double> part_gamma(n * c), part_beta(n * c);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t u = 0; u < n * groups; ++u) {
@@ -156,7 +171,7 @@ extern "C" int GroupNormActGrad(int nparam, void **params, int *ndims, int64_t *
       double db = 0.0, dg = 0.0;  // one pass for both sums
 #pragma omp simd reduction(+ : db, dg)
       for (int64_t i = 0; i < hw; ++i) {
-        const float d = (relu && !(yc[i] > 0.0f)) ? 0.0f : dyc[i];
+        const float d = relu_grad(dyc[i], yc[i], pass_all);
         db += static_cast<double>(d);
         dg += static_cast<double>(d * ((xc[i] - mf) * r));
       }
@@ -174,7 +189,7 @@ extern "C" int GroupNormActGrad(int nparam, void **params, int *ndims, int64_t *
       const float *xc = xs + j * hw, *yc = ys + j * hw, *dyc = dys + j * hw;
       float *dxc = dxs + j * hw;
 #pragma omp simd
-      for (int64_t i = 0; i < hw; ++i) dxc[i] = ((relu && !(yc[i] > 0.0f)) ? 0.0f : dyc[i]) * af + (xc[i] - mf) * bf + cf;
+      for (int64_t i = 0; i < hw; ++i) dxc[i] = (relu_grad(dyc[i], yc[i], pass_all)) * af + (xc[i] - mf) * bf + cf;
     }
   }
   for (int64_t ch = 0; ch < c; ++ch) {
@@ -185,6 +200,158 @@ extern "C" int GroupNormActGrad(int nparam, void **params, int *ndims, int64_t *
     }
     dgamma[ch] = static_cast<float>(dg);
     dbeta[ch] = static_cast<float>(db);
+  }
+  return 0;
+}
+
+// The same two operators for channels-last tensors (N, H, W, C), the layout of the oneDNN
+// convolution path (bit_dnnl.cc): a group's values are then strided (C / groups contiguous
+// channels in each of the H * W rows), so the sums run per channel across the rows, vectorised
+// over the channels, and are folded into group sums afterwards. One sample per work unit, summed
+// in a fixed order: the result does not depend on the thread count. Same cfg, outputs and stats.
+extern "C" int GroupNormActNHWC(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                                void *extra) {
+  (void)dtypes, (void)stream, (void)extra;
+  if (nparam != 6 || ndims[0] < 2) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *gamma = static_cast<const float *>(params[1]);
+  const float *beta = static_cast<const float *>(params[2]);
+  const float *cfg = static_cast<const float *>(params[3]);
+  float *y = static_cast<float *>(params[4]);
+  float *stats = static_cast<float *>(params[5]);
+  const int64_t n = shapes[0][0], c = shapes[0][ndims[0] - 1];
+  int64_t hw = 1;
+  for (int i = 1; i < ndims[0] - 1; ++i) hw *= shapes[0][i];
+  const int64_t groups = static_cast<int64_t>(cfg[0]);
+  if (groups <= 0 || c % groups != 0) return 2;
+  const int64_t per_group = c / groups;
+  const double eps = cfg[1], count = static_cast<double>(hw * per_group);
+  const bool relu = cfg[2] != 0.0f;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t sample = 0; sample < n; ++sample) {
+    const float *xs = x + sample * hw * c;
+    float *ys = y + sample * hw * c;
+    std::vector<double> acc(c, 0.0), gmean(groups), grstd(groups);
+    std::vector<float> mfc(c), a(c), b(c);
+    for (int64_t i = 0; i < hw; ++i) {
+      const float *row = xs + i * c;
+#pragma omp simd
+      for (int64_t ch = 0; ch < c; ++ch) acc[ch] += static_cast<double>(row[ch]);
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      double t = 0.0;
+      for (int64_t j = 0; j < per_group; ++j) t += acc[g * per_group + j];
+      gmean[g] = t / count;
+      for (int64_t j = 0; j < per_group; ++j) mfc[g * per_group + j] = static_cast<float>(gmean[g]);
+    }
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int64_t i = 0; i < hw; ++i) {
+      const float *row = xs + i * c;
+#pragma omp simd
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const float d = row[ch] - mfc[ch];
+        acc[ch] += static_cast<double>(d * d);
+      }
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      double t = 0.0;
+      for (int64_t j = 0; j < per_group; ++j) t += acc[g * per_group + j];
+      const double dm = gmean[g] - static_cast<double>(static_cast<float>(gmean[g]));  // as in moments()
+      grstd[g] = 1.0 / std::sqrt(t / count - dm * dm + eps);
+      for (int64_t j = 0; j < per_group; ++j) {
+        const int64_t ch = g * per_group + j;
+        const double gm = gamma[ch];
+        stats[sample * c + ch] = mfc[ch];
+        stats[n * c + sample * c + ch] = static_cast<float>(grstd[g]);
+        a[ch] = static_cast<float>(gm * grstd[g]);
+        b[ch] = static_cast<float>(beta[ch] - dm * gm * grstd[g]);
+      }
+    }
+    for (int64_t i = 0; i < hw; ++i) {
+      const float *row = xs + i * c;
+      float *out = ys + i * c;
+      if (relu) {
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) out[ch] = std::max((row[ch] - mfc[ch]) * a[ch] + b[ch], 0.0f);
+      } else {
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) out[ch] = (row[ch] - mfc[ch]) * a[ch] + b[ch];
+      }
+    }
+  }
+  return 0;
+}
+
+extern "C" int GroupNormActNHWCGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                                    void *extra) {
+  (void)dtypes, (void)stream, (void)extra;
+  if (nparam != 9 || ndims[0] < 2) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *gamma = static_cast<const float *>(params[1]);
+  const float *y = static_cast<const float *>(params[2]);
+  const float *dy = static_cast<const float *>(params[3]);
+  const float *stats = static_cast<const float *>(params[4]);
+  const float *cfg = static_cast<const float *>(params[5]);
+  float *dx = static_cast<float *>(params[6]);
+  float *dgamma = static_cast<float *>(params[7]);
+  float *dbeta = static_cast<float *>(params[8]);
+  const int64_t n = shapes[0][0], c = shapes[0][ndims[0] - 1];
+  int64_t hw = 1;
+  for (int i = 1; i < ndims[0] - 1; ++i) hw *= shapes[0][i];
+  const int64_t groups = static_cast<int64_t>(cfg[0]);
+  if (groups <= 0 || c % groups != 0) return 2;
+  const int64_t per_group = c / groups;
+  const double count = static_cast<double>(hw * per_group);
+  const uint32_t pass_all = cfg[2] != 0.0f ? 0u : ~0u;  // ReLU or not
+  std::vector<double> part_gamma(n * c), part_beta(n * c);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t sample = 0; sample < n; ++sample) {
+    const int64_t off = sample * hw * c;
+    const float *mf = stats + sample * c, *r = stats + n * c + sample * c;
+    std::vector<double> db(c, 0.0), dg(c, 0.0);
+    std::vector<float> af(c), bf(c), cf(c);
+    for (int64_t i = 0; i < hw; ++i) {
+      const float *xr = x + off + i * c, *yr = y + off + i * c, *dyr = dy + off + i * c;
+#pragma omp simd
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const float d = relu_grad(dyr[ch], yr[ch], pass_all);
+        db[ch] += static_cast<double>(d);
+        dg[ch] += static_cast<double>(d * ((xr[ch] - mf[ch]) * r[ch]));
+      }
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      double s1 = 0.0, s2 = 0.0;
+      for (int64_t j = 0; j < per_group; ++j) {
+        const int64_t ch = g * per_group + j;
+        part_gamma[sample * c + ch] = dg[ch];
+        part_beta[sample * c + ch] = db[ch];
+        s1 += gamma[ch] * db[ch];
+        s2 += gamma[ch] * dg[ch];
+      }
+      const double rstd = r[g * per_group], m1 = s1 / count, m2 = s2 / count;
+      for (int64_t j = 0; j < per_group; ++j) {
+        const int64_t ch = g * per_group + j;
+        af[ch] = static_cast<float>(rstd * gamma[ch]);
+        bf[ch] = static_cast<float>(-rstd * rstd * m2);
+        cf[ch] = static_cast<float>(-rstd * m1);
+      }
+    }
+    for (int64_t i = 0; i < hw; ++i) {
+      const float *xr = x + off + i * c, *yr = y + off + i * c, *dyr = dy + off + i * c;
+      float *dxr = dx + off + i * c;
+#pragma omp simd
+      for (int64_t ch = 0; ch < c; ++ch)
+        dxr[ch] = (relu_grad(dyr[ch], yr[ch], pass_all)) * af[ch] + (xr[ch] - mf[ch]) * bf[ch] + cf[ch];
+    }
+  }
+  for (int64_t ch = 0; ch < c; ++ch) {
+    double g = 0.0, b = 0.0;
+    for (int64_t sidx = 0; sidx < n; ++sidx) {
+      g += part_gamma[sidx * c + ch];
+      b += part_beta[sidx * c + ch];
+    }
+    dgamma[ch] = static_cast<float>(g);
+    dbeta[ch] = static_cast<float>(b);
   }
   return 0;
 }
