@@ -39,7 +39,7 @@ from ..utils.atomic import atomic_path, write_text_atomic
 from ..utils.paths import home_dir
 from ..weights.pretrained import sha256_file
 
-__all__ = ["ENV", "SOURCE", "build_kind", "conv2d", "conv2d_cfg", "dnnl_library", "dnnl_status", "group_norm_act", "library", "std_weight", "status", "sum_squares"]
+__all__ = ["ENV", "SOURCE", "build_kind", "conv2d", "conv2d_add", "conv2d_cfg", "dnnl_library", "dnnl_status", "group_norm_act", "library", "std_weight", "status", "sum_squares"]
 
 _logger = logging.getLogger(__name__)
 
@@ -378,6 +378,10 @@ def _dnnl_self_check(path: Path) -> None:
             ("DnnlConvBwdData", abs(float((dx.astype(np.float64) * x).sum()) - inner) / (abs(inner) + scale)),
             ("DnnlConvBwdWeights", abs(float((dw.astype(np.float64) * w).sum()) - inner) / (abs(inner) + scale)),
         )
+        if last:  # the fused residual add: conv + shortcut
+            s = rng.standard_normal(ref.shape).astype(np.float32)
+            ya = conv2d_add()(ms.Tensor(x), ms.Tensor(w), ms.Tensor(s), cfg).asnumpy()
+            checks += (("DnnlConvAdd", float(np.abs(ya - (ref + s)).max()) / scale),)
         for what, err in checks:
             if not err <= 1e-5:
                 raise RuntimeError(f"self-check of {what} failed: relative error {err:.3g}")
@@ -409,6 +413,7 @@ def dnnl_library() -> Path | None:
         _dnnl_status = f"unavailable: {type(e).__name__}: {e}"
         _dnnl_path[0] = None
         conv2d.cache_clear()  # the operators the self-check made must not outlive it
+        conv2d_add.cache_clear()
         _logger.warning("bit_zoo oneDNN convolutions %s; convolutions use the unfold rewrite (slower on CPU)", _dnnl_status)
         return None
     _dnnl_status = f"in use: {path}"
@@ -422,6 +427,14 @@ _dnnl_bwd_weights = None
 
 def _dnnl_conv_bprop(x, w, cfg, out, dout):
     return _dnnl_bwd_data(x, w, dout, cfg), _dnnl_bwd_weights(w, x, dout, cfg), ops.zeros_like(cfg)
+
+
+def _dnnl_conv_add_bprop(x, w, shortcut, cfg, out, dout):
+    return _dnnl_bwd_data(x, w, dout, cfg), _dnnl_bwd_weights(w, x, dout, cfg), dout, ops.zeros_like(cfg)
+
+
+def _third(x, w, shortcut, cfg):
+    return shortcut
 
 
 def conv2d_cfg(stride: int, padding: int, dilation: int, channels_last: bool = False) -> ms.Tensor:
@@ -451,3 +464,15 @@ def conv2d() -> ops.Custom | None:
     _dnnl_bwd_data = ops.Custom(f"{path}:DnnlConvBwdData", out_shape=_same_as_first, out_dtype=_same_as_first, func_type="aot")
     _dnnl_bwd_weights = ops.Custom(f"{path}:DnnlConvBwdWeights", out_shape=_same_as_first, out_dtype=_same_as_first, func_type="aot")
     return ops.Custom(f"{path}:DnnlConv", out_shape=_conv_out_shape, out_dtype=_same_as_first, func_type="aot", bprop=_dnnl_conv_bprop)
+
+
+@functools.cache
+def conv2d_add() -> ops.Custom | None:
+    """(x, w, shortcut, conv2d_cfg(..., channels_last=True)) -> conv2d(x, w) + shortcut, or None; differentiable.
+
+    The residual add of a block done by oneDNN as it writes the convolution's output (a post-op),
+    not in a separate pass over the tensor. Channels-last tensors only."""
+    path = _dnnl_path[0] if _dnnl_path[0] is not None else dnnl_library()
+    if path is None or conv2d() is None:
+        return None
+    return ops.Custom(f"{path}:DnnlConvAdd", out_shape=_third, out_dtype=_third, func_type="aot", bprop=_dnnl_conv_add_bprop)

@@ -125,19 +125,27 @@ class _Conv(nn.Cell):
         if self._subsample:
             self.pool = nn.AvgPool2d(kernel_size=1, stride=stride)
         self._dnnl = cpu_kernels.conv2d() if conv_impl == "onednn" else None
+        self._dnnl_add = cpu_kernels.conv2d_add() if conv_impl == "onednn" and channels_last else None
         if self._dnnl is not None:
             self._dnnl_cfg = cpu_kernels.conv2d_cfg(stride, padding, dilation, channels_last)
         elif channels_last:
             raise ValueError("channels_last activations need conv_impl 'onednn'")
 
-    def construct(self, x: ms.Tensor, w: ms.Tensor) -> ms.Tensor:
+    def construct(self, x: ms.Tensor, w: ms.Tensor, residual: ms.Tensor | None = None) -> ms.Tensor:
+        """The convolution of x with w, plus `residual` (a block's shortcut) when given."""
         # Equal dtypes for the conv (graph-mode fp16 compiles only so): the activation's.
         w = w.astype(x.dtype)
         if self._dnnl is not None and x.dtype == ms.float32:
-            return self._dnnl(x, w, self._dnnl_cfg)
-        if self.channels_last:  # another dtype (float16 under AMP): the NCHW rewrite, between transposes
-            return self._nchw(x.transpose(0, 3, 1, 2), w).transpose(0, 2, 3, 1)
-        return self._nchw(x, w)
+            if residual is None:
+                return self._dnnl(x, w, self._dnnl_cfg)
+            if self._dnnl_add is not None and residual.dtype == ms.float32:
+                return self._dnnl_add(x, w, residual, self._dnnl_cfg)  # the add fused into the conv's output
+            y = self._dnnl(x, w, self._dnnl_cfg)
+        elif self.channels_last:  # another dtype (float16 under AMP): the NCHW rewrite, between transposes
+            y = self._nchw(x.transpose(0, 3, 1, 2), w).transpose(0, 2, 3, 1)
+        else:
+            y = self._nchw(x, w)
+        return y if residual is None else y + residual
 
     def _nchw(self, x: ms.Tensor, w: ms.Tensor) -> ms.Tensor:
         if self._unfold:
@@ -219,9 +227,10 @@ class StdConv2d(_Float32Statistics):
             w = (w - mean) / ops.sqrt(var + self.eps)
         return w.astype(dtype)
 
-    def construct(self, x: ms.Tensor) -> ms.Tensor:
+    def construct(self, x: ms.Tensor, residual: ms.Tensor | None = None) -> ms.Tensor:
+        """conv(x), plus `residual` when given (on the oneDNN path added as the output is written)."""
         # The weight goes in float32; the child casts it to the activation's (AMP) dtype.
-        return self.conv(x, self.standardized_weight(ms.float32))
+        return self.conv(x, self.standardized_weight(ms.float32), residual)
 
     def extend_repr(self) -> str:
         c = self.conv

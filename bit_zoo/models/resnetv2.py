@@ -79,8 +79,7 @@ class PreActBottleneck(nn.Cell):
             shortcut = self.downsample(p)
         y = self.conv1(p)
         y = self.conv2(self.norm2(y))
-        y = self.conv3(self.norm3(y))
-        return y + shortcut
+        return self.conv3(self.norm3(y), shortcut)  # conv3 + shortcut
 
 
 class ResNetStage(nn.Cell):

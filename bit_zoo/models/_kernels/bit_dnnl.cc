@@ -24,6 +24,7 @@
 // its input shapes alone (and keeps one shape function per operator name), so the geometry travels as
 // a shape. layout: 1 = NCHW activations, 2 = channels-last (N, H, W, C); weights are OIHW either way.
 //   DnnlConv(x, w, cfg) -> y
+//   DnnlConvAdd(x, w, shortcut, cfg) -> y + shortcut   (channels-last)
 //   DnnlConvBwdData(x, w, dy, cfg) -> dx       (x only gives dx its shape)
 //   DnnlConvBwdWeights(w, x, dy, cfg) -> dw    (w only gives dw its shape)
 // Return 0 on success; BitDnnlLastError() says why not.
@@ -100,9 +101,13 @@ struct Scratch {
     return ptr;
   }
 };
-Scratch g_scratch[3];
+constexpr int kMaxOperands = 4;
+Scratch g_scratch[kMaxOperands + 1];  // one per operand, and oneDNN's own scratchpad last
 
-enum Kind { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+// kForwardAdd: the forward with the residual added by oneDNN (a binary post-op) as it writes the
+// output, instead of a separate pass over the tensor; channels-last only (the shortcut is read in
+// the caller's layout, which is then also the output's).
+enum Kind { kForward = 0, kBackwardData = 1, kBackwardWeights = 2, kForwardAdd = 3 };
 
 // One tensor of a primitive: the caller's plain (NCHW / OIHW) memory, and, when oneDNN wants
 // another format, a memory in that format on a scratch buffer plus the reorder between them.
@@ -120,7 +125,11 @@ struct Operand {
 struct Plan {
   dnnl_primitive_desc_t hint = nullptr, pd = nullptr;
   dnnl_primitive_t prim = nullptr;
-  Operand ops[3];  // inputs first, the output last
+  int inputs = 2;
+  Operand ops[kMaxOperands];  // the inputs, then the output
+  // The scratchpad is ours ("user" mode): oneDNN's own would be allocated and freed on every call.
+  dnnl_memory_t scratchpad = nullptr;
+  size_t scratchpad_bytes = 0;
   std::string impl;
 };
 
@@ -169,22 +178,39 @@ Plan *plan_for(Kind kind, const int64_t *xs, const int64_t *ws, int64_t stride, 
   // that layout: no reorder); NCHW ones in the format oneDNN picks, with reorders around the call.
   // The weights always in oneDNN's own blocked format, reordered from OIHW on each call.
   const dnnl_format_tag_t act = nhwc ? dnnl_acdb : dnnl_abcd, act_prim = nhwc ? dnnl_acdb : dnnl_format_tag_any;
-  bool good = make_md(&src, xs, act_prim) && make_md(&wei, ws, dnnl_format_tag_any) && make_md(&dst, ys, act_prim) &&
-              ok(dnnl_convolution_forward_primitive_desc_create(&plan->hint, rt.engine,
-                                                                kind == kForward ? dnnl_forward_inference : dnnl_forward_training,
-                                                                dnnl_convolution_direct, src, wei, nullptr, dst, strides, dilates,
-                                                                pads, pads_r, nullptr),
-                 "convolution forward pd");
+  const bool forward = kind == kForward || kind == kForwardAdd;
+  if (kind == kForwardAdd && !nhwc) {
+    g_error = "the fused residual add needs channels-last tensors";
+    return nullptr;
+  }
+  dnnl_primitive_attr_t attr = nullptr;
+  dnnl_post_ops_t post_ops = nullptr;
+  bool good = ok(dnnl_primitive_attr_create(&attr), "dnnl_primitive_attr_create") &&
+              ok(dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user), "scratchpad mode") &&
+              make_md(&src, xs, act_prim) && make_md(&wei, ws, dnnl_format_tag_any) && make_md(&dst, ys, act_prim);
+  if (good && kind == kForwardAdd)
+    good = ok(dnnl_post_ops_create(&post_ops), "dnnl_post_ops_create") &&
+           ok(dnnl_post_ops_append_binary(post_ops, dnnl_binary_add, dst), "dnnl_post_ops_append_binary") &&
+           ok(dnnl_primitive_attr_set_post_ops(attr, post_ops), "dnnl_primitive_attr_set_post_ops");
+  good = good && ok(dnnl_convolution_forward_primitive_desc_create(&plan->hint, rt.engine,
+                                                                   forward ? dnnl_forward_inference : dnnl_forward_training,
+                                                                   dnnl_convolution_direct, src, wei, nullptr, dst, strides, dilates, pads,
+                                                                   pads_r, forward ? attr : nullptr),
+                    "convolution forward pd");
   if (good) {
-    if (kind == kForward) {
+    if (forward) {
       plan->pd = plan->hint;
       plan->hint = nullptr;
       good = prepare(plan->ops[0], rt, plan->pd, dnnl_query_src_md, DNNL_ARG_SRC, false, xs, act) &&
-             prepare(plan->ops[1], rt, plan->pd, dnnl_query_weights_md, DNNL_ARG_WEIGHTS, false, ws, dnnl_abcd) &&
-             prepare(plan->ops[2], rt, plan->pd, dnnl_query_dst_md, DNNL_ARG_DST, true, ys, act);
+             prepare(plan->ops[1], rt, plan->pd, dnnl_query_weights_md, DNNL_ARG_WEIGHTS, false, ws, dnnl_abcd);
+      if (good && kind == kForwardAdd) {
+        plan->inputs = 3;  // the shortcut, in the output's (channels-last) layout: no reorder
+        good = prepare(plan->ops[2], rt, plan->pd, dnnl_query_dst_md, DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, false, ys, act);
+      }
+      good = good && prepare(plan->ops[plan->inputs], rt, plan->pd, dnnl_query_dst_md, DNNL_ARG_DST, true, ys, act);
     } else if (kind == kBackwardData) {
       good = ok(dnnl_convolution_backward_data_primitive_desc_create(&plan->pd, rt.engine, dnnl_convolution_direct, src, wei, dst,
-                                                                     strides, dilates, pads, pads_r, plan->hint, nullptr),
+                                                                     strides, dilates, pads, pads_r, plan->hint, attr),
                 "convolution backward-data pd") &&
              prepare(plan->ops[0], rt, plan->pd, dnnl_query_diff_dst_md, DNNL_ARG_DIFF_DST, false, ys, act) &&
              prepare(plan->ops[1], rt, plan->pd, dnnl_query_weights_md, DNNL_ARG_WEIGHTS, false, ws, dnnl_abcd) &&
@@ -192,7 +218,7 @@ Plan *plan_for(Kind kind, const int64_t *xs, const int64_t *ws, int64_t stride, 
     } else {
       good = ok(dnnl_convolution_backward_weights_primitive_desc_create(&plan->pd, rt.engine, dnnl_convolution_direct, src, wei,
                                                                         nullptr, dst, strides, dilates, pads, pads_r, plan->hint,
-                                                                        nullptr),
+                                                                        attr),
                 "convolution backward-weights pd") &&
              prepare(plan->ops[0], rt, plan->pd, dnnl_query_src_md, DNNL_ARG_SRC, false, xs, act) &&
              prepare(plan->ops[1], rt, plan->pd, dnnl_query_diff_dst_md, DNNL_ARG_DIFF_DST, false, ys, act) &&
@@ -200,6 +226,14 @@ Plan *plan_for(Kind kind, const int64_t *xs, const int64_t *ws, int64_t stride, 
     }
   }
   good = good && ok(dnnl_primitive_create(&plan->prim, plan->pd), "convolution primitive");
+  if (good) {
+    const_dnnl_memory_desc_t pad_md = dnnl_primitive_desc_query_md(plan->pd, dnnl_query_scratchpad_md, 0);
+    plan->scratchpad_bytes = pad_md ? dnnl_memory_desc_get_size(pad_md) : 0;
+    if (plan->scratchpad_bytes)
+      good = ok(dnnl_memory_create(&plan->scratchpad, pad_md, rt.engine, DNNL_MEMORY_NONE), "dnnl_memory_create");
+  }
+  if (post_ops) dnnl_post_ops_destroy(post_ops);
+  if (attr) dnnl_primitive_attr_destroy(attr);
   dnnl_memory_desc_destroy(src);
   dnnl_memory_desc_destroy(wei);
   dnnl_memory_desc_destroy(dst);
@@ -215,12 +249,13 @@ bool exec(dnnl_primitive_t prim, Runtime &rt, int nargs, const dnnl_exec_arg_t *
   return ok(dnnl_primitive_execute(prim, rt.stream, nargs, args), "dnnl_primitive_execute");
 }
 
-// Run the plan on the caller's buffers: reorder the inputs in, convolve, reorder the output out.
-bool run(Plan *plan, void *in0, void *in1, void *out) {
+// Run the plan on the caller's buffers (the inputs, then the output): reorder the inputs in,
+// convolve, reorder the output out.
+bool run(Plan *plan, void *const *data) {
   Runtime &rt = runtime();
-  void *data[3] = {in0, in1, out};
-  dnnl_exec_arg_t args[3];
-  for (int i = 0; i < 3; ++i) {
+  const int n = plan->inputs + 1;
+  dnnl_exec_arg_t args[kMaxOperands + 1];
+  for (int i = 0; i < n; ++i) {
     Operand &o = plan->ops[i];
     if (!ok(dnnl_memory_set_data_handle(o.user, data[i]), "dnnl_memory_set_data_handle")) return false;
     dnnl_memory_t used = o.user;
@@ -239,8 +274,18 @@ bool run(Plan *plan, void *in0, void *in1, void *out) {
     }
     args[i] = {o.arg, used};
   }
-  if (!exec(plan->prim, rt, 3, args)) return false;
-  Operand &o = plan->ops[2];
+  int nargs = n;
+  if (plan->scratchpad) {
+    void *buf = g_scratch[kMaxOperands].get(plan->scratchpad_bytes);
+    if (!buf) {
+      g_error = "out of memory for the convolution's scratchpad";
+      return false;
+    }
+    if (!ok(dnnl_memory_set_data_handle(plan->scratchpad, buf), "dnnl_memory_set_data_handle")) return false;
+    args[nargs++] = {DNNL_ARG_SCRATCHPAD, plan->scratchpad};
+  }
+  if (!exec(plan->prim, rt, nargs, args)) return false;
+  Operand &o = plan->ops[n - 1];
   if (o.prim) {
     dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, o.prim}, {DNNL_ARG_TO, o.user}};
     if (!exec(o.reorder, rt, 2, r)) return false;
@@ -263,29 +308,38 @@ bool check(int nparam, int want, int *ndims, const char **dtypes) {
 }
 
 // xs: the activation's shape as MindSpore has it, (n, c, h, w) or, channels-last, (n, h, w, c).
-int call(Kind kind, const int64_t *xs, const int64_t *ws, const int64_t *cfg, void *in0, void *in1, void *out) {
+int call(Kind kind, const int64_t *xs, const int64_t *ws, const int64_t *cfg, void *const *data) {
   const bool nhwc = cfg[3] == 2;
   const int64_t logical[4] = {xs[0], nhwc ? xs[3] : xs[1], nhwc ? xs[1] : xs[2], nhwc ? xs[2] : xs[3]};
   std::lock_guard<std::mutex> lock(g_mutex);
   Plan *plan = plan_for(kind, logical, ws, cfg[0], cfg[1] - 1, cfg[2], nhwc);
-  return plan && run(plan, in0, in1, out) ? 0 : 1;
+  return plan && run(plan, data) ? 0 : 1;
 }
 
 }  // namespace
 
 extern "C" int DnnlConv(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   if (!check(nparam, 4, ndims, dtypes)) return 1;
-  return call(kForward, shapes[0], shapes[1], shapes[2], params[0], params[1], params[3]);
+  void *data[3] = {params[0], params[1], params[3]};
+  return call(kForward, shapes[0], shapes[1], shapes[2], data);
+}
+
+extern "C" int DnnlConvAdd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!check(nparam, 5, ndims, dtypes)) return 1;
+  void *data[4] = {params[0], params[1], params[2], params[4]};
+  return call(kForwardAdd, shapes[0], shapes[1], shapes[3], data);
 }
 
 extern "C" int DnnlConvBwdData(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   if (!check(nparam, 5, ndims, dtypes)) return 1;
-  return call(kBackwardData, shapes[0], shapes[1], shapes[3], params[2], params[1], params[4]);
+  void *data[3] = {params[2], params[1], params[4]};
+  return call(kBackwardData, shapes[0], shapes[1], shapes[3], data);
 }
 
 extern "C" int DnnlConvBwdWeights(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   if (!check(nparam, 5, ndims, dtypes)) return 1;
-  return call(kBackwardWeights, shapes[1], shapes[0], shapes[3], params[1], params[2], params[4]);
+  void *data[3] = {params[1], params[2], params[4]};
+  return call(kBackwardWeights, shapes[1], shapes[0], shapes[3], data);
 }
 
 extern "C" const char *BitDnnlLastError() { return g_error.c_str(); }
