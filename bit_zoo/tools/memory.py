@@ -21,8 +21,9 @@ keep nothing. With recompute (per unit, ``ResNetV2(recompute=True)``) a unit kee
 input (c bytes per element) and its own tensors are rebuilt during its backward: the largest
 unit is counted once on top.
 
-This is the native-convolution path (Ascend, GPU). The CPU ``unfold`` path also keeps the im2col
-columns of every k x k conv (9x its input); it is not modelled. The configuration is read and
+This is the native-convolution path (Ascend, GPU); the CPU's ``onednn`` path keeps the same
+tensors (channels-last). The CPU ``unfold`` path also keeps the im2col columns of every k x k
+conv (9x its input); it is not modelled. The configuration is read and
 checked as train.py reads it; options missing from it take train.py's defaults.
 """
 

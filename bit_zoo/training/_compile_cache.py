@@ -172,6 +172,7 @@ def _context() -> dict:
         "device_num": context.get_auto_parallel_context("device_num"),
         "env": sorted(env.items()),
         "cpu_kernels": cpu_kernels.status(),
+        "onednn_kernels": cpu_kernels.dnnl_status(),
     }
 
 
