@@ -39,7 +39,7 @@ from ..utils.atomic import atomic_path, write_text_atomic
 from ..utils.paths import home_dir
 from ..weights.pretrained import sha256_file
 
-__all__ = ["ENV", "SOURCE", "build_kind", "conv2d", "conv2d_add", "conv2d_cfg", "dnnl_library", "dnnl_status", "group_norm_act", "library", "std_weight", "status", "sum_squares"]
+__all__ = ["ENV", "SOURCE", "build_kind", "conv2d", "conv2d_add", "conv2d_cfg", "conv2d_prepared", "dnnl_library", "dnnl_status", "group_norm_act", "library", "std_weight", "status", "sum_squares"]
 
 _logger = logging.getLogger(__name__)
 
@@ -378,10 +378,20 @@ def _dnnl_self_check(path: Path) -> None:
             ("DnnlConvBwdData", abs(float((dx.astype(np.float64) * x).sum()) - inner) / (abs(inner) + scale)),
             ("DnnlConvBwdWeights", abs(float((dw.astype(np.float64) * w).sum()) - inner) / (abs(inner) + scale)),
         )
-        if last:  # the fused residual add: conv + shortcut
+        if last:  # the fused residual add: conv + shortcut; the inference forms on the raw weight
             s = rng.standard_normal(ref.shape).astype(np.float32)
             ya = conv2d_add()(ms.Tensor(x), ms.Tensor(w), ms.Tensor(s), cfg).asnumpy()
             checks += (("DnnlConvAdd", float(np.abs(ya - (ref + s)).max()) / scale),)
+            eps = ms.Tensor(np.array([1e-10], np.float32))
+            wa = w.astype(np.float64).reshape(w.shape[0], -1)
+            w_std = ((wa - wa.mean(1, keepdims=True)) / np.sqrt(wa.var(1, keepdims=True) + 1e-10)).reshape(w.shape)
+            ref_std = _conv_reference(x.transpose(0, 3, 1, 2), w_std, stride, pad, dil).transpose(0, 2, 3, 1)
+            conv_std, conv_std_add = conv2d_prepared()
+            for _ in range(2):  # the second call reuses the prepared weights
+                yp = conv_std(ms.Tensor(x), ms.Tensor(w), cfg, eps).asnumpy()
+                checks += (("DnnlConvStd", float(np.abs(yp - ref_std).max()) / float(np.abs(ref_std).max())),)
+            yq = conv_std_add(ms.Tensor(x), ms.Tensor(w), ms.Tensor(s), cfg, eps).asnumpy()
+            checks += (("DnnlConvStdAdd", float(np.abs(yq - (ref_std + s)).max()) / float(np.abs(ref_std).max())),)
         for what, err in checks:
             if not err <= 1e-5:
                 raise RuntimeError(f"self-check of {what} failed: relative error {err:.3g}")
@@ -414,6 +424,7 @@ def dnnl_library() -> Path | None:
         _dnnl_path[0] = None
         conv2d.cache_clear()  # the operators the self-check made must not outlive it
         conv2d_add.cache_clear()
+        conv2d_prepared.cache_clear()
         _logger.warning("bit_zoo oneDNN convolutions %s; convolutions use the unfold rewrite (slower on CPU)", _dnnl_status)
         return None
     _dnnl_status = f"in use: {path}"
@@ -433,8 +444,29 @@ def _dnnl_conv_add_bprop(x, w, shortcut, cfg, out, dout):
     return _dnnl_bwd_data(x, w, dout, cfg), _dnnl_bwd_weights(w, x, dout, cfg), dout, ops.zeros_like(cfg)
 
 
-def _third(x, w, shortcut, cfg):
+def _third(x, w, shortcut, cfg, *_):
     return shortcut
+
+
+def _std_conv_out_shape(x, w, cfg, eps):
+    return _conv_out_shape(x, w, cfg)
+
+
+def _prepared_std(w, eps):
+    return std_weight()(w, eps)
+
+
+def _dnnl_conv_std_bprop(x, w, cfg, eps, out, dout):
+    # The gradient of an eval-mode forward (saliency, adversarial inputs): standardise again and
+    # go through the same backward kernels as training.
+    v = _prepared_std(w, eps)
+    dv = _dnnl_bwd_weights(v, x, dout, cfg)
+    return _dnnl_bwd_data(x, v, dout, cfg), _std_weight_grad(w, dv, eps), ops.zeros_like(cfg), ops.zeros_like(eps)
+
+
+def _dnnl_conv_std_add_bprop(x, w, shortcut, cfg, eps, out, dout):
+    dx, dw, dcfg, deps = _dnnl_conv_std_bprop(x, w, cfg, eps, out, dout)
+    return dx, dw, dout, dcfg, deps
 
 
 def conv2d_cfg(stride: int, padding: int, dilation: int, channels_last: bool = False) -> ms.Tensor:
@@ -476,3 +508,20 @@ def conv2d_add() -> ops.Custom | None:
     if path is None or conv2d() is None:
         return None
     return ops.Custom(f"{path}:DnnlConvAdd", out_shape=_third, out_dtype=_third, func_type="aot", bprop=_dnnl_conv_add_bprop)
+
+
+@functools.cache
+def conv2d_prepared() -> tuple[ops.Custom, ops.Custom] | None:
+    """The inference forms, or None: (conv(x, w_raw, cfg, eps), conv_add(x, w_raw, shortcut, cfg, eps)).
+
+    They take the raw weight and its standardisation's eps ((1,) float32) and keep the
+    standardised weight in oneDNN's format between calls while the raw weight's bytes stay the
+    same (a 64-bit digest is checked on every call; bit_dnnl.cc). Differentiable (through the
+    training kernels)."""
+    path = _dnnl_path[0] if _dnnl_path[0] is not None else dnnl_library()
+    if path is None or conv2d() is None or std_weight() is None:
+        return None
+    return (
+        ops.Custom(f"{path}:DnnlConvStd", out_shape=_std_conv_out_shape, out_dtype=_same_as_first, func_type="aot", bprop=_dnnl_conv_std_bprop),
+        ops.Custom(f"{path}:DnnlConvStdAdd", out_shape=_third, out_dtype=_third, func_type="aot", bprop=_dnnl_conv_std_add_bprop),
+    )

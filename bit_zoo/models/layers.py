@@ -126,6 +126,11 @@ class _Conv(nn.Cell):
             self.pool = nn.AvgPool2d(kernel_size=1, stride=stride)
         self._dnnl = cpu_kernels.conv2d() if conv_impl == "onednn" else None
         self._dnnl_add = cpu_kernels.conv2d_add() if conv_impl == "onednn" and channels_last else None
+        # Inference on the raw weight, the standardised one kept between calls (cpu_kernels.conv2d_prepared).
+        prepared = cpu_kernels.conv2d_prepared() if self._dnnl is not None else None
+        self._dnnl_std, self._dnnl_std_add = prepared if prepared else (None, None)
+        if not channels_last:
+            self._dnnl_std_add = None
         if self._dnnl is not None:
             self._dnnl_cfg = cpu_kernels.conv2d_cfg(stride, padding, dilation, channels_last)
         elif channels_last:
@@ -146,6 +151,14 @@ class _Conv(nn.Cell):
         else:
             y = self._nchw(x, w)
         return y if residual is None else y + residual
+
+    def prepared(self, x: ms.Tensor, w: ms.Tensor, eps: ms.Tensor, residual: ms.Tensor | None = None) -> ms.Tensor:
+        """Eval mode on the oneDNN path: the convolution of x with the standardised raw weight w."""
+        if residual is None:
+            return self._dnnl_std(x, w, self._dnnl_cfg, eps)
+        if self._dnnl_std_add is not None and residual.dtype == ms.float32:
+            return self._dnnl_std_add(x, w, residual, self._dnnl_cfg, eps)
+        return self._dnnl_std(x, w, self._dnnl_cfg, eps) + residual
 
     def _nchw(self, x: ms.Tensor, w: ms.Tensor) -> ms.Tensor:
         if self._unfold:
@@ -229,6 +242,9 @@ class StdConv2d(_Float32Statistics):
 
     def construct(self, x: ms.Tensor, residual: ms.Tensor | None = None) -> ms.Tensor:
         """conv(x), plus `residual` when given (on the oneDNN path added as the output is written)."""
+        if not self.training and self.conv._dnnl_std is not None and x.dtype == ms.float32 and self.weight.dtype == ms.float32:
+            # Eval mode on the oneDNN path: the standardised weight is kept between calls.
+            return self.conv.prepared(x, self.weight, self._kernel_cfg, residual)
         # The weight goes in float32; the child casts it to the activation's (AMP) dtype.
         return self.conv(x, self.standardized_weight(ms.float32), residual)
 

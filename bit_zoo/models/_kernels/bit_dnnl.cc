@@ -31,7 +31,10 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <array>
+#include <cmath>
+#include <vector>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -251,12 +254,19 @@ bool exec(dnnl_primitive_t prim, Runtime &rt, int nargs, const dnnl_exec_arg_t *
 
 // Run the plan on the caller's buffers (the inputs, then the output): reorder the inputs in,
 // convolve, reorder the output out.
-bool run(Plan *plan, void *const *data) {
+// ready_weights: the weights already in the primitive's format (the inference cache below), or null.
+bool run(Plan *plan, void *const *data, void *ready_weights = nullptr) {
   Runtime &rt = runtime();
   const int n = plan->inputs + 1;
   dnnl_exec_arg_t args[kMaxOperands + 1];
   for (int i = 0; i < n; ++i) {
     Operand &o = plan->ops[i];
+    if (i == 1 && ready_weights) {
+      dnnl_memory_t m = o.prim ? o.prim : o.user;
+      if (!ok(dnnl_memory_set_data_handle(m, ready_weights), "dnnl_memory_set_data_handle")) return false;
+      args[i] = {o.arg, m};
+      continue;
+    }
     if (!ok(dnnl_memory_set_data_handle(o.user, data[i]), "dnnl_memory_set_data_handle")) return false;
     dnnl_memory_t used = o.user;
     if (o.prim) {
@@ -316,7 +326,169 @@ int call(Kind kind, const int64_t *xs, const int64_t *ws, const int64_t *cfg, vo
   return plan && run(plan, data) ? 0 : 1;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Inference: the weight standardisation and the reorder into oneDNN's format once, not per call.
+//
+// An eval-mode forward standardises every weight and reorders it into the primitive's blocked
+// format on every call (about a tenth of an R50x1 inference call). These operators take the raw
+// weight and keep, per weight buffer and plan, the prepared weights together with a 64-bit digest
+// of the raw weight's bytes; a call whose raw weight digests the same reuses them (one read of the
+// weights instead of standardise + reorder), any change (an optimizer step, a loaded checkpoint,
+// EMA weights swapped in) gives another digest and a fresh preparation. The prepared copies are
+// bounded by BIT_ZOO_WEIGHT_CACHE_MB (default 1024; 0 turns the cache off): past it, a call
+// prepares its weights in a scratch buffer, as without the cache.
+
+struct Prepared {
+  uint64_t digest = 0;
+  void *buf = nullptr;
+};
+std::map<std::pair<const void *, const Plan *>, Prepared> g_prepared;
+size_t g_prepared_bytes = 0;
+
+size_t prepared_limit() {
+  static const size_t limit = [] {
+    const char *v = std::getenv("BIT_ZOO_WEIGHT_CACHE_MB");
+    return static_cast<size_t>(v ? std::strtoull(v, nullptr, 10) : 1024) << 20;
+  }();
+  return limit;
+}
+
+// A digest of n floats: fixed chunks hashed independently (multiply-xorshift over 64-bit words),
+// combined in chunk order, so it does not depend on the thread count.
+uint64_t digest(const float *w, int64_t n) {
+  const int64_t words = n / 2, chunk = 1 << 16, chunks = (words + chunk - 1) / chunk;
+  std::vector<uint64_t> part(chunks > 0 ? chunks : 1, 0);
+  const uint64_t *v = reinterpret_cast<const uint64_t *>(w);
+#pragma omp parallel for schedule(static)
+  for (int64_t u = 0; u < chunks; ++u) {
+    uint64_t lanes[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    const int64_t start = u * chunk, end = std::min(words, start + chunk);
+    int64_t i = start;
+    for (; i + 8 <= end; i += 8)
+      for (int l = 0; l < 8; ++l) lanes[l] = (lanes[l] ^ v[i + l]) * 0x9E3779B97F4A7C15ull;
+    uint64_t h = 0;
+    for (; i < end; ++i) h = (h ^ v[i]) * 0xC2B2AE3D27D4EB4Full;
+    for (int l = 0; l < 8; ++l) h = (h ^ (lanes[l] >> 29) ^ lanes[l]) * 0xFF51AFD7ED558CCDull;
+    part[u] = h;
+  }
+  uint64_t h = static_cast<uint64_t>(n);
+  for (uint64_t p : part) h = (h ^ p ^ (h >> 31)) * 0x94D049BB133111EBull;
+  if (n % 2) {
+    uint32_t last;
+    std::memcpy(&last, w + n - 1, sizeof last);
+    h = (h ^ last) * 0x9E3779B97F4A7C15ull;
+  }
+  return h;
+}
+
+// Per output channel (w - mean) / sqrt(var + eps): bit_cpu.cc's StdWeight, same arithmetic.
+void standardize(const float *w, float *out, int64_t rows, int64_t k, double eps) {
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t u = 0; u < rows; ++u) {
+    const float *ws = w + u * k;
+    double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < k; ++i) sum += static_cast<double>(ws[i]);
+    const double mean = sum / static_cast<double>(k);
+    const float mf = static_cast<float>(mean);
+    const double dm = mean - static_cast<double>(mf);
+    double sq = 0.0;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t i = 0; i < k; ++i) {
+      const float d = ws[i] - mf;
+      sq += static_cast<double>(d * d);
+    }
+    const double rstd = 1.0 / std::sqrt(sq / static_cast<double>(k) - dm * dm + eps);
+    const float r = static_cast<float>(rstd), q = static_cast<float>(-(mean - mf) * rstd);
+    float *os = out + u * k;
+#pragma omp simd
+    for (int64_t i = 0; i < k; ++i) os[i] = (ws[i] - mf) * r + q;
+  }
+}
+
+// The weights of `plan` prepared from the raw weight w (standardised, in the primitive's format).
+void *prepared_weights(Plan *plan, const float *w, const int64_t *ws, double eps) {
+  Runtime &rt = runtime();
+  const int64_t rows = ws[0], k = ws[1] * ws[2] * ws[3];
+  Operand &o = plan->ops[1];
+  const size_t bytes = o.prim ? o.bytes : static_cast<size_t>(rows * k) * sizeof(float);
+  uint64_t eps_bits;
+  std::memcpy(&eps_bits, &eps, sizeof eps_bits);
+  const uint64_t d = digest(w, rows * k) ^ (eps_bits * 0x9E3779B97F4A7C15ull);
+  auto key = std::make_pair(static_cast<const void *>(w), static_cast<const Plan *>(plan));
+  auto found = g_prepared.find(key);
+  if (found != g_prepared.end() && found->second.digest == d) return found->second.buf;
+  void *buf = nullptr;
+  if (found != g_prepared.end()) {
+    buf = found->second.buf;
+  } else if (g_prepared_bytes + bytes <= prepared_limit()) {
+    buf = ::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (buf) {
+      g_prepared_bytes += bytes;
+      found = g_prepared.emplace(key, Prepared{0, buf}).first;
+    }
+  }
+  if (!buf) buf = g_scratch[1].get(bytes);  // over the limit: prepared for this call only
+  if (!buf) {
+    g_error = "out of memory for prepared weights";
+    return nullptr;
+  }
+  float *std_w = static_cast<float *>(o.prim ? g_scratch[kMaxOperands - 1].get(static_cast<size_t>(rows * k) * sizeof(float)) : buf);
+  if (!std_w) {
+    g_error = "out of memory for standardised weights";
+    return nullptr;
+  }
+  standardize(w, std_w, rows, k, eps);
+  if (o.prim) {
+    if (!ok(dnnl_memory_set_data_handle(o.user, std_w), "dnnl_memory_set_data_handle") ||
+        !ok(dnnl_memory_set_data_handle(o.prim, buf), "dnnl_memory_set_data_handle"))
+      return nullptr;
+    dnnl_exec_arg_t r[2] = {{DNNL_ARG_FROM, o.user}, {DNNL_ARG_TO, o.prim}};
+    if (!exec(o.reorder, rt, 2, r) || !ok(dnnl_stream_wait(rt.stream), "dnnl_stream_wait")) return nullptr;
+  }
+  if (found != g_prepared.end()) found->second.digest = d;
+  return buf;
+}
+
+int call_prepared(Kind kind, const int64_t *xs, const int64_t *ws, const int64_t *cfg, double eps, void *const *data) {
+  const bool nhwc = cfg[3] == 2;
+  const int64_t logical[4] = {xs[0], nhwc ? xs[3] : xs[1], nhwc ? xs[1] : xs[2], nhwc ? xs[2] : xs[3]};
+  std::lock_guard<std::mutex> lock(g_mutex);
+  Plan *plan = plan_for(kind, logical, ws, cfg[0], cfg[1] - 1, cfg[2], nhwc);
+  if (!plan) return 1;
+  void *ready = prepared_weights(plan, static_cast<const float *>(data[1]), ws, eps);
+  return ready && run(plan, data, ready) ? 0 : 1;
+}
+
+bool check_prepared(int nparam, int want, int *ndims, const char **dtypes) {
+  if (nparam != want) {
+    g_error = "expected " + std::to_string(want) + " tensors, got " + std::to_string(nparam);
+    return false;
+  }
+  for (int i = 0; i < nparam; ++i) {
+    if (std::strcmp(dtypes[i], "float32") != 0 || ndims[i] != (i == nparam - 2 ? 1 : 4)) {
+      g_error = "tensor " + std::to_string(i) + " is not a float32 tensor of the expected rank";
+      return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace
+
+// Inference with the raw weight: DnnlConvStd(x, w, cfg, eps) -> conv(x, standardised w);
+// DnnlConvStdAdd(x, w, shortcut, cfg, eps) -> the same + shortcut (channels-last). eps: (1,) float32.
+extern "C" int DnnlConvStd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!check_prepared(nparam, 5, ndims, dtypes)) return 1;
+  void *data[3] = {params[0], params[1], params[4]};
+  return call_prepared(kForward, shapes[0], shapes[1], shapes[2], *static_cast<const float *>(params[3]), data);
+}
+
+extern "C" int DnnlConvStdAdd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!check_prepared(nparam, 6, ndims, dtypes)) return 1;
+  void *data[4] = {params[0], params[1], params[2], params[5]};
+  return call_prepared(kForwardAdd, shapes[0], shapes[1], shapes[3], *static_cast<const float *>(params[4]), data);
+}
 
 extern "C" int DnnlConv(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   if (!check(nparam, 4, ndims, dtypes)) return 1;
