@@ -39,7 +39,7 @@ from ..utils.atomic import atomic_path, write_text_atomic
 from ..utils.paths import home_dir
 from ..weights.pretrained import sha256_file
 
-__all__ = ["ENV", "SOURCE", "build_kind", "conv2d", "conv2d_add", "conv2d_cfg", "conv2d_prepared", "dnnl_library", "dnnl_status", "group_norm_act", "library", "std_weight", "status", "sum_squares"]
+__all__ = ["ENV", "SOURCE", "build_kind", "conv2d", "conv2d_add", "conv2d_cfg", "conv2d_prepared", "dnnl_library", "dnnl_status", "group_norm_act", "library", "std_weight", "stem_pool", "status", "sum_squares"]
 
 _logger = logging.getLogger(__name__)
 
@@ -164,6 +164,10 @@ def _norm_shape_nhwc(x, *_):
     return x, [2, x[0], x[-1]]  # channels-last x: (N, H, W, C)
 
 
+def _stem_pool_shape(x, *_):
+    return [x[0], (x[1] - 1) // 2 + 1, (x[2] - 1) // 2 + 1, x[3]]
+
+
 def _scalar(*_):
     return [1]
 
@@ -183,6 +187,8 @@ _SIGNATURES = {
     "GroupNormActNHWC": (_norm_shape_nhwc, _norm_dtype),
     "GroupNormActNHWCGrad": (_grad_shapes, _grad_shapes),
     "StdWeight": (_same_as_first, _same_as_first),
+    "StemPoolNHWC": (_stem_pool_shape, _same_as_first),
+    "StemPoolNHWCGrad": (_same_as_first, _same_as_first),
     "StdWeightGrad": (_same_as_first, _same_as_first),
     "SumSquares": (_scalar, _float32),
 }
@@ -213,7 +219,13 @@ def _self_check(path: Path) -> None:
     sref = sum(float((p.astype(np.float64) ** 2).sum()) for p in parts)
     cfg = ms.Tensor(np.array([4, 1e-5, 1], np.float32))
     y_last = _custom(path, "GroupNormActNHWC")(ms.Tensor(x.transpose(0, 2, 3, 1).copy()), ms.Tensor(g), ms.Tensor(b), cfg)[0]
+    xs = rng.standard_normal((2, 7, 6, 5)).astype(np.float32)
+    padded = np.pad(xs, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    pooled = np.stack(
+        [np.stack([padded[:, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].max((1, 2)) for j in range(3)], 1) for i in range(4)], 1
+    )
     for what, out, expected in (
+        ("StemPoolNHWC", _custom(path, "StemPoolNHWC")(ms.Tensor(xs)), pooled),
         ("GroupNormAct", y, ref),
         ("GroupNormActNHWC", y_last, ref.transpose(0, 2, 3, 1)),
         ("StdWeight", v, wref),
@@ -264,6 +276,7 @@ def library() -> Path | None:
 _group_norm_act_grad = None
 _group_norm_act_nhwc_grad = None
 _std_weight_grad = None
+_stem_pool_grad = None
 
 
 def _group_norm_act_bprop(x, gamma, beta, cfg, out, dout):
@@ -274,6 +287,10 @@ def _group_norm_act_bprop(x, gamma, beta, cfg, out, dout):
 def _group_norm_act_nhwc_bprop(x, gamma, beta, cfg, out, dout):
     dx, dgamma, dbeta = _group_norm_act_nhwc_grad(x, gamma, out[0], dout[0], out[1], cfg)
     return dx, dgamma, dbeta, ops.zeros_like(cfg)
+
+
+def _stem_pool_bprop(x, out, dout):
+    return (_stem_pool_grad(x, dout),)
 
 
 def _std_weight_bprop(w, cfg, out, dout):
@@ -294,6 +311,17 @@ def group_norm_act(channels_last: bool = False) -> ops.Custom | None:
         return _custom(path, "GroupNormActNHWC", _group_norm_act_nhwc_bprop)
     _group_norm_act_grad = _custom(path, "GroupNormActGrad")
     return _custom(path, "GroupNormAct", _group_norm_act_bprop)
+
+
+@functools.cache
+def stem_pool() -> ops.Custom | None:
+    """Channels-last (N, H, W, C) -> zero-pad 1 then 3x3/2 max pool (BiT's stem pool), or None; differentiable."""
+    global _stem_pool_grad
+    path = library()
+    if path is None:
+        return None
+    _stem_pool_grad = _custom(path, "StemPoolNHWCGrad")
+    return _custom(path, "StemPoolNHWC", _stem_pool_bprop)
 
 
 @functools.cache

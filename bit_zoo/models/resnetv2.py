@@ -15,6 +15,7 @@ import mindspore as ms
 from mindspore import nn
 
 from .features import NUM_FEATURES, FeatureInfo, feature_take_indices, stage_strides_and_dilations
+from . import cpu_kernels
 from .layers import GroupNormAct, StdConv2d, resolve_conv_impl, zero_pad2d
 
 if TYPE_CHECKING:
@@ -120,18 +121,32 @@ class Stem(nn.Cell):
 
     The explicit zero pad matters: a max pool with its own padding pads -inf, and the stem
     output (no ReLU yet) can be negative, so the border values would differ.
+    channels_last (the oneDNN path): the image is transposed once, the conv runs channels-last
+    and the pad + pool is one kernel (cpu_kernels.stem_pool); the output is then (N, H, W, C).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, conv_impl: str) -> None:
+    def __init__(self, in_channels: int, out_channels: int, *, conv_impl: str, channels_last: bool = False) -> None:
         super().__init__()
-        self.conv = StdConv2d(in_channels, out_channels, 7, stride=2, padding=3, conv_impl=conv_impl)
-        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="valid")
+        self.channels_last = channels_last
+        self.conv = StdConv2d(in_channels, out_channels, 7, stride=2, padding=3, conv_impl=conv_impl, channels_last=channels_last)
+        if channels_last:
+            self._pool = cpu_kernels.stem_pool()
+        else:
+            self.pool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="valid")
 
     def construct(self, x: ms.Tensor) -> ms.Tensor:
-        return self.pool_conv_output(self.conv(x))
+        return self.pool_conv_output(self.conv_forward(x))
+
+    def conv_forward(self, x: ms.Tensor) -> ms.Tensor:
+        """The stem conv of the NCHW image (backbone feature 0), in the stem's layout."""
+        if self.channels_last:
+            x = x.transpose(0, 2, 3, 1)
+        return self.conv(x)
 
     def pool_conv_output(self, x: ms.Tensor) -> ms.Tensor:
         """The stem after its conv: backbone feature 0 is the conv output, before this pool."""
+        if self.channels_last:
+            return self._pool(x)
         x = zero_pad2d(x, 1)  # not ops.pad: its CPU kernel is ~8x slower (see layers.zero_pad2d)
         return self.pool(x)
 
@@ -214,9 +229,9 @@ class ResNetV2(nn.Cell):
         self.conv_impl = conv_impl
         self.output_stride = output_stride
         self.features_only = features_only
-        # Channels-last stages on the oneDNN path (the stem takes the user's NCHW image).
+        # Channels-last on the oneDNN path, from the stem's conv on (the image comes in NCHW).
         self.channels_last = conv_impl == "onednn"
-        self.stem = Stem(in_channels, 64 * wf, conv_impl=conv_impl)
+        self.stem = Stem(in_channels, 64 * wf, conv_impl=conv_impl, channels_last=self.channels_last)
         widths = [256 * wf, 512 * wf, 1024 * wf, 2048 * wf]
         info = [{"num_chs": 64 * wf, "reduction": 2, "module": "stem.conv", "index": 0}]
         stages = []
@@ -284,16 +299,12 @@ class ResNetV2(nn.Cell):
             "classifier": w.classifier,
         }
 
-    def _to_stages(self, x: ms.Tensor) -> ms.Tensor:
-        """The stem's NCHW output in the stages' layout."""
-        return x.transpose(0, 2, 3, 1) if self.channels_last else x
-
     def _to_nchw(self, x: ms.Tensor) -> ms.Tensor:
         """A map of the stages in NCHW, the layout every output has."""
         return x.transpose(0, 3, 1, 2) if self.channels_last else x
 
     def forward_features(self, x: ms.Tensor) -> ms.Tensor:
-        x = self._to_stages(self.stem(x))
+        x = self.stem(x)
         x = self.stages(x)
         return self._to_nchw(self.norm(x))
 
@@ -303,10 +314,10 @@ class ResNetV2(nn.Cell):
     def forward_feature_list(self, x: ms.Tensor) -> list:
         """The maps at out_indices (the forward of a features_only model); runs no stage past the last."""
         outs = []
-        x = self.stem.conv(x)
+        x = self.stem.conv_forward(x)
         if self._take[0]:
-            outs.append(x)
-        x = self._to_stages(self.stem.pool_conv_output(x))
+            outs.append(self._to_nchw(x))
+        x = self.stem.pool_conv_output(x)
         for i in range(self._num_run):
             x = self.stages[i](x)
             if self._take[i + 1]:
@@ -340,10 +351,10 @@ class ResNetV2(nn.Cell):
             raise ValueError("norm=True needs the final norm, which a features_only model does not build")
         take, max_index = feature_take_indices(NUM_FEATURES, indices)
         intermediates = []
-        x = self.stem.conv(x)
+        x = self.stem.conv_forward(x)
         if 0 in take:
-            intermediates.append(x)
-        x = self._to_stages(self.stem.pool_conv_output(x))
+            intermediates.append(self._to_nchw(x))
+        x = self.stem.pool_conv_output(x)
         last = len(self.stages)
         feat_idx = 0
         for feat_idx in range(1, (max_index if stop_early else last) + 1):

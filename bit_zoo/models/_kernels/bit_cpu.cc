@@ -354,6 +354,91 @@ extern "C" int GroupNormActNHWCGrad(int nparam, void **params, int *ndims, int64
   return 0;
 }
 
+// BiT's stem pool on a channels-last map: zero padding of 1, then a 3x3 max pool of stride 2
+// (upstream pads with zeros before the pool, so a border window's maximum includes 0; the stem's
+// output has no ReLU and can be negative). One operator instead of two concatenations, a pool
+// and two transposes. x: (N, H, W, C) -> (N, (H - 1) / 2 + 1, (W - 1) / 2 + 1, C).
+// The backward sends each output's gradient to the first maximum of its window in row-major
+// order (a padded zero takes it: it goes nowhere), as MaxPool's backward does.
+static inline int64_t stem_pool_size(int64_t n) { return (n - 1) / 2 + 1; }
+
+extern "C" int StemPoolNHWC(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                            void *extra) {
+  (void)dtypes, (void)stream, (void)extra;
+  if (nparam != 2 || ndims[0] != 4) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[1]);
+  const int64_t n = shapes[0][0], h = shapes[0][1], w = shapes[0][2], c = shapes[0][3];
+  const int64_t ho = stem_pool_size(h), wo = stem_pool_size(w);
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t s = 0; s < n; ++s) {
+    for (int64_t i = 0; i < ho; ++i) {
+      for (int64_t j = 0; j < wo; ++j) {
+        float *out = y + ((s * ho + i) * wo + j) * c;
+        bool first = true;
+        for (int64_t a = 2 * i - 1; a <= 2 * i + 1; ++a) {
+          for (int64_t b = 2 * j - 1; b <= 2 * j + 1; ++b) {
+            if (a < 0 || a >= h || b < 0 || b >= w) {  // a padded zero
+#pragma omp simd
+              for (int64_t ch = 0; ch < c; ++ch) out[ch] = first ? 0.0f : std::max(out[ch], 0.0f);
+            } else {
+              const float *in = x + ((s * h + a) * w + b) * c;
+#pragma omp simd
+              for (int64_t ch = 0; ch < c; ++ch) out[ch] = first ? in[ch] : std::max(out[ch], in[ch]);
+            }
+            first = false;
+          }
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+// inputs: x, dy; output: dx (like x).
+extern "C" int StemPoolNHWCGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                                void *extra) {
+  (void)dtypes, (void)stream, (void)extra;
+  if (nparam != 3 || ndims[0] != 4) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *dy = static_cast<const float *>(params[1]);
+  float *dx = static_cast<float *>(params[2]);
+  const int64_t n = shapes[0][0], h = shapes[0][1], w = shapes[0][2], c = shapes[0][3];
+  const int64_t ho = stem_pool_size(h), wo = stem_pool_size(w);
+  // One sample per unit: windows overlap, so a sample's dx is written by one thread only.
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < n; ++s) {
+    float *dxs = dx + s * h * w * c;
+    std::fill(dxs, dxs + h * w * c, 0.0f);
+    std::vector<float> best(c);
+    std::vector<int64_t> where(c);  // offset of the maximum within the sample, -1 for a padded zero
+    for (int64_t i = 0; i < ho; ++i) {
+      for (int64_t j = 0; j < wo; ++j) {
+        bool first = true;
+        for (int64_t a = 2 * i - 1; a <= 2 * i + 1; ++a) {
+          for (int64_t b = 2 * j - 1; b <= 2 * j + 1; ++b) {
+            const bool pad = a < 0 || a >= h || b < 0 || b >= w;
+            const int64_t off = pad ? -1 : (a * w + b) * c;
+            const float *in = pad ? nullptr : x + s * h * w * c + off;
+            for (int64_t ch = 0; ch < c; ++ch) {
+              const float v = pad ? 0.0f : in[ch];
+              if (first || v > best[ch]) {
+                best[ch] = v;
+                where[ch] = pad ? -1 : off + ch;
+              }
+            }
+            first = false;
+          }
+        }
+        const float *g = dy + ((s * ho + i) * wo + j) * c;
+        for (int64_t ch = 0; ch < c; ++ch)
+          if (where[ch] >= 0) dxs[where[ch]] += g[ch];
+      }
+    }
+  }
+  return 0;
+}
+
 // Weight standardisation: per output channel o, w <- (w - mean) / sqrt(var + eps).
 // inputs: w (O, ...), cfg (1) = {eps}; output: like w.
 extern "C" int StdWeight(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
