@@ -242,7 +242,13 @@ class StdConv2d(_Float32Statistics):
 
     def construct(self, x: ms.Tensor, residual: ms.Tensor | None = None) -> ms.Tensor:
         """conv(x), plus `residual` when given (on the oneDNN path added as the output is written)."""
-        if not self.training and self.conv._dnnl_std is not None and x.dtype == ms.float32 and self.weight.dtype == ms.float32:
+        if (
+            not self.training
+            and self.conv._dnnl_std is not None
+            and self.compute_dtype in (None, ms.float32)  # not under AMP float16: the child's inputs would be cast
+            and x.dtype == ms.float32
+            and self.weight.dtype == ms.float32
+        ):
             # Eval mode on the oneDNN path: the standardised weight is kept between calls.
             return self.conv.prepared(x, self.weight, self._kernel_cfg, residual)
         # The weight goes in float32; the child casts it to the activation's (AMP) dtype.

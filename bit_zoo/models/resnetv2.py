@@ -145,8 +145,8 @@ class Stem(nn.Cell):
 
     def pool_conv_output(self, x: ms.Tensor) -> ms.Tensor:
         """The stem after its conv: backbone feature 0 is the conv output, before this pool."""
-        if self.channels_last:
-            return self._pool(x)
+        if self.channels_last:  # the kernel is float32 (an AMP float16 map goes through it cast)
+            return self._pool(x.astype(ms.float32)).astype(x.dtype)
         x = zero_pad2d(x, 1)  # not ops.pad: its CPU kernel is ~8x slower (see layers.zero_pad2d)
         return self.pool(x)
 
