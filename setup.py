@@ -17,7 +17,7 @@ setup(
     license="Apache-2.0",
     packages=find_packages(include=["bit_zoo", "bit_zoo.*"]),
     # ImageNet-1k / -21k class names (copied from timm; see bit_zoo/weights/_data/SOURCES.md)
-    package_data={"bit_zoo.weights": ["_data/*.txt", "_data/*.md"], "bit_zoo.models": ["_kernels/*.cc"]},
+    package_data={"bit_zoo.weights": ["_data/*.txt", "_data/*.md"], "bit_zoo.models": ["_kernels/*.cc", "_kernels/onednn/*", "_kernels/onednn/oneapi/dnnl/*"]},
     python_requires=">=3.10,<3.13",
     install_requires=[
         "mindspore>=2.7.0,<2.11",

@@ -444,7 +444,8 @@ def dnnl_library() -> Path | None:
         onednn = _mindspore_onednn()
         stat = onednn.stat()
         link = (f"-I{_DNNL_HEADERS}", f"-L{onednn.parent}", "-l:libdnnl.so.3", f"-Wl,-rpath,{onednn.parent}")
-        path = _build(_compiler(), DNNL_SOURCE, link, f"{ms.__version__}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+        headers = b"".join(p.read_bytes() for p in sorted(_DNNL_HEADERS.rglob("*.h*")))
+        path = _build(_compiler(), DNNL_SOURCE, link, headers + f"{ms.__version__}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
         _dnnl_path[0] = path
         _dnnl_self_check(path)
     except Exception as e:  # the unfold rewrite stays, correct and slower
