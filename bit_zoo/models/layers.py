@@ -136,11 +136,22 @@ class _Conv(nn.Cell):
         elif channels_last:
             raise ValueError("channels_last activations need conv_impl 'onednn'")
 
+    _amp_low = False  # AMP flagged this cell float16 / bfloat16 (O2, O3)
+
+    def add_flags(self, **flags):
+        # In PyNative, AMP casts each operator's inputs as the operator runs: x is still float32 in
+        # construct, and the oneDNN operators (float32 only) would get float16. So the flag decides too.
+        if flags.get("fp16") or flags.get("bf16"):
+            self._amp_low = True
+        elif flags.get("fp32"):
+            self._amp_low = False
+        return super().add_flags(**flags)
+
     def construct(self, x: ms.Tensor, w: ms.Tensor, residual: ms.Tensor | None = None) -> ms.Tensor:
         """The convolution of x with w, plus `residual` (a block's shortcut) when given."""
         # Equal dtypes for the conv (graph-mode fp16 compiles only so): the activation's.
         w = w.astype(x.dtype)
-        if self._dnnl is not None and x.dtype == ms.float32:
+        if self._dnnl is not None and x.dtype == ms.float32 and not self._amp_low:
             if residual is None:
                 return self._dnnl(x, w, self._dnnl_cfg)
             if self._dnnl_add is not None and residual.dtype == ms.float32:
@@ -246,6 +257,7 @@ class StdConv2d(_Float32Statistics):
             not self.training
             and self.conv._dnnl_std is not None
             and self.compute_dtype in (None, ms.float32)  # not under AMP float16: the child's inputs would be cast
+            and not self.conv._amp_low
             and x.dtype == ms.float32
             and self.weight.dtype == ms.float32
         ):

@@ -103,6 +103,7 @@ extern "C" int GroupNormAct(int nparam, void **params, int *ndims, int64_t **sha
   const int64_t n = L.n, c = L.c, hw = L.hw, groups = L.groups, per_group = L.per_group, k = L.k;
   const double eps = L.eps;
   const bool relu = L.relu;
+  if (shapes[1][0] != shapes[0][1]) return 3;  // gamma: one value per channel (a layout mix-up lands here)
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t u = 0; u < n * groups; ++u) {
     const float *xs = x + u * k;
@@ -157,6 +158,7 @@ extern "C" int GroupNormActGrad(int nparam, void **params, int *ndims, int64_t *
   const bool relu = L.relu;
   const uint32_t pass_all = relu ? 0u : ~0u;
   std::vector<double> part_gamma(n * c), part_beta(n * c);
+  if (shapes[1][0] != shapes[0][1]) return 3;  // gamma: one value per channel (a layout mix-up lands here)
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t u = 0; u < n * groups; ++u) {
     const int64_t off = u * k, first = (u % groups) * per_group, sample = u / groups;
@@ -227,6 +229,7 @@ extern "C" int GroupNormActNHWC(int nparam, void **params, int *ndims, int64_t *
   const int64_t per_group = c / groups;
   const double eps = cfg[1], count = static_cast<double>(hw * per_group);
   const bool relu = cfg[2] != 0.0f;
+  if (shapes[1][0] != shapes[0][ndims[0] - 1]) return 3;  // gamma: one value per channel (a layout mix-up lands here)
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t sample = 0; sample < n; ++sample) {
     const float *xs = x + sample * hw * c;
@@ -302,6 +305,7 @@ extern "C" int GroupNormActNHWCGrad(int nparam, void **params, int *ndims, int64
   const double count = static_cast<double>(hw * per_group);
   const uint32_t pass_all = cfg[2] != 0.0f ? 0u : ~0u;  // ReLU or not
   std::vector<double> part_gamma(n * c), part_beta(n * c);
+  if (shapes[1][0] != shapes[0][ndims[0] - 1]) return 3;  // gamma: one value per channel (a layout mix-up lands here)
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t sample = 0; sample < n; ++sample) {
     const int64_t off = sample * hw * c;
