@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from mindspore import nn, ops
 
+from bit_zoo.models import cpu_kernels
 from bit_zoo.models.layers import GroupNormAct, StdConv2d, resolve_conv_impl
 from bit_zoo.models.resnetv2 import ResNetV2
 
@@ -165,7 +166,9 @@ def test_fp16_input(impl):
 
 def test_resolve_conv_impl(monkeypatch):
     monkeypatch.delenv("BIT_ZOO_CONV_IMPL", raising=False)
-    assert resolve_conv_impl("auto") == ("unfold" if ms.get_context("device_target") == "CPU" else "native")
+    # On CPU: the oneDNN operators where they build (test_onednn.py covers both branches), else the unfold rewrite.
+    on_cpu = ms.get_context("device_target") == "CPU"
+    assert resolve_conv_impl("auto") == (("onednn" if cpu_kernels.dnnl_library() is not None else "unfold") if on_cpu else "native")
     assert resolve_conv_impl("native") == "native"
     monkeypatch.setenv("BIT_ZOO_CONV_IMPL", "native")
     assert resolve_conv_impl("auto") == "native"
