@@ -26,6 +26,18 @@ CONV_SHAPES = [
 ]
 
 
+def _onednn_possible() -> bool:
+    """A compiler and a MindSpore that ships oneDNN 3 (2.9 and later): conv_impl "onednn" must then work."""
+    try:
+        cpu_kernels._mindspore_onednn()
+    except RuntimeError:
+        return False
+    return cpu_kernels._compiler() is not None and os.environ.get(cpu_kernels.ENV, "1") != "0"
+
+
+needs_onednn = pytest.mark.skipif(not _onednn_possible(), reason="no oneDNN operators here (compiler, MindSpore < 2.9, or kernels off)")
+
+
 @pytest.fixture
 def graph_mode():
     """Graph mode (inside the test's own directory, see conftest: failed compiles write ./rank_0); PyNative again afterwards."""
@@ -152,7 +164,7 @@ def test_public_interface_unchanged():
     assert [p.name for p in gn.get_parameters()] == ["gamma", "beta"]
 
 
-@pytest.mark.parametrize("impl", ["native", "unfold"])
+@pytest.mark.parametrize("impl", ["native", "unfold", pytest.param("onednn", marks=needs_onednn)])
 def test_fp16_input(impl):
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, 8, 9, 9)).astype(np.float32)
@@ -259,7 +271,7 @@ class _ConvNorm(nn.Cell):
         return self.norm(self.conv(x))
 
 
-@pytest.mark.parametrize("impl", ["native", "unfold"])
+@pytest.mark.parametrize("impl", ["native", "unfold", pytest.param("onednn", marks=needs_onednn)])
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
 def test_amp_o2_keeps_statistics_in_float32(mode, impl):
     """A near-constant filter (1 + 1e-3 noise: the noise is below fp16's spacing at 1) under amp O2

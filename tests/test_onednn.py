@@ -408,6 +408,30 @@ def test_onednn_model_returns_nchw_maps():
             _assert_close(a.asnumpy(), b.asnumpy(), tol, f"features_only map {i}")
 
 
+@needs_onednn
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_amp_o2_model_on_onednn_matches_unfold(mode):
+    """amp O2 (train.py / validate.py --amp_level O2, in either --mode): the float16 convolutions take the unfold
+    rewrite, between transposes in the channels-last stages, and the logits are the unfold model's under O2."""
+    dnnl, unfold = _model_pair(num_classes=7)
+    x = ms.Tensor(np.random.default_rng(3).uniform(-1, 1, (2, 3, 64, 48)).astype(np.float32))
+    unfold.set_train(False)
+    ref = unfold(x).asnumpy()
+    out = {}
+    _mode(mode)
+    try:
+        for name, net in (("onednn", dnnl), ("unfold", unfold)):
+            amp = ms.amp.auto_mixed_precision(net, "O2")
+            amp.set_train(False)
+            out[name] = amp(x).asnumpy()
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    # The same float16 operations on the same values on both sides (the layout between them aside): measured
+    # equal. 2e-3 of the scale is four float16 ulps, room for another rounding of one intermediate.
+    _assert_close(out["onednn"], out["unfold"], 2e-3, "amp O2 logits")
+    assert np.abs(out["onednn"] - ref).max() > 0  # it did run in float16
+
+
 # ----------------------------------------------------------------------------------------------
 # Which path runs
 
