@@ -273,7 +273,7 @@ class _ConvNorm(nn.Cell):
 
 @pytest.mark.parametrize("impl", ["native", "unfold", pytest.param("onednn", marks=needs_onednn)])
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
-def test_amp_o2_keeps_statistics_in_float32(mode, impl):
+def test_amp_o2_keeps_statistics_in_float32(mode, impl, amp_stack_guard):
     """A near-constant filter (1 + 1e-3 noise: the noise is below fp16's spacing at 1) under amp O2
     gives the fp32 result up to fp16 rounding of the convolution. With the weight read in fp16 its
     variations vanish and the standardisation divides ~0 by sqrt(1e-10): ~25% of the output scale."""

@@ -410,7 +410,7 @@ def test_onednn_model_returns_nchw_maps():
 
 @needs_onednn
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
-def test_amp_o2_model_on_onednn_matches_unfold(mode):
+def test_amp_o2_model_on_onednn_matches_unfold(mode, amp_stack_guard):
     """amp O2 (train.py / validate.py --amp_level O2, in either --mode): the float16 convolutions take the unfold
     rewrite, between transposes in the channels-last stages, and the logits are the unfold model's under O2."""
     dnnl, unfold = _model_pair(num_classes=7)
