@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -508,6 +509,28 @@ def test_a_failed_self_check_falls_back(monkeypatch, forget_choices):
     assert resolve_conv_impl("auto") == "unfold"
     assert "self-check of DnnlConv failed" in cpu_kernels.dnnl_status()
     assert cpu_kernels.conv2d() is None  # nothing of the refused library stays in use
+
+
+@needs_onednn
+def test_the_portable_build_passes_the_self_check(tmp_path, monkeypatch, forget_choices):
+    """A compiler that refuses -march=native (or a CPU cpu_kernels cannot identify) gets the portable build
+    (cpu_kernels._flag_sets): the oneDNN operators built so pass their self-check (forward and both backward
+    kernels against float64, no reference implementation) and run the convolutions."""
+    real = shutil.which("g++") or shutil.which("c++")
+    picky = tmp_path / "picky-cxx"
+    picky.write_text(f'#!/bin/sh\ncase "$*" in *-march=native*) echo "unknown -march" >&2; exit 1;; esac\nexec {real} "$@"\n')
+    picky.chmod(0o755)
+    monkeypatch.setenv("CXX", str(picky))
+    monkeypatch.setenv("BIT_ZOO_HOME", str(tmp_path / "home"))
+    path = cpu_kernels.dnnl_library()
+    assert path is not None, cpu_kernels.dnnl_status()
+    assert cpu_kernels.build_kind() == "portable" and path.parent == tmp_path / "home" / "kernels"
+    conv = StdConv2d(64, 64, 3, stride=2, padding=1, conv_impl="onednn", channels_last=True)
+    assert conv.conv._dnnl is not None
+    native = StdConv2d(64, 64, 3, stride=2, padding=1, conv_impl="native")
+    native.weight.set_data(conv.weight.data.copy())
+    x = np.random.default_rng(8).standard_normal((2, 64, 9, 11)).astype(np.float32)
+    _assert_close(_nchw(conv(ms.Tensor(_nhwc(x))).asnumpy()), native(ms.Tensor(x)).asnumpy(), CONV_TOL, "portable build forward")
 
 
 def test_cpu_kernels_off_gives_unfold(monkeypatch, forget_choices):
