@@ -451,25 +451,27 @@ def test_auto_picks_onednn_on_cpu(monkeypatch):
     assert resolve_conv_impl("auto") == "onednn"
 
 
-def test_without_onednn_auto_is_unfold_and_onednn_is_one_clear_error(monkeypatch):
+def test_without_onednn_auto_is_unfold_and_onednn_is_one_clear_error():
     why = "unavailable: RuntimeError: MindSpore 2.7.0 ships no oneDNN 3 library (mindspore/lib/libdnnl.so.3; MindSpore 2.9 and later do)"
-    monkeypatch.setattr(cpu_kernels, "dnnl_library", lambda: None)
-    monkeypatch.setattr(cpu_kernels, "_dnnl_status", why)
-    assert resolve_conv_impl("auto") == "unfold"
-    with pytest.raises(ValueError) as raised:
-        resolve_conv_impl("onednn")
-    message = str(raised.value)
-    assert "\n" not in message
-    assert message == f"conv_impl 'onednn' is not available here ({why}); use conv_impl 'auto' or 'unfold'"
-    monkeypatch.setenv(CONV_IMPL_ENV, "onednn")  # the environment's choice alike
-    with pytest.raises(ValueError, match=re.escape(why)):
-        resolve_conv_impl("auto")
-    monkeypatch.delenv(CONV_IMPL_ENV)
-    net = ResNetV2((1, 1, 1, 1), 1, num_classes=3, eager_jit=False)
-    assert net.conv_impl == "unfold" and not net.channels_last
-    assert net(ms.Tensor(np.ones((1, 3, 32, 32), np.float32))).shape == (1, 3)
-    with pytest.raises(ValueError, match="conv_impl 'onednn' is not available here"):
-        ResNetV2((1, 1, 1, 1), 1, num_classes=3, conv_impl="onednn")
+    # Its own MonkeyPatch, undone before the fixtures' teardown (which clears dnnl_library's cache).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_kernels, "dnnl_library", lambda: None)
+        mp.setattr(cpu_kernels, "_dnnl_status", why)
+        assert resolve_conv_impl("auto") == "unfold"
+        with pytest.raises(ValueError) as raised:
+            resolve_conv_impl("onednn")
+        message = str(raised.value)
+        assert "\n" not in message
+        assert message == f"conv_impl 'onednn' is not available here ({why}); use conv_impl 'auto' or 'unfold'"
+        mp.setenv(CONV_IMPL_ENV, "onednn")  # the environment's choice alike
+        with pytest.raises(ValueError, match=re.escape(why)):
+            resolve_conv_impl("auto")
+        mp.delenv(CONV_IMPL_ENV)
+        net = ResNetV2((1, 1, 1, 1), 1, num_classes=3, eager_jit=False)
+        assert net.conv_impl == "unfold" and not net.channels_last
+        assert net(ms.Tensor(np.ones((1, 3, 32, 32), np.float32))).shape == (1, 3)
+        with pytest.raises(ValueError, match="conv_impl 'onednn' is not available here"):
+            ResNetV2((1, 1, 1, 1), 1, num_classes=3, conv_impl="onednn")
 
 
 def test_onednn_is_cpu_only(monkeypatch):
