@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 import shutil
 
 import mindspore as ms
@@ -18,7 +17,16 @@ needs_compiler = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no 
 
 
 def _reset():
-    for f in (cpu_kernels.library, cpu_kernels.group_norm_act, cpu_kernels.std_weight, cpu_kernels.sum_squares):
+    # The oneDNN convolutions too: they are built on top of library() and must follow its choice (a stale
+    # dnnl_library() would keep conv_impl "auto" on "onednn", whose channels-last GroupNorm needs library()).
+    for f in (
+        cpu_kernels.library,
+        cpu_kernels.group_norm_act,
+        cpu_kernels.std_weight,
+        cpu_kernels.sum_squares,
+        cpu_kernels.dnnl_library,
+        cpu_kernels.conv2d,
+    ):
         f.cache_clear()
 
 

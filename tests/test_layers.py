@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from mindspore import nn, ops
 
+from bit_zoo.models import cpu_kernels
 from bit_zoo.models.layers import GroupNormAct, StdConv2d, resolve_conv_impl
 from bit_zoo.models.resnetv2 import ResNetV2
 
@@ -23,6 +24,18 @@ CONV_SHAPES = [
     pytest.param(8, 16, 3, 2, 1, 9, id="3x3s2-odd"),
     pytest.param(8, 16, 1, 2, 0, 10, id="1x1s2"),
 ]
+
+
+def _onednn_possible() -> bool:
+    """A compiler and a MindSpore that ships oneDNN 3 (2.9 and later): conv_impl "onednn" must then work."""
+    try:
+        cpu_kernels._mindspore_onednn()
+    except RuntimeError:
+        return False
+    return cpu_kernels._compiler() is not None and os.environ.get(cpu_kernels.ENV, "1") != "0"
+
+
+needs_onednn = pytest.mark.skipif(not _onednn_possible(), reason="no oneDNN operators here (compiler, MindSpore < 2.9, or kernels off)")
 
 
 @pytest.fixture
@@ -151,7 +164,7 @@ def test_public_interface_unchanged():
     assert [p.name for p in gn.get_parameters()] == ["gamma", "beta"]
 
 
-@pytest.mark.parametrize("impl", ["native", "unfold"])
+@pytest.mark.parametrize("impl", ["native", "unfold", pytest.param("onednn", marks=needs_onednn)])
 def test_fp16_input(impl):
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, 8, 9, 9)).astype(np.float32)
@@ -165,7 +178,9 @@ def test_fp16_input(impl):
 
 def test_resolve_conv_impl(monkeypatch):
     monkeypatch.delenv("BIT_ZOO_CONV_IMPL", raising=False)
-    assert resolve_conv_impl("auto") == ("unfold" if ms.get_context("device_target") == "CPU" else "native")
+    # On CPU: the oneDNN operators where they build (test_onednn.py covers both branches), else the unfold rewrite.
+    on_cpu = ms.get_context("device_target") == "CPU"
+    assert resolve_conv_impl("auto") == (("onednn" if cpu_kernels.dnnl_library() is not None else "unfold") if on_cpu else "native")
     assert resolve_conv_impl("native") == "native"
     monkeypatch.setenv("BIT_ZOO_CONV_IMPL", "native")
     assert resolve_conv_impl("auto") == "native"
@@ -256,9 +271,9 @@ class _ConvNorm(nn.Cell):
         return self.norm(self.conv(x))
 
 
-@pytest.mark.parametrize("impl", ["native", "unfold"])
+@pytest.mark.parametrize("impl", ["native", "unfold", pytest.param("onednn", marks=needs_onednn)])
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
-def test_amp_o2_keeps_statistics_in_float32(mode, impl):
+def test_amp_o2_keeps_statistics_in_float32(mode, impl, amp_stack_guard):
     """A near-constant filter (1 + 1e-3 noise: the noise is below fp16's spacing at 1) under amp O2
     gives the fp32 result up to fp16 rounding of the convolution. With the weight read in fp16 its
     variations vanish and the standardisation divides ~0 by sqrt(1e-10): ~25% of the output scale."""

@@ -11,11 +11,14 @@ the bigger architectures carry the `heavy` marker (several GB of weights each).
 
 from __future__ import annotations
 
+import os
+
 import mindspore as ms
 import numpy as np
 import pytest
 
 import bit_zoo
+from bit_zoo.models import cpu_kernels
 from bit_zoo.utils._timm import import_timm
 
 torch = pytest.importorskip("torch")
@@ -34,6 +37,23 @@ TIMM_NAMES = {
     "r152x4": "resnetv2_152x4_bit",
 }
 CASES = [pytest.param(a, marks=[pytest.mark.parity] + ([] if a == "r50x1" else [pytest.mark.heavy])) for a in TIMM_NAMES]
+
+
+def _onednn_possible() -> bool:
+    """A compiler and a MindSpore that ships oneDNN 3 (2.9 and later): conv_impl "onednn" must then work."""
+    try:
+        cpu_kernels._mindspore_onednn()
+    except RuntimeError:
+        return False
+    return cpu_kernels._compiler() is not None and os.environ.get(cpu_kernels.ENV, "1") != "0"
+
+
+# Every convolution path; "onednn" (channels-last stages on oneDNN operators) where it can run.
+CONV_IMPLS = [
+    "native",
+    "unfold",
+    pytest.param("onednn", marks=pytest.mark.skipif(not _onednn_possible(), reason="no oneDNN operators here")),
+]
 
 
 def timm_logits(arch: str, npz_path, x: np.ndarray, num_classes: int, *, float64: bool = False):
@@ -70,7 +90,7 @@ def fp32_no_worse_than_timm(ours: np.ndarray, timm32: np.ndarray, timm64: np.nda
 
 
 @pytest.mark.parametrize("arch", CASES)
-@pytest.mark.parametrize("conv_impl", ["native", "unfold"])
+@pytest.mark.parametrize("conv_impl", CONV_IMPLS)
 def test_logits_match_timm(tmp_path, make_upstream_npz, arch, conv_impl):
     num_classes = 1000
     npz = tmp_path / "weights.npz"

@@ -1,6 +1,6 @@
 """Backbone outputs against an independent reference: timm's forward_intermediates on the same upstream .npz.
 
-Every map (stem conv, four stages, the final and the normalised last map), on both convolution paths:
+Every map (stem conv, four stages, the final and the normalised last map), on every convolution path:
 bit_zoo's float32 error against timm in float64 must be at most twice timm float32's own error
 against it (test_parity.fp32_no_worse_than_timm). Dilated backbones (output_stride 16 / 8) are
 compared with timm float32 to 1e-4 of each map's largest value (R50x1 only, where that holds with
@@ -21,7 +21,7 @@ try:
     timm = import_timm()
 except ImportError as e:
     pytest.skip(f"timm not installed ({e}); see README, Tests", allow_module_level=True)
-from test_parity import CASES, TIMM_NAMES, fp32_no_worse_than_timm  # noqa: E402  (one table of timm names, cases, criterion)
+from test_parity import CASES, CONV_IMPLS, TIMM_NAMES, fp32_no_worse_than_timm  # noqa: E402  (one table of timm names, cases, criterion)
 from timm.models.resnetv2 import _load_weights  # noqa: E402  (timm's own upstream-npz loader)
 
 
@@ -63,7 +63,7 @@ MAP_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4", "final", "normed st
 
 
 @pytest.mark.parametrize("arch", CASES)
-@pytest.mark.parametrize("conv_impl", ["native", "unfold"])
+@pytest.mark.parametrize("conv_impl", CONV_IMPLS)
 def test_intermediates_match_timm(tmp_path, make_upstream_npz, arch, conv_impl):
     npz = tmp_path / "weights.npz"
     make_upstream_npz(npz, f"bit_s_{arch}", 1000, seed=3)
@@ -100,6 +100,8 @@ def test_intermediates_match_timm(tmp_path, make_upstream_npz, arch, conv_impl):
     [
         (16, "unfold"),
         (8, "native"),
+        pytest.param(16, "onednn", marks=CONV_IMPLS[-1].marks),  # the dilated 3x3s in channels-last
+        pytest.param(8, "onednn", marks=CONV_IMPLS[-1].marks),
         pytest.param(16, "native", marks=pytest.mark.heavy),
         pytest.param(8, "unfold", marks=pytest.mark.heavy),
     ],
