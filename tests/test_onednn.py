@@ -335,7 +335,9 @@ def test_onednn_model_runs_its_stages_channels_last_on_the_operators():
     convs = [cell for _, cell in net.cells_and_names() if isinstance(cell, _Conv)]
     assert len(convs) == 1 + 4 * 4  # the stem, and per unit conv1-3 and the projection
     assert all(c._dnnl is not None for c in convs), cpu_kernels.dnnl_status()
-    assert net.channels_last and [c.channels_last for c in convs] == [False] + [True] * 16  # the stem reads NCHW images
+    # Channels-last from the stem conv on (the image is transposed once before it; the stem pool is the channels-last kernel).
+    assert net.channels_last and [c.channels_last for c in convs] == [True] * 17
+    assert net.stem.channels_last and net.stem._pool is not None
     norms = [cell for _, cell in net.cells_and_names() if isinstance(cell, GroupNormAct)]
     assert norms and all(n.channels_last and n._kernel is not None for n in norms)
 
