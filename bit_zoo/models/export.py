@@ -5,11 +5,13 @@ GroupNorm, PadV3, Im2Col or Ones, and its reshapes name the batch size). Both fo
 every conv weight once, in float64 on the host, and store the result as the conv's constant weight:
 the same numbers the training form computes every call.
 
-* ONNX (`onnx_model`): written node by node with onnx's helpers, in the operators onnxruntime has
-  fast CPU kernels for: GroupNorm as Reshape + InstanceNormalization + Reshape and the affine as a
-  BatchNormalization (the form torch.onnx writes for timm's model, less one elementwise pass);
+* ONNX (`onnx_model`): written node by node with onnx's helpers, in the form onnxruntime's CPU
+  provider runs fastest once its NCHWc (blocked layout) transformer has rewritten it: GroupNorm as
+  Reshape + InstanceNormalization + Reshape, its affine a depthwise 1x1 Conv that the transformer
+  fuses with the ReLU after it, the residual Adds' shapes declared so they fuse into the conv before
+  them, the stem's zero pad a depthwise identity conv; the head a global average pool and a Gemm.
   ONNX's own GroupNormalization (opset 18 and 21) measured 1.4-1.8x slower in onnxruntime 1.32
-  (docs/speed.md). The stem's zero pad is a Pad, the head a global average pool and a Gemm.
+  (docs/speed.md, with the A/B against timm's export: `python -m benchmarks.onnx_ab`).
 * MINDIR (`ExportResNetV2`, through MindSpore's exporter): GroupNorm from reductions and reshapes
   that never name the batch or the spatial size (per-channel means over H, W, then per-group means
   of those, twice: mean, then variance of the centred input) and a per-channel affine; the stem's
@@ -185,11 +187,16 @@ def external_data_path(output: str | os.PathLike) -> Path:
 ONNX_OPSET = 17  # InstanceNormalization (opset 6) and everything else here; what torch.onnx writes for timm's model
 
 
+def _spatial(name: str, stride: int) -> str:
+    """The symbolic size of a spatial axis after `stride`-fold downsampling (every conv and pool here rounds up)."""
+    return name if stride == 1 else f"ceil({name}/{stride})"
+
+
 class _OnnxGraph:
-    """Nodes and initializers of the lean ONNX graph, with unique names."""
+    """Nodes, initializers and declared shapes of the lean ONNX graph, with unique names."""
 
     def __init__(self, onnx) -> None:
-        self.onnx, self.nodes, self.inits, self._n, self._shapes = onnx, [], [], 0, set()
+        self.onnx, self.nodes, self.inits, self.value_info, self._n, self._shapes = onnx, [], [], [], 0, set()
 
     def const(self, name: str, value: np.ndarray) -> str:
         self.inits.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(value), name))
@@ -208,22 +215,37 @@ class _OnnxGraph:
         self.nodes.append(self.onnx.helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
-    def conv(self, x: str, name: str, weight: np.ndarray, *, stride: int = 1, padding: int = 0) -> str:
+    def declare(self, name: str, channels: int, stride: int) -> str:
+        """Declare name's shape (batch, channels, ceil(height/stride), ceil(width/stride)) in symbolic dimensions.
+
+        onnxruntime cannot infer the shapes after a GroupNorm (its Reshape back takes a runtime Shape), so
+        without this the two inputs of a residual Add are not known to be equal, and its NCHWc
+        transformer leaves the Add as a pass of its own instead of fusing it into the conv before it.
+        """
+        dims = ["batch", channels, _spatial("height", stride), _spatial("width", stride)]
+        self.value_info.append(self.onnx.helper.make_tensor_value_info(name, self.onnx.TensorProto.FLOAT, dims))
+        return name
+
+    def conv(self, x: str, name: str, weight: np.ndarray, *, stride: int = 1, padding: int = 0, bias: str | None = None, group: int = 1) -> str:
         k = weight.shape[-1]
-        w = self.const(name, weight)
-        return self.node("Conv", [x, w], kernel_shape=[k, k], strides=[stride, stride], pads=[padding] * 4)
+        inputs = [x, self.const(name, weight)] + ([bias] if bias else [])
+        return self.node("Conv", inputs, kernel_shape=[k, k], strides=[stride, stride], pads=[padding] * 4, group=group)
 
     def group_norm_relu(self, x: str, prefix: str, gamma: np.ndarray, beta: np.ndarray, *, groups: int = 32, eps: float = 1e-5) -> str:
         """GroupNorm + ReLU as onnxruntime runs it fastest: InstanceNormalization over (N, G, C/G*H*W), then the
-        per-channel affine as one BatchNormalization (mean 0, variance 1, epsilon 0: an exact scale and shift), then Relu."""
+        per-channel affine as a depthwise 1x1 Conv (weight gamma, bias beta: an exact scale and shift), then Relu.
+
+        onnxruntime's NCHWc transformer (its default ORT_ENABLE_ALL on x86) rewrites that Conv into its
+        blocked layout and fuses the Relu into it, and the next conv reads its output without a layout
+        change: one pass where a BatchNormalization (or timm's Mul + Add) and a Relu are two in NCHW.
+        """
         c = gamma.shape[0]
         shape = self.node("Shape", [x])
         grouped = self.node("Reshape", [x, self._grouped_shape(groups)])
         normed = self.node("InstanceNormalization", [grouped, self._ones(groups), self._zeros(groups)], epsilon=eps)
         y = self.node("Reshape", [normed, shape])
-        g = self.const(prefix + "gamma", np.asarray(gamma, np.float32))
-        b = self.const(prefix + "beta", np.asarray(beta, np.float32))
-        y = self.node("BatchNormalization", [y, g, b, self._zeros(c), self._ones(c)], epsilon=0.0)
+        beta = self.const(prefix + "beta", np.asarray(beta, np.float32))
+        y = self.conv(y, prefix + "gamma", np.asarray(gamma, np.float32).reshape(c, 1, 1, 1), bias=beta, group=c)
         return self.node("Relu", [y])
 
     def _grouped_shape(self, groups: int) -> str:
@@ -242,32 +264,41 @@ class _OnnxGraph:
 def onnx_model(params: Mapping[str, np.ndarray], layers: tuple[int, ...], *, in_channels: int = 3, eps: float = 1e-10):
     """The inference network as an ONNX ModelProto, written directly from the parameters (no exporter in between).
 
-    What onnxruntime needs to run it as fast as a framework's export of the same network: every weight
+    What onnxruntime needs to run it faster than a framework's export of the same network: every weight
     standardised once here (float64) and stored as the conv's constant weight; GroupNorm in the form
-    onnxruntime has fast kernels for (see _OnnxGraph.group_norm_relu); the stem's zero pad as a Pad.
-    Batch, height and width are symbolic.
+    onnxruntime has fast kernels for, its affine and ReLU one blocked-layout conv (_OnnxGraph.group_norm_relu);
+    the residual Adds' shapes declared so they fuse into the convs (_OnnxGraph.declare); the stem's zero pad
+    a depthwise identity conv with padding 1 (exact: x * 1.0, zeros at the border), which stays in the
+    blocked layout where a Pad would need a layout change either side. Batch, height and width are symbolic.
     """
     onnx = _import_onnx()
     helper = onnx.helper
     g = _OnnxGraph(onnx)
-    x = g.conv("image", "stem.conv.weight", standardize(params["stem.conv.weight"], eps), stride=2, padding=3)
-    x = g.node("Pad", [x, g.shape_const("stem.pad", [0, 0, 1, 1, 0, 0, 1, 1])])  # BiT pads with zeros, then pools
+    stem = standardize(params["stem.conv.weight"], eps)
+    c = stem.shape[0]
+    x = g.conv("image", "stem.conv.weight", stem, stride=2, padding=3)
+    x = g.conv(x, "stem.pad.weight", np.ones((c, 1, 1, 1), np.float32), padding=1, group=c)  # BiT pads with zeros, then pools
     x = g.node("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2])
+    scale = 4  # the stem's conv and pool: the units start at ceil(height/4)
     for s, depth in enumerate(layers):
         for u in range(depth):
             pre = f"stages.{s}.blocks.{u}."
             stride = (1 if s == 0 else 2) if u == 0 else 1
+            out = scale * stride
             p = g.group_norm_relu(x, pre + "norm1.", params[pre + "norm1.gamma"], params[pre + "norm1.beta"])
             if pre + "downsample.weight" in params:
-                shortcut = g.conv(p, pre + "downsample.weight", standardize(params[pre + "downsample.weight"], eps), stride=stride)
+                w = standardize(params[pre + "downsample.weight"], eps)
+                shortcut = g.declare(g.conv(p, pre + "downsample.weight", w, stride=stride), w.shape[0], out)
             else:
                 shortcut = x
             y = g.conv(p, pre + "conv1.weight", standardize(params[pre + "conv1.weight"], eps))
             y = g.group_norm_relu(y, pre + "norm2.", params[pre + "norm2.gamma"], params[pre + "norm2.beta"])
             y = g.conv(y, pre + "conv2.weight", standardize(params[pre + "conv2.weight"], eps), stride=stride, padding=1)
             y = g.group_norm_relu(y, pre + "norm3.", params[pre + "norm3.gamma"], params[pre + "norm3.beta"])
-            y = g.conv(y, pre + "conv3.weight", standardize(params[pre + "conv3.weight"], eps))
-            x = g.node("Add", [y, shortcut])
+            w = standardize(params[pre + "conv3.weight"], eps)
+            y = g.declare(g.conv(y, pre + "conv3.weight", w), w.shape[0], out)
+            x = g.declare(g.node("Add", [y, shortcut]), w.shape[0], out)
+            scale = out
     x = g.group_norm_relu(x, "norm.", params["norm.gamma"], params["norm.beta"])
     x = g.node("Flatten", [g.node("GlobalAveragePool", [x])])
     if "head.fc.weight" in params:
@@ -285,6 +316,7 @@ def onnx_model(params: Mapping[str, np.ndarray], layers: tuple[int, ...], *, in_
         [helper.make_tensor_value_info("image", float_, ["batch", in_channels, "height", "width"])],
         [helper.make_tensor_value_info("logits", float_, ["batch", out_dim])],
         g.inits,
+        value_info=g.value_info,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], producer_name="bit_zoo")
 
