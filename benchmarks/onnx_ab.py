@@ -102,37 +102,63 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
     return float(q[0]), float(q[1]), float(q[2])
 
 
-def _profile(files: dict[str, Path], x: np.ndarray, threads: int, ort, runs: int = 4) -> None:
-    """Time per operator type (onnxruntime's profiler, mean of `runs` calls after one) and the optimized graph's node types."""
+def _conv_kinds(graph) -> dict[str, str]:
+    """Node name -> "Conv (depthwise)" / "Conv (+ residual Add)" for the convs onnxruntime's optimizer made so."""
+    kinds = {}
+    for n in graph.node:
+        if n.op_type == "Conv":
+            if any(a.name == "group" and a.i > 1 for a in n.attribute):
+                kinds[n.name] = "Conv (depthwise)"
+            elif len(n.input) > 3 and n.input[3]:  # NCHWc Conv's 4th input: the tensor it adds its result to
+                kinds[n.name] = "Conv (+ residual Add)"
+    return kinds
+
+
+def _profile(files: dict[str, Path], x: np.ndarray, threads: int, ort, runs: int = 10) -> None:
+    """The optimized graph's node types, then the median time per operator type over `runs` calls of each
+    file (onnxruntime's profiler; the calls alternate between the files, as the timed blocks do)."""
     import onnx
 
+    sessions, kinds = {}, {}
     for key, path in files.items():
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.optimized_model_filepath = str(path.with_name(path.stem + ".optimized.onnx"))
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(path.with_name(path.stem + "_profile"))
+        sessions[key] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        _run(sessions[key], x)  # the first call allocates: not counted
         graph = onnx.load(opts.optimized_model_filepath, load_external_data=False).graph
+        kinds[key] = _conv_kinds(graph)
         nodes = collections.Counter((n.domain.replace("com.microsoft.", "") + ":" if n.domain else "") + n.op_type for n in graph.node)
-        fused_sum = sum(1 for n in graph.node if n.op_type == "Conv" and n.domain and len(n.input) > 3 and n.input[3])
-        print(f"\n{key}: {len(graph.node)} nodes after optimization ({fused_sum} Conv with the residual Add fused):")
+        fused = sum(1 for k in kinds[key].values() if k == "Conv (+ residual Add)")
+        print(f"\n{key}: {len(graph.node)} nodes after optimization ({fused} Conv with the residual Add fused):")
         print("  " + ", ".join(f"{op} {n}" for op, n in nodes.most_common()))
-        session = _sessions({key: path}, threads, ort, profile=True)[key]
-        _run(session, x)
-        for _ in range(runs):
-            _run(session, x)
+    for r in range(runs):
+        for key in list(sessions) if r % 2 == 0 else list(sessions)[::-1]:
+            _run(sessions[key], x)
+    table = {}
+    for key, session in sessions.items():
         trace = Path(session.end_profiling())
         events = json.loads(trace.read_text())
         trace.unlink()
-        per_op, total = collections.Counter(), []
+        calls = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[1:]
+        per_call = [collections.Counter() for _ in calls]
         for e in events:
             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-                per_op[e["args"]["op_name"]] += e["dur"]
-            elif e.get("name") == "model_run":
-                total.append(e["dur"])
-        n = len(total)
-        print(f"  {statistics.mean(total[1:]) / 1e3:.1f} ms per call (mean of {n - 1} after the first); per operator type, ms per call:")
-        for op, us in per_op.most_common():
-            print(f"    {op:24s} {us / n / 1e3:8.2f}")
+                op = kinds[key].get(e["name"][: -len("_kernel_time")], e["args"]["op_name"])
+                for i, (start, end) in enumerate(calls):
+                    if start <= e["ts"] <= end:
+                        per_call[i][op] += e["dur"]
+                        break
+        ops = set().union(*per_call)
+        table[key] = {op: statistics.median(c[op] for c in per_call) / 1e3 for op in ops}
+        table[key]["(whole call)"] = statistics.median(end - start for start, end in calls) / 1e3
+    keys = list(table)
+    print(f"\nms per call, median of {runs} calls each (onnxruntime's profiler):")
+    print(f"  {'operator':24s}" + "".join(f"{k.split()[0]:>12s}" for k in keys))
+    for op in sorted(set().union(*table.values()), key=lambda o: -max(t.get(o, 0.0) for t in table.values())):
+        print(f"  {op:24s}" + "".join(f"{table[k].get(op, 0.0):12.2f}" for k in keys))
 
 
 def main(argv: list[str] | None = None) -> int:
