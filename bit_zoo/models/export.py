@@ -8,8 +8,8 @@ the same numbers the training form computes every call.
 * ONNX (`onnx_model`): written node by node with onnx's helpers, in the form onnxruntime's CPU
   provider runs fastest once its NCHWc (blocked layout) transformer has rewritten it: GroupNorm as
   Reshape + InstanceNormalization + Reshape, its affine a depthwise 1x1 Conv that the transformer
-  fuses with the ReLU after it, the residual Adds' shapes declared so they fuse into the conv before
-  them, the stem's zero pad a depthwise identity conv; the head a global average pool and a Gemm.
+  fuses with the ReLU after it, the stem's zero pad a depthwise identity conv (both stay in the
+  blocked layout); the head a global average pool and a Gemm.
   ONNX's own GroupNormalization (opset 18 and 21) measured 1.4-1.8x slower in onnxruntime 1.32
   (docs/speed.md, with the A/B against timm's export: `python -m benchmarks.onnx_ab`).
 * MINDIR (`ExportResNetV2`, through MindSpore's exporter): GroupNorm from reductions and reshapes
@@ -187,16 +187,11 @@ def external_data_path(output: str | os.PathLike) -> Path:
 ONNX_OPSET = 17  # InstanceNormalization (opset 6) and everything else here; what torch.onnx writes for timm's model
 
 
-def _spatial(name: str, stride: int) -> str:
-    """The symbolic size of a spatial axis after `stride`-fold downsampling (every conv and pool here rounds up)."""
-    return name if stride == 1 else f"ceil({name}/{stride})"
-
-
 class _OnnxGraph:
-    """Nodes, initializers and declared shapes of the lean ONNX graph, with unique names."""
+    """Nodes and initializers of the lean ONNX graph, with unique names."""
 
     def __init__(self, onnx) -> None:
-        self.onnx, self.nodes, self.inits, self.value_info, self._n, self._shapes = onnx, [], [], [], 0, set()
+        self.onnx, self.nodes, self.inits, self._n, self._shapes = onnx, [], [], 0, set()
 
     def const(self, name: str, value: np.ndarray) -> str:
         self.inits.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(value), name))
@@ -214,17 +209,6 @@ class _OnnxGraph:
         out = f"{op.lower()}_{self._n}"
         self.nodes.append(self.onnx.helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
-
-    def declare(self, name: str, channels: int, stride: int) -> str:
-        """Declare name's shape (batch, channels, ceil(height/stride), ceil(width/stride)) in symbolic dimensions.
-
-        onnxruntime cannot infer the shapes after a GroupNorm (its Reshape back takes a runtime Shape), so
-        without this the two inputs of a residual Add are not known to be equal, and its NCHWc
-        transformer leaves the Add as a pass of its own instead of fusing it into the conv before it.
-        """
-        dims = ["batch", channels, _spatial("height", stride), _spatial("width", stride)]
-        self.value_info.append(self.onnx.helper.make_tensor_value_info(name, self.onnx.TensorProto.FLOAT, dims))
-        return name
 
     def conv(self, x: str, name: str, weight: np.ndarray, *, stride: int = 1, padding: int = 0, bias: str | None = None, group: int = 1) -> str:
         k = weight.shape[-1]
@@ -267,9 +251,14 @@ def onnx_model(params: Mapping[str, np.ndarray], layers: tuple[int, ...], *, in_
     What onnxruntime needs to run it faster than a framework's export of the same network: every weight
     standardised once here (float64) and stored as the conv's constant weight; GroupNorm in the form
     onnxruntime has fast kernels for, its affine and ReLU one blocked-layout conv (_OnnxGraph.group_norm_relu);
-    the residual Adds' shapes declared so they fuse into the convs (_OnnxGraph.declare); the stem's zero pad
-    a depthwise identity conv with padding 1 (exact: x * 1.0, zeros at the border), which stays in the
-    blocked layout where a Pad would need a layout change either side. Batch, height and width are symbolic.
+    the stem's zero pad a depthwise identity conv with padding 1 (exact: x * 1.0, zeros at the border),
+    which stays in the blocked layout where a Pad needs a layout change either side. Batch, height and
+    width are symbolic.
+
+    The residual Adds are left as onnxruntime finds them: it runs each as one parallel pass in the
+    blocked layout. Declaring their shapes (value_info) lets it fuse them into the conv before instead,
+    but that conv then first copies the shortcut into its output buffer, on one thread (onnxruntime
+    1.32 gave them separate buffers): measured 2-3 % slower at 2 threads, no faster at 1 (docs/speed.md).
     """
     onnx = _import_onnx()
     helper = onnx.helper
@@ -279,26 +268,21 @@ def onnx_model(params: Mapping[str, np.ndarray], layers: tuple[int, ...], *, in_
     x = g.conv("image", "stem.conv.weight", stem, stride=2, padding=3)
     x = g.conv(x, "stem.pad.weight", np.ones((c, 1, 1, 1), np.float32), padding=1, group=c)  # BiT pads with zeros, then pools
     x = g.node("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2])
-    scale = 4  # the stem's conv and pool: the units start at ceil(height/4)
     for s, depth in enumerate(layers):
         for u in range(depth):
             pre = f"stages.{s}.blocks.{u}."
             stride = (1 if s == 0 else 2) if u == 0 else 1
-            out = scale * stride
             p = g.group_norm_relu(x, pre + "norm1.", params[pre + "norm1.gamma"], params[pre + "norm1.beta"])
             if pre + "downsample.weight" in params:
-                w = standardize(params[pre + "downsample.weight"], eps)
-                shortcut = g.declare(g.conv(p, pre + "downsample.weight", w, stride=stride), w.shape[0], out)
+                shortcut = g.conv(p, pre + "downsample.weight", standardize(params[pre + "downsample.weight"], eps), stride=stride)
             else:
                 shortcut = x
             y = g.conv(p, pre + "conv1.weight", standardize(params[pre + "conv1.weight"], eps))
             y = g.group_norm_relu(y, pre + "norm2.", params[pre + "norm2.gamma"], params[pre + "norm2.beta"])
             y = g.conv(y, pre + "conv2.weight", standardize(params[pre + "conv2.weight"], eps), stride=stride, padding=1)
             y = g.group_norm_relu(y, pre + "norm3.", params[pre + "norm3.gamma"], params[pre + "norm3.beta"])
-            w = standardize(params[pre + "conv3.weight"], eps)
-            y = g.declare(g.conv(y, pre + "conv3.weight", w), w.shape[0], out)
-            x = g.declare(g.node("Add", [y, shortcut]), w.shape[0], out)
-            scale = out
+            y = g.conv(y, pre + "conv3.weight", standardize(params[pre + "conv3.weight"], eps))
+            x = g.node("Add", [y, shortcut])
     x = g.group_norm_relu(x, "norm.", params["norm.gamma"], params["norm.beta"])
     x = g.node("Flatten", [g.node("GlobalAveragePool", [x])])
     if "head.fc.weight" in params:
@@ -316,7 +300,6 @@ def onnx_model(params: Mapping[str, np.ndarray], layers: tuple[int, ...], *, in_
         [helper.make_tensor_value_info("image", float_, ["batch", in_channels, "height", "width"])],
         [helper.make_tensor_value_info("logits", float_, ["batch", out_dim])],
         g.inits,
-        value_info=g.value_info,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], producer_name="bit_zoo")
 
