@@ -258,7 +258,7 @@ def onnx_model(params: Mapping[str, np.ndarray], layers: tuple[int, ...], *, in_
     The residual Adds are left as onnxruntime finds them: it runs each as one parallel pass in the
     blocked layout. Declaring their shapes (value_info) lets it fuse them into the conv before instead,
     but that conv then first copies the shortcut into its output buffer, on one thread (onnxruntime
-    1.32 gave them separate buffers): measured 2-3 % slower at 2 threads, no faster at 1 (docs/speed.md).
+    1.32 gave them separate buffers): measured 1-3 % slower at 2 threads, no faster at 1 (docs/speed.md).
     """
     onnx = _import_onnx()
     helper = onnx.helper
