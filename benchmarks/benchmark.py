@@ -476,23 +476,20 @@ def _ort_infer(args: argparse.Namespace, path: Path):
     return infer, f"onnxruntime {ort.__version__}, {args.threads} threads"
 
 
-def _ort_timm_worker(args: argparse.Namespace) -> list[dict]:
-    """--onnx: timm's model exported by torch.onnx (TorchScript exporter, opset 17), in onnxruntime."""
+def export_timm_onnx(args: argparse.Namespace, path: Path) -> float:
+    """timm's model (random weights) exported by torch.onnx (TorchScript exporter, opset 17, dynamic batch) to path;
+    returns the export's seconds."""
     torch, net, x = _timm_eval(args)
-    path = Path("timm.onnx").resolve()  # the worker runs in its own temporary directory
     t0 = time.perf_counter()
     axes = {"image": {0: "batch"}, "logits": {0: "batch"}}
     torch.onnx.export(
         net, (x,), str(path), input_names=["image"], output_names=["logits"], dynamic_axes=axes, opset_version=17, dynamo=False
     )
-    export_s = time.perf_counter() - t0
-    infer, runtime = _ort_infer(args, path)
-    row = _record(f"timm {TIMM_NAME} ONNX", "ort_timm", runtime, "onnx", args, None, infer, None, args.warmup, args.steps * args.blocks)
-    return [dict(row, export_s=export_s)]
+    return time.perf_counter() - t0
 
 
-def _ort_bit_zoo_worker(args: argparse.Namespace) -> list[dict]:
-    """--onnx: bit_zoo's own ONNX export (export_model) of --model, in onnxruntime."""
+def export_bit_zoo_onnx(args: argparse.Namespace, path: Path) -> float:
+    """bit_zoo's own ONNX export (export_model) of args.model with random weights to path; returns the export's seconds."""
     import mindspore as ms
 
     from bit_zoo.models.export import export_model
@@ -500,11 +497,24 @@ def _ort_bit_zoo_worker(args: argparse.Namespace) -> list[dict]:
 
     ms.set_seed(0)
     net = create_model(args.model, num_classes=args.num_classes)
-    path = Path("bit_zoo.onnx").resolve()
     t0 = time.perf_counter()
     export_model(model_state(net), get_weights(args.model).layers, path)
-    export_s = time.perf_counter() - t0
-    del net
+    return time.perf_counter() - t0
+
+
+def _ort_timm_worker(args: argparse.Namespace) -> list[dict]:
+    """--onnx: timm's model exported by torch.onnx (TorchScript exporter, opset 17), in onnxruntime."""
+    path = Path("timm.onnx").resolve()  # the worker runs in its own temporary directory
+    export_s = export_timm_onnx(args, path)
+    infer, runtime = _ort_infer(args, path)
+    row = _record(f"timm {TIMM_NAME} ONNX", "ort_timm", runtime, "onnx", args, None, infer, None, args.warmup, args.steps * args.blocks)
+    return [dict(row, export_s=export_s)]
+
+
+def _ort_bit_zoo_worker(args: argparse.Namespace) -> list[dict]:
+    """--onnx: bit_zoo's own ONNX export (export_model) of --model, in onnxruntime."""
+    path = Path("bit_zoo.onnx").resolve()
+    export_s = export_bit_zoo_onnx(args, path)
     infer, runtime = _ort_infer(args, path)
     row = _record(
         f"bit_zoo {args.model} ONNX", "ort_bit_zoo", runtime, "onnx", args, None, infer, None, args.warmup, args.steps * args.blocks

@@ -58,10 +58,36 @@ def test_onnx_dynamic_batch_and_size(tiny, tmp_path):
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     shape = session.get_inputs()[0].shape
     assert shape == ["batch", 3, "height", "width"]
-    for batch, size, seed in [(1, 64, 1), (4, 64, 2), (2, 96, 3)]:  # two batch sizes, then another resolution
+    # two batch sizes, another resolution, then one no stride divides (the stem's pad, the strided convs' rounding)
+    for batch, size, seed in [(1, 64, 1), (4, 64, 2), (2, 96, 3), (1, 75, 4)]:
         x = _x(batch, size, seed)
         _close(session.run(None, {"image": x})[0], model(ms.Tensor(x)).asnumpy())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]
+
+
+def test_onnx_runs_fused_in_onnxruntimes_blocked_layout(tiny, tmp_path):
+    """The form export.py writes for onnxruntime's speed (docs/speed.md): after onnxruntime's default
+    optimizations every GroupNorm's affine + ReLU is one depthwise conv in its NCHWc (blocked) layout,
+    and the stem's pad another: no BatchNormalization, Mul, Relu or Pad pass is left in plain layout."""
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    out = export_model(tiny[1], TINY, tmp_path / "tiny.onnx")
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(opts.optimized_model_filepath).graph.node
+    blocked = [n for n in nodes if n.domain == "com.microsoft.nchwc"]
+    if not blocked:
+        pytest.skip("onnxruntime's NCHWc transformer does not run on this CPU")
+    ops = {n.op_type for n in nodes if not n.domain}
+    assert not ops & {"BatchNormalization", "Mul", "Relu", "Pad"}, ops
+    norms = 3 * sum(TINY) + 1
+    depthwise = [n for n in blocked if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    assert len(depthwise) == norms + 1  # one per GroupNorm, and the stem's pad
+    activations = [a.s for n in depthwise for a in n.attribute if a.name == "activation"]
+    assert activations == [b"Relu"] * norms  # every GroupNorm's ReLU, in its affine's conv
+    assert sum(1 for n in nodes if n.op_type == "InstanceNormalization") == norms
 
 
 def test_mindir_dynamic_batch_and_size(tiny, tmp_path):

@@ -5,11 +5,13 @@ GroupNorm, PadV3, Im2Col or Ones, and its reshapes name the batch size). Both fo
 every conv weight once, in float64 on the host, and store the result as the conv's constant weight:
 the same numbers the training form computes every call.
 
-* ONNX (`onnx_model`): written node by node with onnx's helpers, in the operators onnxruntime has
-  fast CPU kernels for: GroupNorm as Reshape + InstanceNormalization + Reshape and the affine as a
-  BatchNormalization (the form torch.onnx writes for timm's model, less one elementwise pass);
+* ONNX (`onnx_model`): written node by node with onnx's helpers, in the form onnxruntime's CPU
+  provider runs fastest once its NCHWc (blocked layout) transformer has rewritten it: GroupNorm as
+  Reshape + InstanceNormalization + Reshape, its affine a depthwise 1x1 Conv that the transformer
+  fuses with the ReLU after it, the stem's zero pad a depthwise identity conv (both stay in the
+  blocked layout); the head a global average pool and a Gemm.
   ONNX's own GroupNormalization (opset 18 and 21) measured 1.4-1.8x slower in onnxruntime 1.32
-  (docs/speed.md). The stem's zero pad is a Pad, the head a global average pool and a Gemm.
+  (docs/speed.md, with the A/B against timm's export: `python -m benchmarks.onnx_ab`).
 * MINDIR (`ExportResNetV2`, through MindSpore's exporter): GroupNorm from reductions and reshapes
   that never name the batch or the spatial size (per-channel means over H, W, then per-group means
   of those, twice: mean, then variance of the centred input) and a per-channel affine; the stem's
@@ -208,22 +210,26 @@ class _OnnxGraph:
         self.nodes.append(self.onnx.helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
-    def conv(self, x: str, name: str, weight: np.ndarray, *, stride: int = 1, padding: int = 0) -> str:
+    def conv(self, x: str, name: str, weight: np.ndarray, *, stride: int = 1, padding: int = 0, bias: str | None = None, group: int = 1) -> str:
         k = weight.shape[-1]
-        w = self.const(name, weight)
-        return self.node("Conv", [x, w], kernel_shape=[k, k], strides=[stride, stride], pads=[padding] * 4)
+        inputs = [x, self.const(name, weight)] + ([bias] if bias else [])
+        return self.node("Conv", inputs, kernel_shape=[k, k], strides=[stride, stride], pads=[padding] * 4, group=group)
 
     def group_norm_relu(self, x: str, prefix: str, gamma: np.ndarray, beta: np.ndarray, *, groups: int = 32, eps: float = 1e-5) -> str:
         """GroupNorm + ReLU as onnxruntime runs it fastest: InstanceNormalization over (N, G, C/G*H*W), then the
-        per-channel affine as one BatchNormalization (mean 0, variance 1, epsilon 0: an exact scale and shift), then Relu."""
+        per-channel affine as a depthwise 1x1 Conv (weight gamma, bias beta: an exact scale and shift), then Relu.
+
+        onnxruntime's NCHWc transformer (its default ORT_ENABLE_ALL on x86) rewrites that Conv into its
+        blocked layout and fuses the Relu into it, and the next conv reads its output without a layout
+        change: one pass where a BatchNormalization (or timm's Mul + Add) and a Relu are two in NCHW.
+        """
         c = gamma.shape[0]
         shape = self.node("Shape", [x])
         grouped = self.node("Reshape", [x, self._grouped_shape(groups)])
         normed = self.node("InstanceNormalization", [grouped, self._ones(groups), self._zeros(groups)], epsilon=eps)
         y = self.node("Reshape", [normed, shape])
-        g = self.const(prefix + "gamma", np.asarray(gamma, np.float32))
-        b = self.const(prefix + "beta", np.asarray(beta, np.float32))
-        y = self.node("BatchNormalization", [y, g, b, self._zeros(c), self._ones(c)], epsilon=0.0)
+        beta = self.const(prefix + "beta", np.asarray(beta, np.float32))
+        y = self.conv(y, prefix + "gamma", np.asarray(gamma, np.float32).reshape(c, 1, 1, 1), bias=beta, group=c)
         return self.node("Relu", [y])
 
     def _grouped_shape(self, groups: int) -> str:
@@ -242,16 +248,25 @@ class _OnnxGraph:
 def onnx_model(params: Mapping[str, np.ndarray], layers: tuple[int, ...], *, in_channels: int = 3, eps: float = 1e-10):
     """The inference network as an ONNX ModelProto, written directly from the parameters (no exporter in between).
 
-    What onnxruntime needs to run it as fast as a framework's export of the same network: every weight
+    What onnxruntime needs to run it faster than a framework's export of the same network: every weight
     standardised once here (float64) and stored as the conv's constant weight; GroupNorm in the form
-    onnxruntime has fast kernels for (see _OnnxGraph.group_norm_relu); the stem's zero pad as a Pad.
-    Batch, height and width are symbolic.
+    onnxruntime has fast kernels for, its affine and ReLU one blocked-layout conv (_OnnxGraph.group_norm_relu);
+    the stem's zero pad a depthwise identity conv with padding 1 (exact: x * 1.0, zeros at the border),
+    which stays in the blocked layout where a Pad needs a layout change either side. Batch, height and
+    width are symbolic.
+
+    The residual Adds are left as onnxruntime finds them: it runs each as one parallel pass in the
+    blocked layout. Declaring their shapes (value_info) lets it fuse them into the conv before instead,
+    but that conv then first copies the shortcut into its output buffer, on one thread (onnxruntime
+    1.32 gave them separate buffers): measured 1-3 % slower at 2 threads, no faster at 1 (docs/speed.md).
     """
     onnx = _import_onnx()
     helper = onnx.helper
     g = _OnnxGraph(onnx)
-    x = g.conv("image", "stem.conv.weight", standardize(params["stem.conv.weight"], eps), stride=2, padding=3)
-    x = g.node("Pad", [x, g.shape_const("stem.pad", [0, 0, 1, 1, 0, 0, 1, 1])])  # BiT pads with zeros, then pools
+    stem = standardize(params["stem.conv.weight"], eps)
+    c = stem.shape[0]
+    x = g.conv("image", "stem.conv.weight", stem, stride=2, padding=3)
+    x = g.conv(x, "stem.pad.weight", np.ones((c, 1, 1, 1), np.float32), padding=1, group=c)  # BiT pads with zeros, then pools
     x = g.node("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2])
     for s, depth in enumerate(layers):
         for u in range(depth):
