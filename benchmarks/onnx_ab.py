@@ -38,7 +38,9 @@ __all__ = ["main"]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.onnx_ab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.onnx_ab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="bit_s_r50x1", help="bit_zoo model to export (default: bit_s_r50x1, timm's twin)")
     p.add_argument("--batch_size", "--batch-size", type=int, default=16)
     p.add_argument("--image_size", "--image-size", type=int, default=128)

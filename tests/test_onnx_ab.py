@@ -39,7 +39,8 @@ def test_refuses_zero_blocks(capsys):
 @pytest.mark.heavy
 def test_tiny_run_prints_the_ratio_the_load_and_the_profile(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    argv = ["--image_size", "32", "--batch_size", "2", "--blocks", "2", "--steps", "1", "--warmup", "1", "--dir", str(tmp_path), "--profile"]
+    argv = ["--image_size", "32", "--batch_size", "2", "--blocks", "2", "--steps", "1", "--warmup", "1"]
+    argv += ["--dir", str(tmp_path), "--profile"]
     assert onnx_ab.main(argv) == 0
     out = capsys.readouterr().out
     assert "bit_zoo / timm: x" in out and "other processes used" in out and "load average" in out

@@ -210,7 +210,9 @@ class _OnnxGraph:
         self.nodes.append(self.onnx.helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
-    def conv(self, x: str, name: str, weight: np.ndarray, *, stride: int = 1, padding: int = 0, bias: str | None = None, group: int = 1) -> str:
+    def conv(
+        self, x: str, name: str, weight: np.ndarray, *, stride: int = 1, padding: int = 0, bias: str | None = None, group: int = 1
+    ) -> str:
         k = weight.shape[-1]
         inputs = [x, self.const(name, weight)] + ([bias] if bias else [])
         return self.node("Conv", inputs, kernel_shape=[k, k], strides=[stride, stride], pads=[padding] * 4, group=group)
