@@ -17,17 +17,14 @@ needs_compiler = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no 
 
 
 def _reset():
-    # The oneDNN convolutions too: they are built on top of library() and must follow its choice (a stale
-    # dnnl_library() would keep conv_impl "auto" on "onednn", whose channels-last GroupNorm needs library()).
-    for f in (
-        cpu_kernels.library,
-        cpu_kernels.group_norm_act,
-        cpu_kernels.std_weight,
-        cpu_kernels.sum_squares,
-        cpu_kernels.dnnl_library,
-        cpu_kernels.conv2d,
-    ):
-        f.cache_clear()
+    """Forget every process-wide choice of cpu_kernels: each of its functools.cache functions, found rather than
+    listed, so that one added later is not missed. The oneDNN convolutions too: they are built on top of library()
+    and must follow its choice (a stale dnnl_library() would keep conv_impl "auto" on "onednn", whose channels-last
+    GroupNorm needs library(); a stale conv2d_prepared() kept the operators of the portable build's library after
+    test_onednn's portable-build test, so eval-mode convolutions ran another build than training-mode ones)."""
+    for f in vars(cpu_kernels).values():
+        if callable(getattr(f, "cache_clear", None)) and getattr(f, "__module__", None) == cpu_kernels.__name__:
+            f.cache_clear()
 
 
 @pytest.fixture(autouse=True)

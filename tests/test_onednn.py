@@ -24,6 +24,7 @@ from mindspore import nn
 from bit_zoo.models import cpu_kernels
 from bit_zoo.models.layers import CONV_IMPL_ENV, GroupNormAct, StdConv2d, _Conv, resolve_conv_impl
 from bit_zoo.models.resnetv2 import ResNetV2
+from test_cpu_kernels import _reset  # one way to forget the process-wide choices (each cached once per process)
 
 
 def _onednn_possible() -> bool:
@@ -40,17 +41,6 @@ needs_onednn = pytest.mark.skipif(not _onednn_possible(), reason="no C++ compile
 needs_compiler = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C++ compiler on this machine")
 
 
-def _reset():
-    """Forget the process-wide choices (each is cached once per process)."""
-    for f in (
-        cpu_kernels.library,
-        cpu_kernels.group_norm_act,
-        cpu_kernels.std_weight,
-        cpu_kernels.sum_squares,
-        cpu_kernels.dnnl_library,
-        cpu_kernels.conv2d,
-    ):
-        f.cache_clear()
 
 
 @pytest.fixture(autouse=True)

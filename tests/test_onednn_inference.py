@@ -271,6 +271,8 @@ def test_weight_cache_size_changes_no_output(cache_mb, tmp_path):
     # the digests that vouch for them, copied into one home for the subprocess.
     built = [cpu_kernels.library(), cpu_kernels.dnnl_library()]
     assert None not in built, cpu_kernels.dnnl_status()
+    # The eval-mode operators this process ran are that library's (not a stale choice of an earlier test's).
+    assert cpu_kernels.conv2d_prepared()[0].func == f"{built[1]}:DnnlConvStd"
     kernels = tmp_path / "home" / "kernels"
     kernels.mkdir(parents=True)
     for path in built:

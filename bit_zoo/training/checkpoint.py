@@ -103,10 +103,10 @@ def training_arrays(*, model, optimizer, ema, scaler, state: TrainState, meta: d
     """A host copy of everything --resume needs (meta.json and its digest first): what a checkpoint write reads."""
     model_params = list(model.get_parameters())
     names = {p.name for p in model_params}
-    arrays = {p.name: p.asnumpy() for p in model_params}
+    arrays = {p.name: p.asnumpy().copy() for p in model_params}  # asnumpy() shares the parameter's memory (MindSpore 2.10): async saving needs a copy
     if ema is not None:
-        arrays.update({s.name: s.asnumpy() for s in ema.shadow})
-    arrays.update({OPTIM_PREFIX + n: p.asnumpy() for n, p in _optimizer_state(optimizer, names).items()})
+        arrays.update({s.name: s.asnumpy().copy() for s in ema.shadow})
+    arrays.update({OPTIM_PREFIX + n: p.asnumpy().copy() for n, p in _optimizer_state(optimizer, names).items()})
     state.loss_scale = float(scaler.scale_value.asnumpy())
     counter = getattr(scaler, "counter", None)
     state.loss_scale_counter = int(counter.asnumpy()) if counter is not None else 0
