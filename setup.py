@@ -32,8 +32,7 @@ setup(
         "scikit-learn>=1.0",
     ],
     extras_require={
-        "test": ["pytest>=7.3",  # 7.3: tmp_path_retention_policy
-                 "onnx>=1.14", "onnxruntime>=1.16", "fsspec>=2023.1", "s3fs>=2023.1", "moto[server]>=5"],
+        "test": ["pytest>=7", "onnx>=1.14", "onnxruntime>=1.16", "fsspec>=2023.1", "s3fs>=2023.1", "moto[server]>=5"],
         # remote data and outputs: s3:// (OBS, any S3 store) and other fsspec protocols; see bit_zoo/utils/remote.py
         "cloud": ["fsspec>=2023.1", "s3fs>=2023.1"],
         # the independent reference for the parity tests (torch + timm); see README

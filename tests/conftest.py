@@ -22,8 +22,31 @@ import bit_zoo
 from bit_zoo.weights.formats import mindcv_name, npz_key_map, to_npz
 
 
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Remember each phase's outcome on the test item, for _workdir's cleanup."""
+    report = (yield).get_result()
+    setattr(item, f"_report_{report.when}", report)
+
+
+def _clear_passed_test_dir(folder: Path) -> None:
+    """Delete what a passed test wrote (checkpoints: a full run wrote ~10 GB and filled a shared disk), except
+    every kernels/ folder: this process keeps using the kernel libraries built under whichever test's
+    BIT_ZOO_HOME came first."""
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            if entry.name == "kernels":
+                continue
+            if any(entry.rglob("kernels")):
+                _clear_passed_test_dir(entry)
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 @pytest.fixture(autouse=True)
-def _workdir(tmp_path, monkeypatch):
+def _workdir(tmp_path, monkeypatch, request):
     """Run every test in its own directory (graph-mode compiles write ./rank_0 and friends), and in
     PyNative mode: train.py and validate.py switch the process to graph mode, and a later test's
     model would otherwise run as a cached graph (a reset classifier not seen, a method compiled as a cell)."""
@@ -41,6 +64,8 @@ def _workdir(tmp_path, monkeypatch):
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    if all(getattr(getattr(request.node, f"_report_{when}", None), "passed", False) for when in ("setup", "call")):
+        _clear_passed_test_dir(tmp_path)
 
 
 def random_params(model_name: str, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
