@@ -12,6 +12,11 @@ option never clobbers an earlier run's files.
 
 from __future__ import annotations
 
+import bit_zoo_malloc
+
+if __name__ == "__main__":
+    bit_zoo_malloc.preload()  # first, before MindSpore loads: this script again, with jemalloc or mimalloc (see the module)
+
 import json
 import logging
 import shlex
@@ -62,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     dist = init_distributed(set_device(cfg.system.device_target, cfg.system.mode), distribute=cfg.system.distribute)
     setup_logging(dist.is_main)
     log_device(dist)
+    _logger.info("malloc: %s", bit_zoo_malloc.in_use())
     micro = check_batch_split(cfg, dist.world_size)
     staged = localize(cfg, script="train")  # remote data/weights staged, a remote output_dir mirrored
     check_weights_source(cfg.model, cfg.model.checkpoint_path, flag="checkpoint_path")

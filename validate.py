@@ -12,6 +12,11 @@ comes from the checkpoint's meta.json, else the weights record.
 
 from __future__ import annotations
 
+import bit_zoo_malloc
+
+if __name__ == "__main__":
+    bit_zoo_malloc.preload()  # first, before MindSpore loads: this script again, with jemalloc or mimalloc (see the module)
+
 import json
 import logging
 import sys
@@ -33,6 +38,7 @@ _logger = logging.getLogger("validate")
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config("validate", argv)
     setup_logging()
+    _logger.info("malloc: %s", bit_zoo_malloc.in_use())
     set_device(cfg.system.device_target, cfg.system.mode)
     staged = localize(cfg, script="validate")  # a remote ckpt_path / data_dir staged into the cache
     m, d = cfg.model, cfg.data

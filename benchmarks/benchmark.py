@@ -43,6 +43,11 @@ training. The header names the CPU, its vector instruction set, the versions and
 
 from __future__ import annotations
 
+import bit_zoo_malloc
+
+if __name__ == "__main__":
+    bit_zoo_malloc.preload()  # first, before MindSpore loads: this script again, with jemalloc or mimalloc (see the module)
+
 import argparse
 import csv
 import json
@@ -122,14 +127,15 @@ def machine_info() -> dict:
 
 
 def versions() -> str:
-    """The installed versions of every runtime the rows use (without importing them)."""
+    """The installed versions of every runtime the rows use (without importing them), and the malloc every row runs with."""
     out = []
     for dist in ("mindspore", "torch", "timm", "onnxruntime", "onnx"):
         try:
             out.append(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:
             pass
-    return ", ".join(out)
+    preloaded = os.environ.get("BIT_ZOO_MALLOC_PRELOADED")  # the workers inherit this process's LD_PRELOAD (bit_zoo_malloc)
+    return ", ".join(out) + f"; malloc {Path(preloaded).name if preloaded else 'glibc'} (every row)"
 
 
 def _peak_rss_mib() -> float:

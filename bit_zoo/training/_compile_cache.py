@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import gc
 import hashlib
 import inspect
 import json
@@ -207,6 +208,20 @@ def key_digest(cell: nn.Cell, args: tuple, extra: dict | None = None) -> tuple[s
     return key, hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+@contextmanager
+def _gc_paused():
+    """Python's cyclic collector off while MindSpore compiles: its parser creates Python objects by the
+    hundred thousand and the collections they trigger cost a few tenths of a second of the cold compile
+    (docs/speed.md). Whatever cycles appear meanwhile are collected later as usual."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def compile_cached(cell: nn.Cell, *args, extra: dict | None = None) -> str:
     """Compile `cell` for `args` (graph mode: cell.compile), through the cache when enabled.
 
@@ -214,6 +229,11 @@ def compile_cached(cell: nn.Cell, *args, extra: dict | None = None) -> str:
     """
     if ms.get_context("mode") != ms.GRAPH_MODE:
         return "pynative"
+    with _gc_paused():
+        return _compile_cached(cell, args, extra)
+
+
+def _compile_cached(cell: nn.Cell, args: tuple, extra: dict | None) -> str:
     if not enabled():
         cell.compile(*args)
         return "off"

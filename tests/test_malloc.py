@@ -1,0 +1,105 @@
+"""bit_zoo_malloc: the scripts relaunch themselves once with jemalloc or mimalloc preloaded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bit_zoo_malloc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# What a script sees of itself: the same preamble as train.py's, then its PID, arguments and mapped allocators.
+PROBE = """\
+import bit_zoo_malloc
+
+if __name__ == "__main__":
+    bit_zoo_malloc.preload()
+
+import os, sys
+print("argv", sys.argv[1:], "orig", sys.orig_argv[1])
+print("in_use", bit_zoo_malloc.in_use())
+print("mapped", sorted({line.split()[-1] for line in open("/proc/self/maps") if "malloc" in line}))
+"""
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux's")
+
+
+def _env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "BIT_ZOO_MALLOC_PRELOADED", "ASCEND_HOME_PATH")}
+    return dict(env, PYTHONPATH=str(ROOT), **extra)
+
+
+def _probe(tmp_path: Path, env: dict[str, str], *argv: str) -> dict[str, str]:
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    proc = subprocess.run([sys.executable, "-u", str(script), *argv], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+
+
+def test_choose_reads_the_setting(tmp_path):
+    lib = tmp_path / "libmymalloc.so"
+    lib.write_bytes(b"")
+    assert bit_zoo_malloc.choose({"BIT_ZOO_MALLOC": "system"}) is None
+    if sys.platform.startswith("linux"):
+        assert bit_zoo_malloc.choose({"BIT_ZOO_MALLOC": str(lib)}) == str(lib)
+        # not measured on Ascend hosts: auto keeps glibc's there
+        assert bit_zoo_malloc.choose({"ASCEND_HOME_PATH": "/usr/local/Ascend/ascend-toolkit/latest"}) is None
+        with pytest.raises(ValueError, match=r"BIT_ZOO_MALLOC='/no/such/lib.so': no such file\. Set it to auto, system, or"):
+            bit_zoo_malloc.choose({"BIT_ZOO_MALLOC": "/no/such/lib.so"})
+
+
+@linux_only
+def test_auto_finds_an_allocator_here():
+    """The test extra installs mimalloc: auto must find it (or the system's jemalloc), a real file or soname."""
+    lib = bit_zoo_malloc.choose({})
+    assert lib is not None, "no jemalloc or mimalloc found: pip install 'bit_zoo[malloc]'"
+    assert "malloc" in Path(lib).name
+    assert Path(lib).is_file() or "/" not in lib  # a soname from the linker cache (ctypes.util.find_library)
+
+
+@linux_only
+def test_the_script_runs_again_with_the_allocator_mapped(tmp_path):
+    lib = bit_zoo_malloc.choose({})
+    if lib is None:
+        pytest.skip("no allocator installed")
+    out = _probe(tmp_path, _env(), "--flag", "a b")
+    assert out["argv"] == "['--flag', 'a b'] orig -u"  # arguments and interpreter options (-u) kept
+    assert out["in_use"].startswith(f"{lib} (preloaded")
+    mapped = eval(out["mapped"])  # noqa: S307 - our own probe's repr of a list of paths
+    assert any(Path(m).name.startswith(Path(lib).name.split(".so")[0]) for m in mapped), mapped
+
+
+@linux_only
+def test_system_keeps_glibc_and_the_process(tmp_path):
+    out = _probe(tmp_path, _env(BIT_ZOO_MALLOC="system"))
+    assert out["in_use"].startswith("glibc's")
+    assert out["mapped"] == "[]"
+
+
+@linux_only
+def test_relaunch_keeps_the_pid(tmp_path):
+    """mpirun, msrun and the tests' SIGTERM all address the PID they started: exec, not a child process."""
+    if bit_zoo_malloc.choose({}) is None:
+        pytest.skip("no allocator installed")
+    script = tmp_path / "pid.py"
+    script.write_text("import os, sys\nprint(os.getpid(), flush=True)\nimport bit_zoo_malloc\nbit_zoo_malloc.preload()\n")
+    proc = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=60)
+    pids = proc.stdout.split()
+    assert proc.returncode == 0 and len(pids) == 2 and pids[0] == pids[1], (proc.stdout, proc.stderr)
+
+
+@linux_only
+def test_a_bad_setting_is_one_line_before_anything_loads():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "validate.py"), "--help"], env=_env(BIT_ZOO_MALLOC="/no/such/lib.so"), capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: BIT_ZOO_MALLOC='/no/such/lib.so': no such file. Set it to auto, system, or the path of a malloc library (.so) to preload"
+    ]
