@@ -1,28 +1,28 @@
-"""A faster malloc for bit_zoo's scripts on Linux CPU hosts: train.py, validate.py and the benchmark
-run themselves once more with jemalloc or mimalloc preloaded.
+"""jemalloc for bit_zoo's scripts on Linux CPU hosts: train.py, validate.py and the benchmark run
+themselves once more with it preloaded when it is installed.
 
-Why: MindSpore's graph compiler allocates and frees millions of small objects, and under glibc's
-malloc about a fifth of the compile went to malloc/free and their consolidation (perf, on the
-R50x1 training step). Preloaded jemalloc or mimalloc cut the cold first training step from ~5.5 s
-to ~4.5 s and the first inference call by ~0.2 s on this project's 2-core machine; steady steps
-are unchanged (MindSpore keeps tensors in its own memory pool). docs/speed.md has the measurement.
+Why: MindSpore's graph compiler allocates and frees millions of small objects; under glibc's
+malloc a sixth of the compile went to malloc/free and their consolidation (perf, on the R50x1
+training step). With jemalloc preloaded the cold first training step took ~0.6 s less (4.4 s
+against 5.0 s, 4 alternated runs each) and the first inference call ~0.3 s less on this project's
+2-core machine; steady steps were unchanged (MindSpore keeps tensors in its own memory pool).
+mimalloc, tried the same way, changed nothing. docs/speed.md has the measurement.
 
 How: an allocator replaces malloc only if it is loaded before the C libraries that call it, i.e.
 via LD_PRELOAD when the process starts. So :func:`preload` re-executes the running script (same
 PID, same arguments, interpreter options kept) with LD_PRELOAD set, once, before MindSpore is
-imported; PyTorch's CPU launcher (torch.backends.xeon.run_cpu) preloads an allocator the same
-way. It is a module of its own, standard library only, because ``import bit_zoo`` imports MindSpore.
+imported; PyTorch's CPU launcher (torch.backends.xeon.run_cpu) preloads jemalloc the same way.
+It is a module of its own, standard library only, because ``import bit_zoo`` imports MindSpore.
 
-BIT_ZOO_MALLOC chooses: ``auto`` (default: jemalloc from the system or MindSpore's own lib/,
-else mimalloc from the ``malloc`` extra, ``pip install "bit_zoo[malloc]"``; nothing on hosts with
-an Ascend toolkit, where it was not measured), ``system`` (glibc's, no relaunch), or the path of
-a shared library to preload.
+BIT_ZOO_MALLOC chooses: ``auto`` (default: the system's jemalloc, e.g. ``apt install
+libjemalloc2``, else the one MindSpore 2.7 / 2.8 ship; nothing on hosts with an Ascend toolkit,
+where it was not measured), ``system`` (glibc's, no relaunch), or the path of a shared library
+to preload.
 """
 
 from __future__ import annotations
 
 import ctypes.util
-import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -44,18 +44,6 @@ def _jemalloc() -> str | None:
     return None
 
 
-def _mimalloc() -> str | None:
-    try:
-        dist = importlib.metadata.distribution("cmeel-mimalloc")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for name in ("libmimalloc.so.3", "libmimalloc.so.2", "libmimalloc.so"):
-        lib = Path(dist.locate_file(f"cmeel.prefix/lib/{name}"))
-        if lib.is_file():
-            return str(lib)
-    return None
-
-
 def _ascend_host(env) -> bool:
     return bool(env.get("ASCEND_HOME_PATH")) or Path("/usr/local/Ascend").is_dir()
 
@@ -66,7 +54,7 @@ def choose(env=os.environ) -> str | None:
     if choice == "system" or not sys.platform.startswith("linux"):
         return None
     if choice == "auto":
-        return None if _ascend_host(env) else (_jemalloc() or _mimalloc())
+        return None if _ascend_host(env) else _jemalloc()
     if not Path(choice).is_file():
         raise ValueError(f"{ENV}={choice!r}: no such file. Set it to auto, system, or the path of a malloc library (.so) to preload")
     return choice
@@ -75,7 +63,7 @@ def choose(env=os.environ) -> str | None:
 def in_use() -> str:
     """What this process's malloc is, for a log line: the preloaded library or glibc's."""
     lib = os.environ.get(_RELAUNCHED)
-    return f"{lib} (preloaded; {ENV}=system for glibc's)" if lib else f"glibc's ({ENV}=system, or no jemalloc/mimalloc found)"
+    return f"{lib} (preloaded; {ENV}=system for glibc's)" if lib else f"glibc's ({ENV}=system, or no jemalloc found: apt install libjemalloc2)"
 
 
 def preload() -> None:

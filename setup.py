@@ -33,16 +33,13 @@ setup(
         "scikit-learn>=1.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "onnx>=1.14", "onnxruntime>=1.16", "fsspec>=2023.1", "s3fs>=2023.1", "moto[server]>=5",
-                 "cmeel-mimalloc>=2; platform_system == 'Linux'"],
+        "test": ["pytest>=7", "onnx>=1.14", "onnxruntime>=1.16", "fsspec>=2023.1", "s3fs>=2023.1", "moto[server]>=5"],
         # remote data and outputs: s3:// (OBS, any S3 store) and other fsspec protocols; see bit_zoo/utils/remote.py
         "cloud": ["fsspec>=2023.1", "s3fs>=2023.1"],
         # the independent reference for the parity tests (torch + timm); see README
         "parity": ["timm>=0.9"],
         # ONNX export (python -m bit_zoo.convert --output model.onnx) and running the result
         "onnx": ["onnx>=1.14", "onnxruntime>=1.16"],
-        # mimalloc for CPU hosts without jemalloc: the scripts preload it (bit_zoo_malloc.py); wheels need glibc >= 2.28
-        "malloc": ["cmeel-mimalloc>=2; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["bit-zoo=bit_zoo.__main__:main", "bit-zoo-convert=bit_zoo.tools.convert:main"]},
     classifiers=[

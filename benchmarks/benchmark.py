@@ -46,7 +46,7 @@ from __future__ import annotations
 import bit_zoo_malloc
 
 if __name__ == "__main__":
-    bit_zoo_malloc.preload()  # first, before MindSpore loads: this script again, with jemalloc or mimalloc (see the module)
+    bit_zoo_malloc.preload()  # first, before MindSpore loads: this script again with jemalloc, if installed (see the module)
 
 import argparse
 import csv
