@@ -66,6 +66,14 @@ def in_use() -> str:
     return f"{lib} (preloaded; {ENV}=system for glibc's)" if lib else f"glibc's ({ENV}=system, or no jemalloc found: apt install libjemalloc2)"
 
 
+def without(env: dict[str, str]) -> dict[str, str]:
+    """`env` for a child process that should run on glibc's malloc (e.g. another framework's benchmark row)."""
+    lib = env.get(_RELAUNCHED)
+    rest = [p for p in env.get("LD_PRELOAD", "").split(":") if p and p != lib]
+    out = {k: v for k, v in env.items() if k not in (_RELAUNCHED, "LD_PRELOAD")}
+    return dict(out, **{ENV: "system"}, **({"LD_PRELOAD": ":".join(rest)} if rest else {}))
+
+
 def preload() -> None:
     """Re-execute this script with the chosen allocator preloaded; return if there is none or it already is."""
     if os.environ.get(_RELAUNCHED):

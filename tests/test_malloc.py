@@ -125,3 +125,11 @@ def test_a_bad_setting_is_one_line_before_anything_loads():
     assert proc.stderr.strip().splitlines() == [
         "error: BIT_ZOO_MALLOC='/no/such/lib.so': no such file. Set it to auto, system, or the path of a malloc library (.so) to preload"
     ]
+
+
+def test_without_gives_a_child_glibcs_malloc():
+    """The benchmark's other runtimes run on their default malloc: our preload removed, another one kept, no relaunch."""
+    env = {"LD_PRELOAD": "libjemalloc.so.2:/opt/other.so", "BIT_ZOO_MALLOC_PRELOADED": "libjemalloc.so.2", "PATH": "/bin"}
+    assert bit_zoo_malloc.without(env) == {"LD_PRELOAD": "/opt/other.so", "BIT_ZOO_MALLOC": "system", "PATH": "/bin"}
+    env = {"LD_PRELOAD": "libjemalloc.so.2", "BIT_ZOO_MALLOC_PRELOADED": "libjemalloc.so.2"}
+    assert bit_zoo_malloc.without(env) == {"BIT_ZOO_MALLOC": "system"}
