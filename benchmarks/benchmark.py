@@ -405,6 +405,25 @@ def _mindcv_worker(args: argparse.Namespace) -> list[dict]:
     ]
 
 
+def _torch_train_step(args: argparse.Namespace, torch, net, forward):
+    """PyTorch's standard step for `net` (SGD with momentum, as the bit_zoo floor), calling `forward` (net or its compiled form)."""
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    dtype = torch.float16 if args.precision == "fp16" else torch.float32
+    x = torch.empty(args.batch_size, 3, args.image_size, args.image_size).uniform_(-1, 1)
+    y = torch.randint(0, args.num_classes, (args.batch_size,))
+
+    def train_step():
+        with torch.autocast("cpu", dtype=dtype, enabled=args.precision == "fp16"):
+            loss = loss_fn(forward(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return train_step, x, dtype
+
+
 def _torch_worker(args: argparse.Namespace) -> list[dict]:
     # Lazy: torch and timm are only needed for this reference measurement.
     import torch
@@ -415,20 +434,7 @@ def _torch_worker(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
     name = TIMM_NAME
     net = timm.create_model(name, pretrained=False, num_classes=args.num_classes)
-    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    dtype = torch.float16 if args.precision == "fp16" else torch.float32
-    x = torch.empty(args.batch_size, 3, args.image_size, args.image_size).uniform_(-1, 1)
-    y = torch.randint(0, args.num_classes, (args.batch_size,))
-
-    def train_step():
-        with torch.autocast("cpu", dtype=dtype, enabled=args.precision == "fp16"):
-            loss = loss_fn(net(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
-
+    train_step, x, dtype = _torch_train_step(args, torch, net, net)
     net.train()
     steps = args.steps * args.blocks  # as many timed images as the bit_zoo rows
     train = _time_calls(train_step, warmup=args.warmup, steps=steps)
@@ -453,14 +459,19 @@ def _timm_eval(args: argparse.Namespace):
 
 
 def _torch_compile_worker(args: argparse.Namespace) -> list[dict]:
-    """--torch-compile: timm's model under torch.compile (inductor), inference."""
+    """--torch-compile: timm's model under torch.compile (inductor): the training step (forward and
+    backward compiled, the optimizer eager, as torch.compile(model) is used), then inference."""
     torch, net, x = _timm_eval(args)
-    compiled = torch.compile(net)
     steps = args.steps * args.blocks
+    train_net = import_timm().create_model(TIMM_NAME, pretrained=False, num_classes=args.num_classes).train()
+    train_step, _, _ = _torch_train_step(args, torch, train_net, torch.compile(train_net))
+    train = _time_calls(train_step, warmup=args.warmup, steps=steps)
+    rss_train = _peak_rss_mib()
+    compiled = torch.compile(net)
     with torch.inference_mode():
         infer = _time_calls(lambda: compiled(x), warmup=args.warmup, steps=steps)
     runtime = f"PyTorch {torch.__version__} inductor, {torch.get_num_threads()} threads"
-    return [_record(f"timm {TIMM_NAME} torch.compile", "torch_compile", runtime, "torch", args, None, infer, None, args.warmup, steps)]
+    return [_record(f"timm {TIMM_NAME} torch.compile", "torch_compile", runtime, "torch", args, train, infer, rss_train, args.warmup, steps)]
 
 
 def _ort_infer(args: argparse.Namespace, path: Path):
@@ -604,8 +615,8 @@ def ratio_lines(rows: list[dict]) -> list[str]:
         lines.append(
             f"bit_zoo Trainer vs nn.TrainOneStepCell (same process, alternating): train {_ratio(ours, ok['floor'], 'train_img_s')}"
         )
-    for role in ("mindcv", "torch"):
-        if role in ok:
+    for role in ("mindcv", "torch", "torch_compile"):
+        if role in ok and ok[role].get("train_img_s"):
             o = ok[role]
             lines.append(
                 f"bit_zoo Trainer vs {o['name']}: train {_ratio(ours, o, 'train_img_s')}, infer {_ratio(ours, o, 'infer_img_s')}, "
@@ -786,7 +797,7 @@ class BenchConfig:
     no_floor: bool = option(False, "skip the nn.TrainOneStepCell floor row (it doubles the memory)", scripts=BENCH)
     torch_reference: bool = option(False, "also measure timm resnetv2_50x1_bit on PyTorch CPU", scripts=BENCH)
     no_bit_zoo: bool = option(False, "skip bit_zoo (e.g. with --torch_reference alone)", scripts=BENCH)
-    torch_compile: bool = option(False, "also time timm's inference under torch.compile (inductor)", scripts=BENCH)
+    torch_compile: bool = option(False, "also time timm under torch.compile (inductor): training step and inference", scripts=BENCH)
     onnx: bool = option(False, "also time timm's and bit_zoo's ONNX exports in onnxruntime", scripts=BENCH)
     pynative_row: bool = option(False, "also run the bit_zoo Trainer and inference rows in PyNative mode", scripts=BENCH)
     peers: bool = option(False, "every runtime row: torch_reference, torch_compile, onnx, pynative_row", scripts=BENCH)
