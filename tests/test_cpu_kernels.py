@@ -27,10 +27,9 @@ def _reset():
             f.cache_clear()
 
 
-@pytest.fixture(autouse=True)
-def _kernels_not_switched_off(monkeypatch):
-    """The suite also runs with BIT_ZOO_CPU_KERNELS=0 (every other test then takes MindSpore's forms); the
-    kernels' own tests still test the kernels. Only such a run pays for forgetting the cached choice."""
+def kernels_switched_on(monkeypatch):
+    """Generator for autouse fixtures: the suite also runs with BIT_ZOO_CPU_KERNELS=0 (every other test then takes
+    MindSpore's forms); the kernels' own tests still test the kernels. Only such a run pays for forgetting the cached choice."""
     if cpu_kernels.ENV not in os.environ:
         yield
         return
@@ -38,6 +37,11 @@ def _kernels_not_switched_off(monkeypatch):
     _reset()
     yield
     _reset()
+
+
+@pytest.fixture(autouse=True)
+def _kernels_not_switched_off(monkeypatch):
+    yield from kernels_switched_on(monkeypatch)
 
 
 @pytest.fixture

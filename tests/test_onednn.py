@@ -24,7 +24,7 @@ from mindspore import nn
 from bit_zoo.models import cpu_kernels
 from bit_zoo.models.layers import CONV_IMPL_ENV, GroupNormAct, StdConv2d, _Conv, resolve_conv_impl
 from bit_zoo.models.resnetv2 import ResNetV2
-from test_cpu_kernels import _reset  # one way to forget the process-wide choices (each cached once per process)
+from test_cpu_kernels import _reset, kernels_switched_on  # one way to forget the process-wide choices (each cached once per process)
 
 
 def _onednn_possible() -> bool:
@@ -48,13 +48,7 @@ def _kernels_on(monkeypatch):
     """These tests are about the kernels: a suite run with BIT_ZOO_CPU_KERNELS=0 or BIT_ZOO_CONV_IMPL set (every
     other test then takes another path) does not apply to them. Only such a run pays for forgetting the cached choice."""
     monkeypatch.delenv(CONV_IMPL_ENV, raising=False)
-    if cpu_kernels.ENV not in os.environ:
-        yield
-        return
-    monkeypatch.delenv(cpu_kernels.ENV)
-    _reset()
-    yield
-    _reset()
+    yield from kernels_switched_on(monkeypatch)
 
 
 @pytest.fixture
@@ -340,6 +334,15 @@ def test_small_model_onednn_matches_unfold(mode):
     64x48 images: non-square (a height/width mix-up shows) and the last stride-2 3x3 gets an odd size (3 -> 2)."""
     dnnl, unfold = _model_pair(num_classes=0)
     x = _clear_input(unfold, (2, 3, 64, 48))
+    # 14 convolutions' float32 summation-order differences, carried through: measured <= 2.2e-6 of each tensor's
+    # scale (and as much between two inputs 1e-6 apart on one path: the paths' rounding, no kink crossed).
+    # 5e-5 holds on any CPU; a wrong layout, grouping or mask anywhere errs by >= 1e-2.
+    _assert_paths_agree(dnnl, unfold, x, mode, 5e-5)
+
+
+def _assert_paths_agree(dnnl, unfold, x: np.ndarray, mode: str, tol: float) -> None:
+    """Training mode, one target: the features and every gradient (input and each parameter) of the onednn net
+    within `tol` of the unfold net's (relative to each tensor's scale). x is (2, 3, 64, 48): features 2x2."""
     t = np.random.default_rng(1).standard_normal((2, 2048, 2, 2)).astype(np.float32)
     for net in (dnnl, unfold):
         net.set_train(True)
@@ -347,13 +350,10 @@ def test_small_model_onednn_matches_unfold(mode):
     y1, gx1, g1 = _forward_and_grads(dnnl, x, t, mode, features=True)
     names = [p.name for p in unfold.trainable_params()]
     assert names == [p.name for p in dnnl.trainable_params()] and len(g0) == len(names)
-    # 14 convolutions' float32 summation-order differences, carried through: measured <= 2.2e-6 of each tensor's
-    # scale (and as much between two inputs 1e-6 apart on one path: the paths' rounding, no kink crossed).
-    # 5e-5 holds on any CPU; a wrong layout, grouping or mask anywhere errs by >= 1e-2.
-    _assert_close(y1, y0, 5e-5, "features")
-    _assert_close(gx1, gx0, 5e-5, "d/dx")
+    _assert_close(y1, y0, tol, "features")
+    _assert_close(gx1, gx0, tol, "d/dx")
     for name, a, b in zip(names, g1, g0):
-        _assert_close(a, b, 5e-5, f"d/d{name}")
+        _assert_close(a, b, tol, f"d/d{name}")
 
 
 @needs_onednn
