@@ -68,6 +68,18 @@ def _workdir(tmp_path, monkeypatch, request):
         _clear_passed_test_dir(tmp_path)
 
 
+def onednn_buildable() -> bool:
+    """A C++ compiler and a MindSpore that ships oneDNN 3 (2.9 and later): then bit_zoo's oneDNN operators must
+    build here, and a failure to build fails the tests that need them rather than skipping them."""
+    from bit_zoo.models import cpu_kernels
+
+    try:
+        cpu_kernels._mindspore_onednn()
+    except RuntimeError:
+        return False
+    return cpu_kernels._compiler() is not None
+
+
 def random_params(model_name: str, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random bit_zoo parameters for an architecture, every one non-trivial (GN affine, head too)."""
     with no_init_parameters():

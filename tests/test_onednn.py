@@ -25,19 +25,10 @@ from bit_zoo.models import cpu_kernels
 from bit_zoo.models.layers import CONV_IMPL_ENV, GroupNormAct, StdConv2d, _Conv, resolve_conv_impl
 from bit_zoo.models.resnetv2 import ResNetV2
 from test_cpu_kernels import _reset, kernels_switched_on  # one way to forget the process-wide choices (each cached once per process)
+from conftest import onednn_buildable
 
 
-def _onednn_possible() -> bool:
-    """A compiler and a MindSpore that ships oneDNN 3 (2.9 and later): then the operators must build here, and
-    a failure to build fails these tests rather than skipping them."""
-    try:
-        cpu_kernels._mindspore_onednn()
-    except RuntimeError:
-        return False
-    return cpu_kernels._compiler() is not None
-
-
-needs_onednn = pytest.mark.skipif(not _onednn_possible(), reason="no C++ compiler, or a MindSpore without oneDNN 3")
+needs_onednn = pytest.mark.skipif(not onednn_buildable(), reason="no C++ compiler, or a MindSpore without oneDNN 3")
 needs_compiler = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C++ compiler on this machine")
 
 
